@@ -1,0 +1,210 @@
+"""Calibration: per tier, the strength whose metric on the calibration split hits the target.
+
+All strategies of a tiered model share one knob per tier, ``u`` in [0, 1] (each strategy's
+strength is ``u * max_strength``). The metric falls as ``u`` grows, so each tier's ``u`` is found
+by a safeguarded regula-falsi bisection on a split whose unchanging prefix is cached
+(:class:`~nnobfuscator.runner.SplitRunner`). Then every tier is measured on the held-out split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nnobfuscator.cost import relative_costs
+from nnobfuscator.model import TieredModel
+from nnobfuscator.report import build_report
+from nnobfuscator.runner import SplitRunner
+from nnobfuscator.tasks import Task, get_task
+from nnobfuscator.zoo.digits import Split
+
+DataLike = Split | tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset
+
+
+class CalibrationError(ValueError):
+    """A tier target cannot be reached; the message names the reachable range."""
+
+
+def as_split(data: DataLike, name: str) -> Split:
+    """Hold a labelled split in memory (a ``Split``, an ``(images, labels)`` pair or a Dataset)."""
+    if isinstance(data, Split):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        images, labels = data
+    else:
+        try:
+            pairs = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{name} data must be a Split, an (images, labels) pair or a map-style Dataset"
+            ) from None
+        images = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+        labels = torch.as_tensor([int(p[1]) for p in pairs])
+    if len(images) == 0:
+        raise ValueError(f"the {name} split is empty")
+    if len(images) != len(labels):
+        raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+    return Split(name, torch.as_tensor(images).float(), torch.as_tensor(labels).long())
+
+
+class _Curve:
+    """The metric on the calibration split as a function of the shared knob ``u`` (memoised)."""
+
+    def __init__(self, model: TieredModel, runner: SplitRunner, labels: torch.Tensor, task: Task):
+        self.model, self.runner, self.labels, self.task = model, runner, labels, task
+        self.points: dict[float, float] = {0.0: task.score(runner.full_logits(), labels)}
+
+    def __call__(self, tier: str, u: float) -> float:
+        u = round(u, 6)
+        if u not in self.points:
+            _set_knob(self.model, tier, u)
+            self.points[u] = self.task.score(self.runner.logits(tier), self.labels)
+        return self.points[u]
+
+
+def _set_knob(model: TieredModel, tier: str, u: float) -> None:
+    for name, strategy in model.strategies.items():
+        model.set_strength(tier, name, u * strategy.max_strength)
+
+
+def _search(curve: _Curve, tier: str, target: float, tolerance: float, max_evals: int) -> float:
+    """The knob whose metric is closest to ``target`` (the curve falls as the knob grows)."""
+    for _ in range(max_evals):
+        above = [u for u, m in curve.points.items() if m >= target]
+        below = [u for u, m in curve.points.items() if m < target]
+        best = min(curve.points, key=lambda u: (abs(curve.points[u] - target), u))
+        if abs(curve.points[best] - target) <= tolerance or not below:
+            return best
+        lo = max((u for u in above if u < min(below)), default=0.0)
+        hi = min(u for u in below if u > lo)
+        width = hi - lo
+        if width < 1e-4:
+            return best
+        f_lo, f_hi = curve.points[lo], curve.points[hi]
+        guess = lo + width * (f_lo - target) / max(f_lo - f_hi, 1e-12)
+        curve(tier, min(max(guess, lo + 0.15 * width), hi - 0.15 * width))
+    return min(curve.points, key=lambda u: (abs(curve.points[u] - target), u))
+
+
+def calibrate(
+    model: TieredModel,
+    calibration: DataLike,
+    test: DataLike | None = None,
+    *,
+    dataset: str = "custom",
+    batch_size: int = 256,
+    max_evals: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Calibrate every tier of ``model`` on ``calibration`` and measure it on ``test``.
+
+    Sets each tier's parameters, ``target_value``, ``metrics`` and ``relative_cost`` in place.
+
+    Returns:
+        The report (a dict matching ``report.schema.json``).
+
+    Raises:
+        CalibrationError: a target above the full model or below what the strategy reaches.
+    """
+    task = get_task(model.task)
+    cal = as_split(calibration, "calibration")
+    started = time.perf_counter()
+    runner = SplitRunner(model, cal.images, task.logits, batch_size)
+    curve = _Curve(model, runner, cal.labels, task)
+    base = curve.points[0.0]
+    tolerance = 0.5 / len(cal)
+    tiers = [t for t in model.tiers.values() if not t.is_full]
+    bar = tqdm(tiers, desc="calibrating", disable=not progress, unit="tier")
+    for tier in bar:
+        target = tier.target.resolve(base)
+        assert target is not None
+        tier.target_value = target
+        if target > base + tolerance:
+            raise CalibrationError(
+                f"tier {tier.name!r}: target {target:.3f} is above the full model's "
+                f"{task.metric} {base:.3f} on the calibration split; use 'full' or a lower target"
+            )
+        floor = curve(tier.name, 1.0)
+        if target < floor - tolerance:
+            raise CalibrationError(
+                f"tier {tier.name!r}: target {target:.3f} is below what "
+                f"{'+'.join(model.strategies)} reaches at full strength ({floor:.3f}); "
+                f"reachable {task.metric} range is [{floor:.3f}, {base:.3f}]. Raise the target, "
+                "add target layers, or combine strategies (e.g. feature-mix+logit-noise)"
+            )
+        knob = _search(curve, tier.name, target, tolerance, max_evals)
+        _set_knob(model, tier.name, knob)
+        tier.metrics["calibration"] = curve.points[knob]
+        bar.set_postfix(tier=tier.name, knob=f"{knob:.3f}", metric=f"{curve.points[knob]:.3f}")
+    for tier in model.tiers.values():
+        if tier.is_full:
+            tier.target_value = None
+            tier.metrics["calibration"] = base
+    calibration_s = time.perf_counter() - started
+    return evaluate(
+        model,
+        test if test is not None else cal,
+        dataset=dataset,
+        batch_size=batch_size,
+        calibration_size=len(cal),
+        base_calibration=base,
+        calibration_s=calibration_s,
+    )
+
+
+def evaluate(
+    model: TieredModel,
+    test: DataLike,
+    *,
+    dataset: str = "custom",
+    batch_size: int = 256,
+    calibration_size: int | None = None,
+    base_calibration: float | None = None,
+    calibration_s: float | None = None,
+    tiers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Measure every (calibrated) tier on ``test`` and return the report.
+
+    Calibration-split figures are taken from the tiers' stored metrics.
+    """
+    task = get_task(model.task)
+    split = as_split(test, "test")
+    started = time.perf_counter()
+    runner = SplitRunner(model, split.images, task.logits, batch_size)
+    full_logits = runner.full_logits()
+    base_test = task.score(full_logits, split.labels)
+    results: dict[str, dict[str, Any]] = {}
+    for name in tiers or model.tier_names:
+        tier = model.get_tier(name)
+        if not model.is_calibrated(name):
+            raise CalibrationError(f"tier {name!r} is not calibrated; run calibrate() first")
+        logits = full_logits if tier.is_full else runner.logits(name)
+        tier.metrics["test"] = task.score(logits, split.labels)
+        results[name] = task.extra(logits, split.labels, full_logits)
+    for name, cost in relative_costs(model, split.images[:1]).items():
+        model.tiers[name].relative_cost = cost
+    meta = model.meta
+    meta.setdefault("dataset", dataset)
+    meta["splits"] = {
+        "calibration": calibration_size or meta.get("splits", {}).get("calibration", len(split)),
+        "test": len(split),
+    }
+    meta["base"] = {
+        "calibration": base_calibration
+        if base_calibration is not None
+        else meta.get("base", {}).get("calibration", base_test),
+        "test": base_test,
+    }
+    return build_report(
+        model,
+        task,
+        extra=results,
+        timings={
+            **({"calibration_s": round(calibration_s, 3)} if calibration_s is not None else {}),
+            "eval_s": round(time.perf_counter() - started, 3),
+        },
+    )

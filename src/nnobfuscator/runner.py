@@ -1,0 +1,123 @@
+"""Fast repeated evaluation of one data split at many tier settings.
+
+Calibration evaluates the same images dozens of times at different strengths. Everything before
+the first layer any strategy touches is identical each time, so it runs once and is cached; for
+output-only strategies (logit noise) the clean outputs themselves are cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import VGG, ResNet
+
+from nnobfuscator.model import TieredModel
+
+Stage = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def model_stages(model: nn.Module) -> list[Stage] | None:
+    """The model's forward as a list of named stages, for architectures whose forward is known.
+
+    Returns ``None`` for other models (they are evaluated whole, without a cached prefix).
+    """
+    flatten = partial(torch.flatten, start_dim=1)
+    if isinstance(model, ResNet) and type(model).forward is ResNet.forward:
+        names = [
+            "conv1",
+            "bn1",
+            "relu",
+            "maxpool",
+            "layer1",
+            "layer2",
+            "layer3",
+            "layer4",
+            "avgpool",
+        ]
+        return [(n, getattr(model, n)) for n in names] + [("flatten", flatten), ("fc", model.fc)]
+    if isinstance(model, VGG) and type(model).forward is VGG.forward:
+        stages: list[Stage] = [(f"features.{i}", m) for i, m in enumerate(model.features)]
+        return stages + [
+            ("avgpool", model.avgpool),
+            ("flatten", flatten),
+            ("classifier", model.classifier),
+        ]
+    if type(model) is nn.Sequential:
+        return [(str(i), m) for i, m in enumerate(model)]
+    return None
+
+
+def _first_stage(stages: list[Stage], layer_names: list[str]) -> int:
+    for index, (stage, _) in enumerate(stages):
+        if any(name == stage or name.startswith(stage + ".") for name in layer_names):
+            return index
+    return 0
+
+
+class SplitRunner:
+    """Logits of a fixed set of inputs at any tier, reusing what tiers cannot change.
+
+    Args:
+        model: the tiered model.
+        images: the inputs, ``(N, C, H, W)``.
+        read_logits: turns a model output into a logits tensor.
+        batch_size: evaluation batch size.
+    """
+
+    def __init__(
+        self,
+        model: TieredModel,
+        images: torch.Tensor,
+        read_logits: Callable[[Any], torch.Tensor],
+        batch_size: int = 256,
+    ) -> None:
+        self.model = model
+        self.read_logits = read_logits
+        self.batches = list(torch.split(images, batch_size))
+        layer_names = [n for s in model.strategies.values() for n in s.layers]
+        stages = model_stages(model.base_model)
+        self.suffix: list[Stage] | None = None
+        self.cached: list[Any] | None = None
+        with torch.inference_mode(), model.context.activate(None):
+            if not layer_names:  # output strategies only: the clean outputs never change
+                self.cached = [model.base_model(batch) for batch in self.batches]
+                self.suffix = []
+            elif stages is not None:
+                split = _first_stage(stages, layer_names)
+                self.cached = [_run(stages[:split], batch) for batch in self.batches]
+                self.suffix = stages[split:]
+        self._full: torch.Tensor | None = None
+
+    def full_logits(self) -> torch.Tensor:
+        """Logits of the untouched model (computed once)."""
+        if self._full is None:
+            self._full = self.logits(None)
+        return self._full
+
+    @torch.inference_mode()
+    def logits(self, tier: str | None) -> torch.Tensor:
+        """Logits of every input at ``tier`` (``None``: the untouched model)."""
+        active = None if tier is None or self.model.tiers[tier].is_full else tier
+        outputs = []
+        for index, batch in enumerate(self.batches):
+            with self.model.context.activate(active):
+                if self.suffix is None or self.cached is None:
+                    output = self.model.base_model(batch)
+                else:
+                    output = _run(self.suffix, self.cached[index])
+            if active is not None:
+                for strategy in self.model.strategies.values():
+                    if strategy.kind == "output":
+                        output = strategy.transform_output(output, batch, active)
+            outputs.append(self.read_logits(output).float())
+        return torch.cat(outputs)
+
+
+def _run(stages: list[Stage], x: Any) -> Any:
+    for _, stage in stages:
+        x = stage(x)
+    return x

@@ -1,0 +1,1 @@
+"""Secret keys and what is derived from them."""

@@ -1,0 +1,36 @@
+"""Weight noise: keyed Gaussian noise added to chosen layers' weights, scaled per layer.
+
+At strength ``s`` a target weight becomes ``W + s * std(W) * N`` with ``N`` keyed standard normal
+noise, so every layer is perturbed in proportion to its own scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nnobfuscator.security.keys import keyed_normal
+from nnobfuscator.strategies.base import Strategy, TieredLayer, register_strategy
+
+
+@register_strategy
+class WeightNoise(Strategy):
+    name = "weight-noise"
+    max_strength = 4.0
+    description = "keyed Gaussian weight noise, scaled to each layer's weight spread"
+
+    def __init__(self, key: bytes, targets: list[str] | None = None, **options) -> None:
+        super().__init__(key, targets, **options)
+        self.noise: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, float] = {}
+
+    def attach_layer(self, name: str, layer: TieredLayer) -> None:
+        weight = layer.base_layer.weight.detach()
+        self.noise[name] = keyed_normal(self.key, tuple(weight.shape), self.name, name)
+        self.scales[name] = float(weight.float().std())
+
+    def transform_weight(self, name: str, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        noise = self.noise[name].to(weight.device)
+        return weight + (strength * self.scales[name]) * noise
+
+    def derived_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.noise)

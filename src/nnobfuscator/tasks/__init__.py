@@ -1,0 +1,6 @@
+"""Task adapters: how outputs are read and scored, per task."""
+
+from nnobfuscator.tasks.base import Task, get_task, list_tasks
+from nnobfuscator.tasks.classification import ClassificationTask
+
+__all__ = ["ClassificationTask", "Task", "get_task", "list_tasks"]

@@ -1,0 +1,54 @@
+"""scikit-learn's handwritten digits (ships with the package) as fixed image splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DIGITS_CLASSES = [str(i) for i in range(10)]
+_SPLIT_SIZES = {"train": 900, "calibration": 448}  # the rest (449 images) is the test split
+_MEAN, _STD = 0.30, 0.38
+
+
+@dataclass
+class Split:
+    """A labelled image split held in memory: ``images`` (N, C, H, W) float, ``labels`` (N,)."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def digits_splits(image_size: int = 16, seed: int = 0) -> dict[str, Split]:
+    """Train / calibration / test splits of the 1,797 8x8 digits, resized to ``image_size``.
+
+    The split is stratified and fixed by ``seed``; pixels are scaled to [0, 1] then normalised.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    if image_size != 8:
+        images = F.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+    images = (images - _MEAN) / _STD
+    labels = torch.tensor(data.target, dtype=torch.long)
+    index = np.arange(len(labels))
+    train, rest = train_test_split(
+        index, train_size=_SPLIT_SIZES["train"], stratify=data.target, random_state=seed
+    )
+    calibration, test = train_test_split(
+        rest, train_size=_SPLIT_SIZES["calibration"], stratify=data.target[rest], random_state=seed
+    )
+    return {
+        name: Split(name, images[torch.as_tensor(idx)], labels[torch.as_tensor(idx)])
+        for name, idx in (("train", train), ("calibration", calibration), ("test", test))
+    }
