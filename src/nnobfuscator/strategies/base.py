@@ -215,25 +215,28 @@ def get_strategy(name: str) -> type[Strategy]:
 
 
 # --- target layers -----------------------------------------------------------------------------
-_DEFAULT_PATTERNS: dict[str, dict[str, list[str]]] = {
-    # Mixing the inputs of the residual branches of the last three stages spreads the damage over
-    # several layers (one layer bottoms out; the classifier input falls off a cliff).
-    "ResNet": {
-        "feature-mix": ["*layer2.*.conv1", "*layer3.*.conv1", "*layer4.*.conv1"],
-        "weight-noise": ["*layer3.*.conv*", "*layer4.*.conv*"],
-    },
-    "VGG": {
-        "feature-mix": ["features.10", "features.12", "features.14", "features.17", "features.19"],
-        "weight-noise": ["features.17", "features.19", "features.21", "features.24"],
-    },
+# ResNets: mixing the inputs of the residual branches of the last three stages spreads the damage
+# over several layers (one layer bottoms out; the classifier input falls off a cliff).
+_RESNET_PATTERNS: dict[str, list[str]] = {
+    "feature-mix": ["*layer2.*.conv1", "*layer3.*.conv1", "*layer4.*.conv1"],
+    "weight-noise": ["*layer3.*.conv*", "*layer4.*.conv*"],
 }
+# Other CNNs (VGG, plain stacks): a share of the convolutions, from the middle on.
+_CONV_SHARE: dict[str, float] = {"feature-mix": 1 / 3, "weight-noise": 1 / 2}
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    return any(
+        cls.__name__ == "ResNet" or hasattr(model, "backbone") and hasattr(model.backbone, "layer4")
+        for cls in type(model).__mro__
+    )
 
 
 def resolve_targets(model: nn.Module, patterns: list[str] | None, strategy: str) -> list[str]:
     """Names of the ``Conv2d``/``Linear`` layers matching ``patterns`` (or the default).
 
     Raises:
-        ValueError: no pattern given and no default for this architecture, or nothing matches.
+        ValueError: nothing matches, or the model has too few convolutions for a default.
     """
     candidates = {
         name: module
@@ -242,18 +245,23 @@ def resolve_targets(model: nn.Module, patterns: list[str] | None, strategy: str)
         and not name.endswith(".base_layer")
     }
     if patterns is None:
-        family = next(
-            (f for f in _DEFAULT_PATTERNS for cls in type(model).__mro__ if cls.__name__ == f), None
-        )
-        patterns = _DEFAULT_PATTERNS.get(family or "", {}).get(strategy)
-        if patterns is None:
-            convs = [n for n, m in candidates.items() if isinstance(m, nn.Conv2d)]
+        if _is_resnet(model) and strategy in _RESNET_PATTERNS:
+            patterns = _RESNET_PATTERNS[strategy]
+        else:
+            convs = [
+                n
+                for n, m in candidates.items()
+                if isinstance(m, nn.Conv2d)
+                or isinstance(m, TieredLayer)
+                and isinstance(m.base_layer, nn.Conv2d)
+            ]
             if len(convs) < 2:
                 raise ValueError(
-                    f"no default target layers for {type(model).__name__} with {strategy!r}; "
-                    "pass targets=['module.name.pattern', ...]"
+                    f"no default target layers for {type(model).__name__} ({len(convs)} "
+                    "convolutions); pass targets=['module.name.pattern', ...]"
                 )
-            patterns = convs[len(convs) // 3 : -1] or convs[1:]
+            start = max(1, int(len(convs) * _CONV_SHARE.get(strategy, 1 / 3)))
+            patterns = convs[start:]
     names = [n for n in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
         raise ValueError(

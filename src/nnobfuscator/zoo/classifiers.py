@@ -53,7 +53,7 @@ class ZooEntry:
 
 
 _ZOO: dict[str, ZooEntry] = {
-    "resnet18": ZooEntry(_small_resnet18, image_size=16, epochs=15, lr=0.05, optimizer="sgd"),
+    "resnet18": ZooEntry(_small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"),
     "vgg16": ZooEntry(_small_vgg16, image_size=32, epochs=15, lr=5e-4, optimizer="adamw"),
 }
 

@@ -1,0 +1,237 @@
+"""The ``nnobf`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nnobfuscator.version import __version__
+
+app = typer.Typer(
+    help="nnobfuscator: one trained model, a calibrated ladder of quality tiers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_TIERS = "free=60%,pro=85%,premium=full"
+_PLAN_KEYS = {
+    "task",
+    "model",
+    "data",
+    "tiers",
+    "strategy",
+    "targets",
+    "out",
+    "report",
+    "plot",
+    "key",
+}
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from nnobfuscator.report import REPORT_COLUMNS, report_rows
+
+    splits, base = report["splits"], report["base"]
+    table = Table(
+        title=f"{report['model']} on {report['dataset']} - {report['metric']} per tier "
+        f"(calibration n={splits['calibration']}, test n={splits['test']})"
+    )
+    for column in REPORT_COLUMNS:
+        table.add_column(column, justify="left" if column in {"tier", "strategy"} else "right")
+    for row in report_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"full model: calibration {100 * base['calibration']:.1f}%, test {100 * base['test']:.1f}%"
+        + (f"; timings {report['timings']}" if "timings" in report else "")
+    )
+
+
+def _finish(result: Any) -> None:
+    _print_table(result.report)
+    console.print(f"artifact: {result.artifact}")
+    console.print(f"report:   {result.report_path}")
+    console.print(f"plot:     {result.plot_path}")
+
+
+@app.command()
+def demo(
+    task: Annotated[str, typer.Option(help="Task: classification.")] = "classification",
+    model: Annotated[str, typer.Option(help="Demo model: resnet18 or vgg16.")] = "resnet18",
+    tiers: Annotated[
+        str, typer.Option(help="Tiers, lowest first: name=target,...")
+    ] = DEFAULT_TIERS,
+    strategy: Annotated[
+        str, typer.Option(help="feature-mix, weight-noise, logit-noise, or a+b.")
+    ] = "feature-mix",
+    report: Annotated[Path | None, typer.Option(help="Report JSON path.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Plot PNG path.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Artifact directory.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Train (once, cached) a demo model on digits, calibrate its tiers, print the table."""
+    from nnobfuscator.pipeline import run_job
+    from nnobfuscator.zoo import list_models
+    from nnobfuscator.zoo.classifiers import zoo_entry
+
+    if task != "classification":
+        _fail(f"task {task!r} has no demo yet; available: classification")
+    if model not in list_models():
+        _fail(f"unknown demo model {model!r}; choose one of {', '.join(list_models())}")
+    out = out or Path("runs") / f"{model}-{strategy.replace('+', '_')}"
+    try:
+        result = run_job(
+            task=task,
+            model_source={"zoo": model},
+            data_source={"zoo": "digits", "image_size": zoo_entry(model).image_size},
+            tiers=tiers,
+            strategy=strategy,
+            out=out,
+            report_path=report,
+            plot_path=plot,
+            progress=not quiet,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    _finish(result)
+
+
+@app.command("calibrate")
+def calibrate_plan(
+    plan: Annotated[Path, typer.Argument(help="YAML plan: model, data, tiers, strategy, out.")],
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Calibrate your own model from a YAML plan (see README for the format)."""
+    import yaml
+
+    from nnobfuscator.pipeline import run_job
+
+    if not plan.is_file():
+        _fail(f"plan {plan} does not exist")
+    try:
+        spec = yaml.safe_load(plan.read_text())
+    except yaml.YAMLError as err:
+        _fail(f"plan {plan} is not valid YAML: {err}")
+    if not isinstance(spec, dict):
+        _fail(f"plan {plan} must be a mapping with keys model, data, tiers, ...")
+    unknown = sorted(set(spec) - _PLAN_KEYS)
+    if unknown:
+        _fail(f"plan {plan}: unknown keys {unknown}; allowed: {sorted(_PLAN_KEYS)}")
+    for required in ("model", "data"):
+        if not isinstance(spec.get(required), dict):
+            _fail(f"plan {plan}: '{required}' must be a mapping (see README)")
+    base_dir = plan.parent
+
+    def resolve(value: Any) -> Any:
+        return str(base_dir / value) if isinstance(value, str) and value else value
+
+    model_source = dict(spec["model"])
+    if "weights" in model_source:
+        model_source["weights"] = resolve(model_source["weights"])
+    data_source = dict(spec["data"])
+    for split in ("calibration", "test"):
+        if split in data_source:
+            data_source[split] = resolve(data_source[split])
+    out = Path(resolve(spec.get("out") or f"runs/{plan.stem}"))
+    try:
+        result = run_job(
+            task=spec.get("task", "classification"),
+            model_source=model_source,
+            data_source=data_source,
+            tiers=spec.get("tiers", DEFAULT_TIERS),
+            strategy=spec.get("strategy", "feature-mix"),
+            targets=spec.get("targets"),
+            out=out,
+            report_path=Path(resolve(spec["report"])) if spec.get("report") else None,
+            plot_path=Path(resolve(spec["plot"])) if spec.get("plot") else None,
+            key=spec.get("key"),
+            progress=not quiet,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    _finish(result)
+
+
+@app.command("eval")
+def eval_artifact(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    report: Annotated[Path | None, typer.Option(help="Report JSON path.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Plot PNG path.")] = None,
+) -> None:
+    """Re-measure every tier of an artifact on its test split."""
+    from nnobfuscator.pipeline import evaluate_artifact
+
+    try:
+        result = evaluate_artifact(
+            artifact,
+            report_path=report or artifact / "eval-report.json",
+            plot_path=plot or artifact / "eval-tiers.png",
+        )
+    except ValueError as err:
+        _fail(str(err))
+    _finish(result)
+
+
+@app.command()
+def info(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+    """Print an artifact's tiers, strategy, targeted layers and metrics (no model needed)."""
+    from nnobfuscator.serialization import read_config
+
+    try:
+        config = read_config(artifact)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(
+        f"[bold]{config['model']}[/] ({config['task']}), nnobfuscator {config['version']}, "
+        f"key id {config['key_id']}"
+    )
+    for strategy in config["strategies"]:
+        layers = strategy["targets"] or []
+        console.print(f"strategy [bold]{strategy['name']}[/] on {len(layers)} layers: {layers}")
+    table = Table()
+    for column in ("tier", "target", "params", "calibration", "test", "relative cost"):
+        table.add_column(column)
+    for tier in config["tiers"]:
+        metrics = tier.get("metrics", {})
+        table.add_row(
+            tier["name"],
+            tier["target"],
+            json.dumps(tier.get("params", {})) or "-",
+            *(f"{100 * metrics[k]:.1f}%" if k in metrics else "-" for k in ("calibration", "test")),
+            f"{tier.get('relative_cost', 1.0):.3f}",
+        )
+    console.print(table)
+
+
+@app.command()
+def strategies() -> None:
+    """List the registered strategies."""
+    from nnobfuscator.strategies import get_strategy, list_strategies
+
+    for name in list_strategies():
+        console.print(f"[bold]{name}[/]: {get_strategy(name).description}")
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        console.print(__version__)
+        raise typer.Exit()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,99 @@
+"""The end-to-end job behind ``nnobf demo`` and ``nnobf calibrate``: wrap, calibrate, save, report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nnobfuscator.calibrate import calibrate, evaluate
+from nnobfuscator.model import InputSpec, TieredModel, obfuscate
+from nnobfuscator.report import plot_report, write_report
+from nnobfuscator.serialization import read_config
+from nnobfuscator.sources import load_base_model, load_split
+
+
+@dataclass
+class JobResult:
+    """What a calibration job produced."""
+
+    model: TieredModel
+    report: dict[str, Any]
+    artifact: Path
+    report_path: Path
+    plot_path: Path
+
+
+def run_job(
+    *,
+    task: str,
+    model_source: dict[str, Any],
+    data_source: dict[str, Any],
+    tiers: str | list[Any],
+    strategy: str,
+    out: Path,
+    targets: list[str] | None = None,
+    report_path: Path | None = None,
+    plot_path: Path | None = None,
+    key: str | None = None,
+    progress: bool = True,
+) -> JobResult:
+    """Load the base model and data, calibrate the tiers, then write artifact, report and plot."""
+    base, info = load_base_model(model_source, progress=progress)
+    calibration = load_split(data_source, "calibration")
+    test = load_split(data_source, "test")
+    _, channels, height, width = calibration.images.shape
+    dataset = data_source.get("zoo") or Path(str(data_source.get("calibration", "custom"))).name
+    tiered = obfuscate(
+        base,
+        tiers=tiers,
+        strategy=strategy,
+        targets=targets,
+        key=key,
+        task=task,
+        model_name=info.get("model", model_source.get("arch", "model")),
+        input_spec=InputSpec(channels, height, width),
+        meta={"source": {"model": model_source, "data": data_source}, "dataset": dataset},
+    )
+    report = calibrate(tiered, calibration, test, dataset=dataset, progress=progress)
+    return _write_outputs(tiered, report, out, report_path, plot_path, save=True)
+
+
+def evaluate_artifact(
+    artifact: Path,
+    *,
+    report_path: Path | None = None,
+    plot_path: Path | None = None,
+    progress: bool = True,
+) -> JobResult:
+    """Rebuild an artifact's base model and data from its stored sources and re-measure it."""
+    config = read_config(artifact)
+    source = config.get("meta", {}).get("source")
+    if not source:
+        raise ValueError(
+            f"{artifact} does not record where its model and data come from; "
+            "load it in Python with TieredModel.from_pretrained and call nnobfuscator.evaluate"
+        )
+    base, _ = load_base_model(source["model"], progress=progress)
+    tiered = TieredModel.from_pretrained(str(artifact), base)
+    test = load_split(source["data"], "test")
+    report = evaluate(tiered, test, dataset=tiered.meta.get("dataset", "custom"))
+    return _write_outputs(tiered, report, artifact, report_path, plot_path, save=False)
+
+
+def _write_outputs(
+    tiered: TieredModel,
+    report: dict[str, Any],
+    out: Path,
+    report_path: Path | None,
+    plot_path: Path | None,
+    *,
+    save: bool,
+) -> JobResult:
+    out = Path(out)
+    if save:
+        tiered.save_pretrained(str(out))
+    report["artifact"] = str(out)
+    report_path = write_report(report, report_path or out / "report.json")
+    plot_path = plot_report(report, plot_path or out / "tiers.png")
+    return JobResult(tiered, report, out, report_path, plot_path)

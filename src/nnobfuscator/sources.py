@@ -1,0 +1,124 @@
+"""Where a base model and its data come from: the offline zoo or the user's own files.
+
+A *source* is a small dict stored in the artifact (``meta``) so that ``nnobf eval`` can rebuild
+the base model and reload the data:
+
+- model: ``{"zoo": "resnet18"}`` or ``{"arch": "resnet18", "weights": "w.pt", "num_classes": 10}``
+- data: ``{"zoo": "digits", "image_size": 16}`` or
+  ``{"calibration": "dir", "test": "dir", "image_size": 224, "mean": [...], "std": [...]}``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnobfuscator.zoo.digits import Split
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class SourceError(ValueError):
+    """A model or data source is missing or malformed."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file (tensors only, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for bad files
+        raise SourceError(f"cannot read weights from {path}: {err}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SourceError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Build the base model a source describes; returns the model (eval mode) and facts about it."""
+    if "zoo" in source:
+        from nnobfuscator.zoo import load_zoo_classifier
+
+        return load_zoo_classifier(source["zoo"], progress=progress)
+    arch, weights = source.get("arch"), source.get("weights")
+    if not arch or not weights:
+        raise SourceError("model source needs 'zoo: NAME' or both 'arch' and 'weights'")
+    from torchvision import models
+
+    try:
+        model = models.get_model(
+            arch, weights=None, num_classes=int(source.get("num_classes", 1000))
+        )
+    except ValueError:
+        raise SourceError(
+            f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
+        ) from None
+    try:
+        model.load_state_dict(load_state_dict_file(weights))
+    except RuntimeError as err:
+        raise SourceError(
+            f"weights {weights} do not fit {arch} with num_classes={source.get('num_classes')}: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+    return model.eval(), {"model": arch}
+
+
+def load_split(data: dict[str, Any], split: str) -> Split:
+    """Load one split (``calibration`` or ``test``) of a data source into memory."""
+    if "zoo" in data:
+        from nnobfuscator.zoo import digits_splits
+
+        if data["zoo"] != "digits":
+            raise SourceError(f"unknown demo dataset {data['zoo']!r}; the zoo has 'digits'")
+        return digits_splits(int(data.get("image_size", 16)))[split]
+    folder = data.get(split)
+    if not folder:
+        raise SourceError(f"data source has no '{split}' folder (an ImageFolder directory)")
+    return image_folder_split(
+        folder,
+        split,
+        image_size=int(data.get("image_size", 224)),
+        mean=data.get("mean", IMAGENET_MEAN),
+        std=data.get("std", IMAGENET_STD),
+        grayscale=bool(data.get("grayscale", False)),
+    )
+
+
+def image_folder_split(
+    folder: str | Path,
+    name: str,
+    *,
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    grayscale: bool = False,
+) -> Split:
+    """An ImageFolder directory (``class_name/image.png``) as an in-memory split."""
+    from torchvision import datasets, transforms
+
+    if not Path(folder).is_dir():
+        raise SourceError(f"{name} folder {folder} does not exist")
+    steps: list[Any] = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    if grayscale:
+        steps.append(transforms.Grayscale())
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    try:
+        dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise SourceError(
+            f"{folder} is not an ImageFolder (class_name/image files): {err}"
+        ) from None
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return Split(name, images, torch.tensor(dataset.targets, dtype=torch.long))

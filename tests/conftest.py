@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny torchvision models trained for seconds on 8x8 digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import ResNet, VGG
+from torchvision.models.resnet import BasicBlock
+from torchvision.models.vgg import make_layers
+
+from nnobfuscator.zoo.digits import digits_splits
+from nnobfuscator.zoo.training import train_classifier
+
+torch.set_num_threads(2)
+
+
+def tiny_resnet() -> nn.Module:
+    """torchvision ResNet with one BasicBlock per stage, for 1x8x8 inputs."""
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model.eval()
+
+
+def tiny_vgg() -> nn.Module:
+    """torchvision VGG with a few narrow conv blocks, for 1x8x8 inputs."""
+    torch.manual_seed(0)
+    model = VGG(make_layers([16, 16, "M", 32, 32, "M", 64, 64]), num_classes=10)
+    model.features[0] = nn.Conv2d(1, 16, 3, padding=1)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    return model.eval()
+
+
+def tiny_cnn() -> nn.Module:
+    """A plain nn.Sequential CNN (no architecture-specific defaults)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()
+
+
+BUILDERS = {"resnet": tiny_resnet, "vgg": tiny_vgg, "cnn": tiny_cnn}
+STRATEGIES = ["feature-mix", "weight-noise", "logit-noise"]
+
+
+@pytest.fixture(scope="session")
+def digits8():
+    return digits_splits(image_size=8)
+
+
+@pytest.fixture(scope="session")
+def trained_weights(digits8) -> dict[str, dict[str, torch.Tensor]]:
+    """State dicts of the tiny models after a few epochs on digits (trained once per session)."""
+    weights = {}
+    for name, build in BUILDERS.items():
+        model = build()
+        torch.manual_seed(0)
+        train_classifier(model, digits8["train"], epochs=6, lr=2e-3, optimizer="adamw", progress=False)
+        weights[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    return weights
+
+
+def trained(name: str, weights: dict[str, dict[str, torch.Tensor]]) -> nn.Module:
+    """A fresh instance of a tiny model carrying its trained weights."""
+    model = BUILDERS[name]()
+    model.load_state_dict(weights[name])
+    return model.eval()
