@@ -20,15 +20,17 @@ def tiny_resnet() -> nn.Module:
     torch.manual_seed(0)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
     model.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
     return model.eval()
 
 
 def tiny_vgg() -> nn.Module:
     """torchvision VGG with a few narrow conv blocks, for 1x8x8 inputs."""
     torch.manual_seed(0)
-    model = VGG(make_layers([16, 16, "M", 32, 32, "M", 64, 64]), num_classes=10)
-    model.features[0] = nn.Conv2d(1, 16, 3, padding=1)
+    features = make_layers([16, 16, "M", 32, 32, "M", 64, 64], batch_norm=True)
+    features[0] = nn.Conv2d(1, 16, 3, padding=1)
+    with torch.device("meta"):  # skip allocating VGG's 120M-parameter default classifier
+        model = VGG(nn.Identity(), num_classes=10, init_weights=False)
+    model.features = features
     model.avgpool = nn.AdaptiveAvgPool2d(1)
     model.classifier = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     return model.eval()
@@ -46,6 +48,7 @@ def tiny_cnn() -> nn.Module:
 
 
 BUILDERS = {"resnet": tiny_resnet, "vgg": tiny_vgg, "cnn": tiny_cnn}
+RECIPES = {"resnet": (5, 5e-3), "vgg": (5, 5e-3), "cnn": (8, 1e-2)}  # epochs, learning rate
 STRATEGIES = ["feature-mix", "weight-noise", "logit-noise"]
 
 
@@ -61,7 +64,11 @@ def trained_weights(digits8) -> dict[str, dict[str, torch.Tensor]]:
     for name, build in BUILDERS.items():
         model = build()
         torch.manual_seed(0)
-        train_classifier(model, digits8["train"], epochs=6, lr=2e-3, optimizer="adamw", progress=False)
+        epochs, lr = RECIPES[name]
+        train_classifier(
+            model, digits8["train"], epochs=epochs, lr=lr, optimizer="adamw", batch_size=32,
+            progress=False,
+        )
         weights[name] = {k: v.clone() for k, v in model.state_dict().items()}
     return weights
 
