@@ -1,0 +1,113 @@
+"""The nnobf CLI end to end on a user's own torchvision model, weights file and ImageFolder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torchvision import models
+from typer.testing import CliRunner
+
+from nnobfuscator.cli import app
+from nnobfuscator.sources import image_folder_split
+from nnobfuscator.zoo.training import train_classifier
+
+runner = CliRunner()
+DATA = {"image_size": 16, "mean": [0.3, 0.3, 0.3], "std": [0.38, 0.38, 0.38]}
+
+
+def write_image_folder(root, images, labels):
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(folder / f"{index}.png")
+
+
+@pytest.fixture(scope="module")
+def user_project(tmp_path_factory):
+    """A user's project: ImageFolders, a trained torchvision resnet18 state dict, a YAML plan."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("project")
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    parts = {"train": order[:900], "cal": order[900:1300], "test": order[1300:]}
+    for name, index in parts.items():
+        write_image_folder(root / name, digits.images[index], digits.target[index])
+    train = image_folder_split(root / "train", "train", image_size=16, mean=DATA["mean"], std=DATA["std"])
+    torch.manual_seed(0)
+    model = models.resnet18(weights=None, num_classes=10)
+    train_classifier(model, train, epochs=4, lr=3e-3, optimizer="adamw", batch_size=32, progress=False)
+    torch.save(model.state_dict(), root / "resnet18-digits.pt")
+    plan = {
+        "model": {"arch": "resnet18", "weights": "resnet18-digits.pt", "num_classes": 10},
+        "data": {"calibration": "cal", "test": "test", **DATA},
+        "tiers": "free=60%,pro=85%,premium=full",
+        "strategy": "feature-mix",
+        "out": "artifact",
+    }
+    (root / "plan.yaml").write_text(yaml.safe_dump(plan))
+    return root
+
+
+def test_calibrate_eval_info(user_project):
+    result = runner.invoke(app, ["calibrate", str(user_project / "plan.yaml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for word in ("free", "pro", "premium", "feature-mix"):
+        assert word in result.output
+    artifact = user_project / "artifact"
+    report = json.loads((artifact / "report.json").read_text())
+    assert report["model"] == "resnet18" and report["dataset"] == "cal"
+    assert (artifact / "tiers.png").read_bytes()[:4] == b"\x89PNG"
+    tests = [t["achieved"]["test"] for t in report["tiers"]]
+    assert tests == sorted(tests)
+
+    result = runner.invoke(app, ["eval", str(artifact)])
+    assert result.exit_code == 0, result.output
+    again = json.loads((artifact / "eval-report.json").read_text())
+    assert [t["achieved"]["test"] for t in again["tiers"]] == tests
+
+    result = runner.invoke(app, ["info", str(artifact)])
+    assert result.exit_code == 0, result.output
+    assert "layer2.0.conv1" in result.output and "premium" in result.output
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"model": {"arch": "resnet18"}, "data": {}}, "needs 'zoo: NAME' or both"),
+        ({"model": {"arch": "resnet18", "weights": "nope.pt"}, "data": {}}, "does not exist"),
+        ({"model": {}, "data": {}, "colour": "red"}, "unknown keys"),
+        ({"model": "resnet18", "data": {}}, "'model' must be a mapping"),
+    ],
+)
+def test_bad_plans_exit_2_with_a_reason(tmp_path, plan, message):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    result = runner.invoke(app, ["calibrate", str(path)])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_missing_plan_and_artifact(tmp_path):
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "config.json is missing" in result.output
+
+
+def test_demo_rejects_unknown_model_and_bad_tiers():
+    result = runner.invoke(app, ["demo", "--model", "alexnet"])
+    assert result.exit_code == 2 and "resnet18" in result.output
+    result = runner.invoke(app, ["demo", "--tiers", "free=2"])
+    assert result.exit_code == 2 and "must lie in" in result.output
+
+
+def test_strategies_listed():
+    result = runner.invoke(app, ["strategies"])
+    assert result.exit_code == 0
+    assert all(name in result.output for name in ("feature-mix", "weight-noise", "logit-noise"))

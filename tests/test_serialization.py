@@ -1,0 +1,73 @@
+"""Artifacts: config + safetensors + card; corrupt or mismatched ones fail loudly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_cnn
+from nnobfuscator import ArtifactError, TieredModel, __version__, obfuscate
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    tiered = obfuscate(tiny_cnn(), tiers="free=0.4,pro=0.7,premium=full", key=b"s" * 32)
+    tiered.set_strength("free", "feature-mix", 0.9)
+    tiered.set_strength("pro", "feature-mix", 0.4)
+    tiered.save_pretrained(str(tmp_path))
+    return tmp_path
+
+
+def test_layout_and_version_stamp(artifact):
+    assert sorted(p.name for p in artifact.iterdir()) == [
+        "README.md", "config.json", "tiers.safetensors"
+    ]
+    config = json.loads((artifact / "config.json").read_text())
+    assert config["version"] == __version__
+    assert list(config) == sorted(config)
+    assert [t["name"] for t in config["tiers"]] == ["free", "pro", "premium"]
+    assert "| free | 0.4 |" in (artifact / "README.md").read_text()
+    assert "key" not in json.dumps(config["tiers"])
+
+
+def test_mismatched_base_model_is_refused(artifact):
+    other = tiny_cnn()
+    with torch.no_grad():
+        other[0].weight.add_(0.01)
+    with pytest.raises(ArtifactError, match="does not match the artifact"):
+        TieredModel.from_pretrained(str(artifact), other)
+
+
+def test_corrupt_config_and_tensors(artifact):
+    (artifact / "tiers.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="missing or corrupt"):
+        TieredModel.from_pretrained(str(artifact), tiny_cnn())
+    (artifact / "config.json").write_text("{broken")
+    with pytest.raises(ArtifactError, match="invalid JSON"):
+        TieredModel.from_pretrained(str(artifact), tiny_cnn())
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ArtifactError, match="config.json is missing"):
+        TieredModel.from_pretrained(str(tmp_path / "nowhere"), tiny_cnn())
+
+
+def test_unknown_keys_are_ignored_with_a_warning(artifact):
+    config = json.loads((artifact / "config.json").read_text())
+    config["from_the_future"] = 1
+    (artifact / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="from_the_future"):
+        TieredModel.from_pretrained(str(artifact), tiny_cnn())
+
+
+def test_tampered_mixing_matrices_are_detected(artifact):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(artifact / "tiers.safetensors"))
+    name = next(k for k in tensors if k.startswith("feature-mix/"))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, str(artifact / "tiers.safetensors"))
+    with pytest.raises(ArtifactError, match="re-derives different keyed state"):
+        TieredModel.from_pretrained(str(artifact), tiny_cnn())

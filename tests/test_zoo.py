@@ -1,0 +1,36 @@
+"""Offline demo data and models."""
+
+from __future__ import annotations
+
+import torch
+
+from nnobfuscator.zoo import build_classifier, digits_splits, load_zoo_classifier
+
+
+def test_digits_splits_are_fixed_disjoint_and_complete():
+    first, second = digits_splits(8), digits_splits(8)
+    assert {k: len(v) for k, v in first.items()} == {"train": 900, "calibration": 448, "test": 449}
+    for name in first:
+        assert torch.equal(first[name].images, second[name].images)
+    rows = [tuple(img.flatten().tolist()) for split in first.values() for img in split.images]
+    assert len(rows) == 1797
+    assert digits_splits(16)["test"].images.shape[1:] == (1, 16, 16)
+
+
+def test_demo_architectures_accept_their_input_size():
+    for name, size in (("resnet18", 16), ("vgg16", 32)):
+        model = build_classifier(name).eval()
+        with torch.inference_mode():
+            assert model(torch.zeros(2, 1, size, size)).shape == (2, 10)
+
+
+def test_zoo_model_is_trained_once_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNOBF_HOME", str(tmp_path))
+    model, info = load_zoo_classifier("resnet18", epochs=1, progress=False)
+    assert info["epochs"] == 1 and 0.0 <= info["test_accuracy"] <= 1.0
+    cached = list(tmp_path.glob("resnet18-digits-e1.*"))
+    assert sorted(p.suffix for p in cached) == [".json", ".safetensors"]
+    again, info_again = load_zoo_classifier("resnet18", epochs=1, progress=False)
+    assert info_again == info
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
