@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchvision.models import ResNet, VGG
+from torchvision.models import VGG, ResNet
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.vgg import make_layers
 
@@ -40,10 +40,16 @@ def tiny_cnn() -> nn.Module:
     """A plain nn.Sequential CNN (no architecture-specific defaults)."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     ).eval()
 
 
@@ -66,7 +72,12 @@ def trained_weights(digits8) -> dict[str, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         epochs, lr = RECIPES[name]
         train_classifier(
-            model, digits8["train"], epochs=epochs, lr=lr, optimizer="adamw", batch_size=32,
+            model,
+            digits8["train"],
+            epochs=epochs,
+            lr=lr,
+            optimizer="adamw",
+            batch_size=32,
             progress=False,
         )
         weights[name] = {k: v.clone() for k, v in model.state_dict().items()}

@@ -9,8 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-
 from conftest import STRATEGIES, trained
+
 from nnobfuscator import CalibrationError, calibrate, obfuscate
 
 SHARED_SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "contracts" / "report.schema.json"
@@ -32,7 +32,9 @@ def test_tiers_hit_targets_on_calibration_and_are_monotone(
     model_name, strategy, trained_weights, digits8
 ):
     base = trained(model_name, trained_weights)
-    tiered = obfuscate(base, tiers="free=0.45,pro=0.75,premium=full", strategy=strategy, key=b"k" * 32)
+    tiered = obfuscate(
+        base, tiers="free=0.45,pro=0.75,premium=full", strategy=strategy, key=b"k" * 32
+    )
     report = calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
     jsonschema.validate(report, schema())
     rows = {row["name"]: row for row in report["tiers"]}
@@ -49,7 +51,9 @@ def test_tiers_hit_targets_on_calibration_and_are_monotone(
 
 
 def test_relative_targets_resolve_against_the_full_model(trained_weights, digits8):
-    tiered = obfuscate(trained("cnn", trained_weights), tiers="free=50%,premium=full", key=b"k" * 32)
+    tiered = obfuscate(
+        trained("cnn", trained_weights), tiers="free=50%,premium=full", key=b"k" * 32
+    )
     report = calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
     assert report["tiers"][0]["target"] == pytest.approx(0.5 * report["base"]["calibration"])
     assert report["tiers"][0]["target_spec"] == "50%"
@@ -64,8 +68,10 @@ def test_target_above_full_model_is_a_clear_error(trained_weights, digits8):
 def test_unreachable_low_target_names_the_reachable_range(trained_weights, digits8):
     # Noise on a single late layer cannot push a trained net down to 1% accuracy.
     tiered = obfuscate(
-        trained("resnet", trained_weights), tiers="free=0.01,premium=full",
-        strategy="weight-noise", targets=["layer4.0.conv2"],
+        trained("resnet", trained_weights),
+        tiers="free=0.01,premium=full",
+        strategy="weight-noise",
+        targets=["layer4.0.conv2"],
     )
     with pytest.raises(CalibrationError, match=r"reachable accuracy range is \[0\.\d+, 0\.\d+\]"):
         calibrate(tiered, digits8["calibration"], progress=False)
@@ -75,7 +81,9 @@ def test_calibration_accepts_a_dataset_and_a_tensor_pair(trained_weights, digits
     split = digits8["calibration"]
     dataset = torch.utils.data.TensorDataset(split.images, split.labels)
     for data in (dataset, (split.images, split.labels)):
-        tiered = obfuscate(trained("cnn", trained_weights), tiers="free=0.5,premium=full", key=b"k" * 32)
+        tiered = obfuscate(
+            trained("cnn", trained_weights), tiers="free=0.5,premium=full", key=b"k" * 32
+        )
         report = calibrate(tiered, data, progress=False)
         assert report["splits"]["calibration"] == len(split)
 

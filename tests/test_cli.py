@@ -38,10 +38,14 @@ def user_project(tmp_path_factory):
     parts = {"train": order[:900], "cal": order[900:1300], "test": order[1300:]}
     for name, index in parts.items():
         write_image_folder(root / name, digits.images[index], digits.target[index])
-    train = image_folder_split(root / "train", "train", image_size=16, mean=DATA["mean"], std=DATA["std"])
+    train = image_folder_split(
+        root / "train", "train", image_size=16, mean=DATA["mean"], std=DATA["std"]
+    )
     torch.manual_seed(0)
     model = models.resnet18(weights=None, num_classes=10)
-    train_classifier(model, train, epochs=4, lr=3e-3, optimizer="adamw", batch_size=32, progress=False)
+    train_classifier(
+        model, train, epochs=3, lr=3e-3, optimizer="adamw", batch_size=128, progress=False
+    )
     torch.save(model.state_dict(), root / "resnet18-digits.pt")
     plan = {
         "model": {"arch": "resnet18", "weights": "resnet18-digits.pt", "num_classes": 10},
@@ -57,7 +61,7 @@ def user_project(tmp_path_factory):
 def test_calibrate_eval_info(user_project):
     result = runner.invoke(app, ["calibrate", str(user_project / "plan.yaml"), "--quiet"])
     assert result.exit_code == 0, result.output
-    for word in ("free", "pro", "premium", "feature-mix"):
+    for word in ("free", "pro", "premium", "feature-mix", "relative cost"):
         assert word in result.output
     artifact = user_project / "artifact"
     report = json.loads((artifact / "report.json").read_text())

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 import torch
-
 from conftest import BUILDERS, STRATEGIES
+
 from nnobfuscator import InputSpec, TieredModel, obfuscate
 
 KEY = bytes(range(32))
@@ -27,7 +27,9 @@ def make_tiered(model_name: str, strategy: str) -> tuple[torch.nn.Module, Tiered
     return base, tiered
 
 
-@pytest.fixture(params=[(m, s) for m in BUILDERS for s in STRATEGIES], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    params=[(m, s) for m in BUILDERS for s in STRATEGIES], ids=lambda p: f"{p[0]}-{p[1]}"
+)
 def case(request, digits8):
     model_name, strategy = request.param
     reference = BUILDERS[model_name]()  # same seed, same weights as the wrapped one

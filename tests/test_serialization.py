@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_cnn
+
 from nnobfuscator import ArtifactError, TieredModel, __version__, obfuscate
 
 
@@ -22,7 +22,9 @@ def artifact(tmp_path):
 
 def test_layout_and_version_stamp(artifact):
     assert sorted(p.name for p in artifact.iterdir()) == [
-        "README.md", "config.json", "tiers.safetensors"
+        "README.md",
+        "config.json",
+        "tiers.safetensors",
     ]
     config = json.loads((artifact / "config.json").read_text())
     assert config["version"] == __version__

@@ -8,6 +8,7 @@ by a safeguarded regula-falsi bisection on a split whose unchanging prefix is ca
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -185,14 +186,16 @@ def evaluate(
         logits = full_logits if tier.is_full else runner.logits(name)
         tier.metrics["test"] = task.score(logits, split.labels)
         results[name] = task.extra(logits, split.labels, full_logits)
+    n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", len(split))
+    for name, row in results.items():
+        tier = model.tiers[name]
+        if tier.target_value is not None:
+            row.update(_target_gap(tier.metrics["test"], tier.target_value, n_cal, len(split)))
     for name, cost in relative_costs(model, split.images[:1]).items():
         model.tiers[name].relative_cost = cost
     meta = model.meta
     meta.setdefault("dataset", dataset)
-    meta["splits"] = {
-        "calibration": calibration_size or meta.get("splits", {}).get("calibration", len(split)),
-        "test": len(split),
-    }
+    meta["splits"] = {"calibration": n_cal, "test": len(split)}
     meta["base"] = {
         "calibration": base_calibration
         if base_calibration is not None
@@ -208,3 +211,12 @@ def evaluate(
             "eval_s": round(time.perf_counter() - started, 3),
         },
     )
+
+
+def _target_gap(achieved: float, target: float, n_cal: int, n_test: int) -> dict[str, float]:
+    """How far the test metric landed from the target, and two standard errors of that gap.
+
+    The gap's spread comes from sampling both splits: ``sqrt(p (1 - p) (1/n_cal + 1/n_test))``.
+    """
+    spread = math.sqrt(max(target * (1 - target), 1e-12) * (1 / n_cal + 1 / n_test))
+    return {"target_gap": achieved - target, "two_se": 2 * spread}

@@ -11,6 +11,8 @@ from nnobfuscator.model import InputSpec, TieredModel, obfuscate
 from nnobfuscator.report import plot_report, write_report
 from nnobfuscator.serialization import read_config
 from nnobfuscator.sources import load_base_model, load_split
+from nnobfuscator.strategies import get_strategy
+from nnobfuscator.tiers import parse_tiers
 
 
 @dataclass
@@ -39,6 +41,9 @@ def run_job(
     progress: bool = True,
 ) -> JobResult:
     """Load the base model and data, calibrate the tiers, then write artifact, report and plot."""
+    parse_tiers(tiers)  # fail on a bad tier spec before any model is trained or loaded
+    for name in strategy.split("+"):
+        get_strategy(name.strip())
     base, info = load_base_model(model_source, progress=progress)
     calibration = load_split(data_source, "calibration")
     test = load_split(data_source, "test")

@@ -69,7 +69,7 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def report_rows(report: dict[str, Any]) -> list[list[str]]:
-    """The tier table as strings: tier, target, calibration, test, strategy, relative cost."""
+    """The tier table as strings, one row per tier (columns: ``REPORT_COLUMNS``)."""
     rows = []
     for tier in report["tiers"]:
         target = "full" if tier["target"] is None else f"{100 * tier['target']:.1f}%"
@@ -82,6 +82,7 @@ def report_rows(report: dict[str, Any]) -> list[list[str]]:
                 target,
                 f"{100 * tier['achieved']['calibration']:.1f}%",
                 f"{100 * tier['achieved']['test']:.1f}%",
+                _gap(tier),
                 tier["strategy"],
                 f"{tier['relative_cost']:.3f}",
             ]
@@ -89,7 +90,22 @@ def report_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-REPORT_COLUMNS = ["tier", "target", "calibration", "test", "strategy", "relative cost"]
+REPORT_COLUMNS = [
+    "tier",
+    "target",
+    "calibration",
+    "test",
+    "test - target (2 SE)",
+    "strategy",
+    "relative cost",
+]
+
+
+def _gap(tier: dict[str, Any]) -> str:
+    extra = tier.get("extra", {})
+    if "target_gap" not in extra:
+        return "-"
+    return f"{100 * extra['target_gap']:+.1f} (±{100 * extra['two_se']:.1f})"
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:
