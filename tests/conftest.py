@@ -58,6 +58,12 @@ RECIPES = {"resnet": (5, 5e-3), "vgg": (5, 5e-3), "cnn": (8, 1e-2)}  # epochs, l
 STRATEGIES = ["feature-mix", "weight-noise", "logit-noise"]
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Tests never read or write the user's model cache."""
+    monkeypatch.setenv("NNOBF_HOME", str(tmp_path_factory.getbasetemp() / "nnobf-home"))
+
+
 @pytest.fixture(scope="session")
 def digits8():
     return digits_splits(image_size=8)
