@@ -102,3 +102,12 @@ def test_logit_noise_defeats_repeat_voting(trained_weights, digits8):
     voted = (majority == test.labels).float().mean()
     assert torch.equal(majority, votes[0])
     assert voted == single
+
+
+def test_calibrated_model_runs_outside_inference_mode(trained_weights, digits8):
+    """Per-tier weights cached during calibration (inference mode) still work with autograd on."""
+    tiered = obfuscate(trained("resnet", trained_weights), tiers="free=0.5,premium=full")
+    calibrate(tiered, digits8["calibration"], progress=False)
+    x = digits8["test"].images[:4].clone().requires_grad_(True)
+    tiered(x, tier="free").sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

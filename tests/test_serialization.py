@@ -73,3 +73,10 @@ def test_tampered_mixing_matrices_are_detected(artifact):
     save_file(tensors, str(artifact / "tiers.safetensors"))
     with pytest.raises(ArtifactError, match="re-derives different keyed state"):
         TieredModel.from_pretrained(str(artifact), tiny_cnn())
+
+
+def test_loading_onto_an_already_wrapped_model_is_refused(artifact):
+    base = tiny_cnn()
+    obfuscate(base, tiers="free=0.5,premium=full")
+    with pytest.raises(ValueError, match="already wrapped"):
+        TieredModel.from_pretrained(str(artifact), base)

@@ -132,6 +132,11 @@ class TieredModel(nn.Module):
         parent_name, _, child_name = name.rpartition(".")
         parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
         child = getattr(parent, child_name)
+        if isinstance(child, TieredLayer):
+            raise ValueError(
+                f"layer {name!r} is already wrapped by another TieredModel: call its unload() "
+                "first, or pass a fresh instance of the model"
+            )
         if not isinstance(child, nn.Conv2d | nn.Linear):
             raise ValueError(f"layer {name!r} is a {type(child).__name__}, not Conv2d or Linear")
         wrapper = TieredLayer(child, self.context)

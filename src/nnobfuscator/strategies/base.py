@@ -72,19 +72,21 @@ class TieredLayer(nn.Module):
         """Forget cached per-tier weights (after a strength changed)."""
         self._weights.clear()
 
-    @torch.no_grad()
     def tier_weight(self, tier: str) -> torch.Tensor | None:
         """The weight this layer uses at ``tier``, or ``None`` when it is the original one."""
         base = self.base_layer.weight
         cached = self._weights.get(tier, base)
         if cached is not base and (cached is None or cached.device == base.device):
             return cached
-        weight, changed = base.detach().float(), False
-        for transform in self.weight_transforms.values():
-            new = transform(weight, tier)
-            if new is not None:
-                weight, changed = new, True
-        result = weight.to(base.dtype).contiguous() if changed else None
+        # Cached weights must be ordinary tensors even when first built under inference_mode
+        # (calibration), or later forwards with autograd enabled would refuse them.
+        with torch.inference_mode(False), torch.no_grad():
+            weight, changed = base.detach().float(), False
+            for transform in self.weight_transforms.values():
+                new = transform(weight, tier)
+                if new is not None:
+                    weight, changed = new, True
+            result = weight.to(base.dtype).contiguous() if changed else None
         self._weights[tier] = result
         return result
 
