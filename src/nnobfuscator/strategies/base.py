@@ -228,10 +228,10 @@ _CONV_SHARE: dict[str, float] = {"feature-mix": 1 / 3, "weight-noise": 1 / 2}
 
 
 def _is_resnet(model: nn.Module) -> bool:
-    return any(
-        cls.__name__ == "ResNet" or hasattr(model, "backbone") and hasattr(model.backbone, "layer4")
-        for cls in type(model).__mro__
-    )
+    """A torchvision ResNet, or a model with a ResNet backbone (DeepLabV3, FCN)."""
+    if any(cls.__name__ == "ResNet" for cls in type(model).__mro__):
+        return True
+    return hasattr(getattr(model, "backbone", None), "layer4")
 
 
 def resolve_targets(model: nn.Module, patterns: list[str] | None, strategy: str) -> list[str]:
