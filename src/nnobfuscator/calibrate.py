@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -166,7 +165,6 @@ def evaluate(
     calibration_size: int | None = None,
     base_calibration: float | None = None,
     calibration_s: float | None = None,
-    tiers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every (calibrated) tier on ``test`` and return the report.
 
@@ -178,19 +176,18 @@ def evaluate(
     runner = SplitRunner(model, split.images, task.logits, batch_size)
     full_logits = runner.full_logits()
     base_test = task.score(full_logits, split.labels)
+    n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", len(split))
     results: dict[str, dict[str, Any]] = {}
-    for name in tiers or model.tier_names:
-        tier = model.get_tier(name)
+    for name, tier in model.tiers.items():
         if not model.is_calibrated(name):
             raise CalibrationError(f"tier {name!r} is not calibrated; run calibrate() first")
         logits = full_logits if tier.is_full else runner.logits(name)
         tier.metrics["test"] = task.score(logits, split.labels)
         results[name] = task.extra(logits, split.labels, full_logits)
-    n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", len(split))
-    for name, row in results.items():
-        tier = model.tiers[name]
         if tier.target_value is not None:
-            row.update(_target_gap(tier.metrics["test"], tier.target_value, n_cal, len(split)))
+            results[name].update(
+                _target_gap(tier.metrics["test"], tier.target_value, n_cal, len(split))
+            )
     for name, cost in relative_costs(model, split.images[:1]).items():
         model.tiers[name].relative_cost = cost
     meta = model.meta

@@ -61,6 +61,17 @@ def _print_table(report: dict[str, Any]) -> None:
     )
 
 
+def _run_job(**job: Any) -> None:
+    """Run a calibration job, turning bad input into a clear exit, then print what it wrote."""
+    from nnobfuscator.pipeline import run_job
+
+    try:
+        result = run_job(**job)
+    except ValueError as err:
+        _fail(str(err))
+    _finish(result)
+
+
 def _finish(result: Any) -> None:
     _print_table(result.report)
     console.print(f"artifact: {result.artifact}")
@@ -84,7 +95,6 @@ def demo(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Train (once, cached) a demo model on digits, calibrate its tiers, print the table."""
-    from nnobfuscator.pipeline import run_job
     from nnobfuscator.zoo import list_models
     from nnobfuscator.zoo.classifiers import zoo_entry
 
@@ -93,21 +103,17 @@ def demo(
     if model not in list_models():
         _fail(f"unknown demo model {model!r}; choose one of {', '.join(list_models())}")
     out = out or Path("runs") / f"{model}-{strategy.replace('+', '_')}"
-    try:
-        result = run_job(
-            task=task,
-            model_source={"zoo": model},
-            data_source={"zoo": "digits", "image_size": zoo_entry(model).image_size},
-            tiers=tiers,
-            strategy=strategy,
-            out=out,
-            report_path=report,
-            plot_path=plot,
-            progress=not quiet,
-        )
-    except ValueError as err:
-        _fail(str(err))
-    _finish(result)
+    _run_job(
+        task=task,
+        model_source={"zoo": model},
+        data_source={"zoo": "digits", "image_size": zoo_entry(model).image_size},
+        tiers=tiers,
+        strategy=strategy,
+        out=out,
+        report_path=report,
+        plot_path=plot,
+        progress=not quiet,
+    )
 
 
 @app.command("calibrate")
@@ -117,8 +123,6 @@ def calibrate_plan(
 ) -> None:
     """Calibrate your own model from a YAML plan (see README for the format)."""
     import yaml
-
-    from nnobfuscator.pipeline import run_job
 
     if not plan.is_file():
         _fail(f"plan {plan} does not exist")
@@ -147,23 +151,19 @@ def calibrate_plan(
         if split in data_source:
             data_source[split] = resolve(data_source[split])
     out = Path(resolve(spec.get("out") or f"runs/{plan.stem}"))
-    try:
-        result = run_job(
-            task=spec.get("task", "classification"),
-            model_source=model_source,
-            data_source=data_source,
-            tiers=spec.get("tiers", DEFAULT_TIERS),
-            strategy=spec.get("strategy", "feature-mix"),
-            targets=spec.get("targets"),
-            out=out,
-            report_path=Path(resolve(spec["report"])) if spec.get("report") else None,
-            plot_path=Path(resolve(spec["plot"])) if spec.get("plot") else None,
-            key=spec.get("key"),
-            progress=not quiet,
-        )
-    except ValueError as err:
-        _fail(str(err))
-    _finish(result)
+    _run_job(
+        task=spec.get("task", "classification"),
+        model_source=model_source,
+        data_source=data_source,
+        tiers=spec.get("tiers", DEFAULT_TIERS),
+        strategy=spec.get("strategy", "feature-mix"),
+        targets=spec.get("targets"),
+        out=out,
+        report_path=Path(resolve(spec["report"])) if spec.get("report") else None,
+        plot_path=Path(resolve(spec["plot"])) if spec.get("plot") else None,
+        key=spec.get("key"),
+        progress=not quiet,
+    )
 
 
 @app.command("eval")

@@ -68,9 +68,12 @@ class TieredLayer(nn.Module):
         self.weight_transforms: dict[str, WeightTransform] = {}
         self._weights: dict[str, torch.Tensor | None] = {}
 
-    def invalidate(self) -> None:
-        """Forget cached per-tier weights (after a strength changed)."""
-        self._weights.clear()
+    def invalidate(self, tier: str | None = None) -> None:
+        """Forget cached weights of ``tier`` (all tiers when ``None``) after a strength changed."""
+        if tier is None:
+            self._weights.clear()
+        else:
+            self._weights.pop(tier, None)
 
     def tier_weight(self, tier: str) -> torch.Tensor | None:
         """The weight this layer uses at ``tier``, or ``None`` when it is the original one."""
@@ -168,7 +171,7 @@ class Strategy:
             )
         self.strengths[tier] = float(strength)
         for layer in self.layers.values():
-            layer._weights.pop(tier, None)
+            layer.invalidate(tier)
 
     # --- persistence -----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
