@@ -1,0 +1,336 @@
+"""The HTTP service: ``create_app()`` builds one FastAPI app for uvicorn or Ray Serve.
+
+Every request's API key picks its tier; requests are micro-batched across tiers into one forward
+pass with a tier per sample (``model(x, tiers=[...])``), so no request can see another's tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from nnobfuscator.model import TieredModel
+from nnobfuscator.serving.auth import Authenticator, Principal
+from nnobfuscator.serving.batcher import MicroBatcher, split_batch
+from nnobfuscator.serving.config import ServeConfig
+from nnobfuscator.serving.errors import ApiError, install_error_handlers
+from nnobfuscator.serving.images import decode_image
+from nnobfuscator.serving.keystore import KeyStore
+from nnobfuscator.serving.loader import ServedModel, load_artifact, serve_model
+from nnobfuscator.serving.metrics import Metrics
+from nnobfuscator.serving.middleware import ServingMiddleware
+from nnobfuscator.serving.payloads import IMAGE_BODY_DOC, read_image_payload, read_prompt
+from nnobfuscator.serving.results import (
+    CLASSIFICATION,
+    SEGMENTATION,
+    TEXT_TO_IMAGE,
+    classify_answer,
+    generate_answer,
+    segment_answer,
+)
+from nnobfuscator.serving.schemas import (
+    ClassifyResponse,
+    CompareResponse,
+    ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    KeyInfo,
+    SegmentResponse,
+    TierInfo,
+    TiersResponse,
+)
+from nnobfuscator.version import __version__
+
+TIER_HEADER = "X-Tier"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "Corrupt image or malformed body",
+        401: "Missing, invalid or revoked API key",
+        403: "The key's tier does not allow this",
+        404: "The served model's task has no such endpoint",
+        413: "Body over the size limit",
+        415: "Unsupported content type or image format",
+        422: "Invalid parameters, image size or empty prompt",
+        429: "Rate limit of the key's tier reached (see Retry-After)",
+    }.items()
+}
+_STATIC = resources.files("nnobfuscator.serving") / "static"
+
+
+def create_app(
+    model: TieredModel | ServedModel | str | Path,
+    *,
+    keys: KeyStore | str | Path | None = None,
+    config: ServeConfig | None = None,
+) -> FastAPI:
+    """Build the API for one tiered model.
+
+    Args:
+        model: an artifact directory (its base model is rebuilt from its stored source), or a
+            loaded ``TieredModel`` / ``ServedModel``.
+        keys: the key store or its SQLite path (default ``$NNOBF_HOME/keys.sqlite``).
+        config: batching, limits and rate limits (default :class:`ServeConfig`).
+
+    Example:
+        >>> app = create_app("runs/resnet18-feature-mix", keys="keys.sqlite")
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    if isinstance(model, ServedModel):
+        served = model
+    elif isinstance(model, TieredModel):
+        served = serve_model(model)
+    else:
+        served = load_artifact(model)
+    store = keys if isinstance(keys, KeyStore) else KeyStore(keys)
+    config = config or ServeConfig()
+    metrics = Metrics()
+    tiers = served.model.tier_names
+    batcher = MicroBatcher(
+        lambda batch, names: _forward(served.model, batch, names),
+        max_batch_size=config.max_batch_size,
+        max_wait_ms=config.max_wait_ms,
+        on_batch=metrics.record_batch,
+    )
+    auth = Authenticator(store, tiers, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await batcher.aclose()
+
+    app = FastAPI(
+        title="nnobfuscator",
+        version=__version__,
+        summary=f"Tiered {served.task} model {served.model.model_name!r}: the API key picks the "
+        f"tier ({', '.join(tiers)}).",
+        description="Send the key as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Every "
+        f"answer names the tier that produced it, in the body and the `{TIER_HEADER}` header.",
+        lifespan=lifespan,
+    )
+    app.state.served, app.state.keys, app.state.config = served, store, config
+    app.state.metrics, app.state.batcher = metrics, batcher
+    install_error_handlers(app)
+    app.add_middleware(ServingMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes)
+    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+
+    def serves(*tasks: str) -> Callable[[Request], None]:
+        def guard(request: Request) -> None:
+            if served.task not in tasks:
+                endpoint = _ENDPOINTS.get(served.task)
+                hint = f"; use {endpoint}" if endpoint else ""
+                raise ApiError(
+                    404,
+                    "task_not_served",
+                    f"{request.url.path} needs a {' or '.join(sorted(tasks))} model; this server "
+                    f"serves a {served.task} model{hint}",
+                )
+
+        return guard
+
+    async def image_input(request: Request) -> tuple[torch.Tensor, tuple[int, int], dict]:
+        payload = await read_image_payload(request, config.max_body_bytes)
+
+        def prepare() -> tuple[torch.Tensor, tuple[int, int]]:
+            image = decode_image(payload.data, max_side=config.max_image_side)
+            return served.image_spec.to_tensor(image), image.size
+
+        x, size = await run_in_threadpool(prepare)
+        return x, size, payload.options
+
+    def top_k_of(query: int | None, options: dict) -> int:
+        value = query if query is not None else options.get("top_k", config.default_top_k)
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            value = 0
+        if not 1 <= value <= 1000:
+            raise ApiError(422, "invalid_request", "top_k must be an integer from 1 to 1000")
+        return value
+
+    def mask_format(query: str | None, options: dict) -> str:
+        value = query or options.get("format") or "png"
+        if value not in {"png", "rle"}:
+            raise ApiError(422, "invalid_request", "format must be 'png' or 'rle'")
+        return value
+
+    # --- pages and probes --------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse((_STATIC / "index.html").read_text())
+
+    @app.get("/healthz", response_model=HealthResponse, tags=["service"])
+    async def healthz() -> HealthResponse:
+        """Liveness: the model is loaded and the batcher is accepting work."""
+        return HealthResponse(
+            status="ok",
+            task=served.task,
+            model=served.model.model_name,
+            tiers=tiers,
+            pending=batcher.pending,
+        )
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics, labelled by endpoint and tier (never by key)."""
+        metrics.queue_depth.set(batcher.pending)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/tiers", response_model=TiersResponse, tags=["tiers"])
+    async def list_tiers() -> TiersResponse:
+        """The tiers of the served model, lowest first, with their measured metrics."""
+        rows = []
+        for row in served.model.status():
+            limit = config.rate_limit(row["tier"])
+            rows.append(
+                TierInfo(
+                    name=row["tier"],
+                    target=row["target"],
+                    full=served.model.get_tier(row["tier"]).is_full,
+                    metrics={k: float(v) for k, v in row["metrics"].items()},
+                    relative_cost=row["relative_cost"],
+                    rate_limit=str(limit) if limit else None,
+                )
+            )
+        return TiersResponse(task=served.task, model=served.model.model_name, tiers=rows)
+
+    @app.get("/v1/key", response_model=KeyInfo, responses=_ERRORS, tags=["tiers"])
+    async def key_info(principal: Principal = Depends(auth)) -> KeyInfo:
+        """The calling key: its tier and whether it is an owner key."""
+        record = principal.key
+        return KeyInfo(id=record.id, name=record.name, tier=principal.tier, owner=record.owner)
+
+    # --- inference ---------------------------------------------------------------------------
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses=_ERRORS,
+        openapi_extra=IMAGE_BODY_DOC,
+        dependencies=[Depends(serves(CLASSIFICATION))],
+        tags=["inference"],
+    )
+    async def classify(
+        request: Request,
+        response: Response,
+        principal: Principal = Depends(auth),
+        top_k: int | None = Query(None, ge=1, le=1000, description="Classes to return."),
+    ) -> ClassifyResponse:
+        """Classify one image (multipart field `image`, JSON `{"image": BASE64}` or raw bytes)."""
+        x, _, options = await image_input(request)
+        k = top_k_of(top_k, options)
+        output = await batcher.submit(x, principal.tier)
+        response.headers[TIER_HEADER] = principal.tier
+        return classify_answer(served, output, principal.tier, k)
+
+    @app.post(
+        "/v1/segment",
+        response_model=SegmentResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+        openapi_extra=IMAGE_BODY_DOC,
+        dependencies=[Depends(serves(SEGMENTATION))],
+        tags=["inference"],
+    )
+    async def segment(
+        request: Request,
+        response: Response,
+        principal: Principal = Depends(auth),
+        format: str | None = Query(None, pattern="^(png|rle)$", description="Mask encoding."),
+    ) -> SegmentResponse:
+        """Segment one image; the class mask comes back at the image's size, as PNG or RLE."""
+        x, size, options = await image_input(request)
+        fmt = mask_format(format, options)
+        output = await batcher.submit(x, principal.tier)
+        response.headers[TIER_HEADER] = principal.tier
+        return segment_answer(served, output, principal.tier, size, fmt)
+
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
+            }
+        },
+        dependencies=[Depends(serves(*TEXT_TO_IMAGE))],
+        tags=["inference"],
+    )
+    async def generate(
+        request: Request, response: Response, principal: Principal = Depends(auth)
+    ) -> GenerateResponse:
+        """Generate an image from a prompt (JSON `{"prompt": "..."}`); base64 PNG back."""
+        body = await read_prompt(request, config.max_body_bytes, config.max_prompt_chars)
+        output = await batcher.submit(body.prompt, principal.tier)
+        response.headers[TIER_HEADER] = principal.tier
+        return generate_answer(output, principal.tier, body.prompt)
+
+    @app.post(
+        "/v1/compare",
+        response_model=CompareResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+        openapi_extra=IMAGE_BODY_DOC,
+        tags=["inference"],
+    )
+    async def compare(
+        request: Request,
+        principal: Principal = Depends(auth),
+        top_k: int | None = Query(None, ge=1, le=1000),
+        format: str | None = Query(None, pattern="^(png|rle)$"),
+    ) -> CompareResponse:
+        """Owner keys only: run the same input at every tier, side by side."""
+        auth.require_owner(principal)
+        if served.task in TEXT_TO_IMAGE:
+            body = await read_prompt(request, config.max_body_bytes, config.max_prompt_chars)
+            outputs = await asyncio.gather(*(batcher.submit(body.prompt, t) for t in tiers))
+            results: list[Any] = [
+                generate_answer(o, t, body.prompt) for o, t in zip(outputs, tiers, strict=True)
+            ]
+            return CompareResponse(task=served.task, results=results)
+        x, size, options = await image_input(request)
+        outputs = await asyncio.gather(*(batcher.submit(x, t) for t in tiers))
+        if served.task == SEGMENTATION:
+            fmt = mask_format(format, options)
+            results = [
+                segment_answer(served, o, t, size, fmt) for o, t in zip(outputs, tiers, strict=True)
+            ]
+        else:
+            k = top_k_of(top_k, options)
+            results = [
+                classify_answer(served, o, t, k) for o, t in zip(outputs, tiers, strict=True)
+            ]
+        return CompareResponse(task=served.task, results=results)
+
+    return app
+
+
+_ENDPOINTS = {CLASSIFICATION: "POST /v1/classify", SEGMENTATION: "POST /v1/segment"} | {
+    task: "POST /v1/generate" for task in TEXT_TO_IMAGE
+}
+
+
+def _forward(model: TieredModel, batch: Any, tiers: list[str]) -> Any:
+    """One forward pass with a tier per sample; prompt lists run once per tier present."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch, tiers=tiers)
+    outputs: list[Any] = [None] * len(batch)
+    for tier in dict.fromkeys(tiers):
+        index = [i for i, name in enumerate(tiers) if name == tier]
+        result = model([batch[i] for i in index], tier=tier)
+        for i, output in zip(index, split_batch(result, len(index)), strict=True):
+            outputs[i] = output
+    return outputs

@@ -1,0 +1,158 @@
+"""Micro-batching: concurrent requests, whatever their tiers, share one forward pass.
+
+Each request brings one sample and its tier. The batcher collects requests for up to
+``max_wait_ms`` (or until ``max_batch_size``), stacks samples of the same shape and calls
+``forward(batch, tiers)`` once per shape group, in a worker thread so the event loop keeps
+accepting requests. Each sample's output row goes back to its own request: a tier is a
+per-sample argument of the forward, never shared state, so it cannot leak between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Forward = Callable[[Any, list[str]], Any]
+
+
+@dataclass
+class _Item:
+    sample: Any
+    tier: str
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Collects single-sample requests into mixed-tier batches.
+
+    Args:
+        forward: ``forward(batch, tiers) -> outputs``; ``batch`` is a stacked tensor (or a list
+            of strings for prompts) and ``tiers`` one tier name per sample.
+        max_batch_size: most samples per forward call.
+        max_wait_ms: how long the first request waits for others to join its batch.
+        on_batch: called with ``(tiers, seconds)`` after each forward (for metrics).
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        on_batch: Callable[[list[str], float], None] | None = None,
+    ) -> None:
+        self.forward = forward
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnobf-forward")
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def _ensure_worker(self) -> asyncio.Queue[_Item]:
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop or self._worker is None:
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._run(self._queue), name="nnobf-batcher")
+        return self._queue
+
+    async def submit(self, sample: Any, tier: str) -> Any:
+        """Run one sample at ``tier`` and return its own output (batch dimension removed)."""
+        queue = self._ensure_worker()
+        future = asyncio.get_running_loop().create_future()
+        queue.put_nowait(_Item(sample, tier, future))
+        return await future
+
+    async def _run(self, queue: asyncio.Queue[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch_size:
+                if queue.empty():
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        items.append(await asyncio.wait_for(queue.get(), timeout))
+                    except TimeoutError:
+                        break
+                else:
+                    items.append(queue.get_nowait())
+            items = [item for item in items if not item.future.cancelled()]
+            for group in _group_by_shape(items):
+                await self._run_group(loop, group)
+
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Item]) -> None:
+        tiers = [item.tier for item in group]
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, _forward_split, self.forward, [i.sample for i in group], tiers
+            )
+        except Exception as err:  # one bad batch fails its requests, not the server
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        if self.on_batch is not None:
+            self.on_batch(tiers, time.perf_counter() - started)
+        for item, output in zip(group, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+
+    async def aclose(self) -> None:
+        """Stop the worker (pending requests are cancelled) and the forward thread."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _group_by_shape(items: list[_Item]) -> list[list[_Item]]:
+    groups: dict[Any, list[_Item]] = {}
+    for item in items:
+        sample = item.sample
+        key = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+        groups.setdefault(key, []).append(item)
+    return list(groups.values())
+
+
+def _forward_split(forward: Forward, samples: list[Any], tiers: list[str]) -> list[Any]:
+    batch = torch.stack(samples) if isinstance(samples[0], torch.Tensor) else list(samples)
+    with torch.inference_mode():
+        output = forward(batch, tiers)
+    return split_batch(output, len(samples))
+
+
+def split_batch(output: Any, size: int) -> list[Any]:
+    """Per-sample pieces of a batched output: tensors, dicts and tuples of them, lists, or an
+    object with an ``images`` list (diffusers pipeline outputs)."""
+    if isinstance(output, torch.Tensor):
+        return list(output.unbind(0))
+    if isinstance(output, Mapping):
+        columns = {key: split_batch(value, size) for key, value in output.items()}
+        return [{key: columns[key][i] for key in columns} for i in range(size)]
+    if isinstance(output, tuple):
+        columns = [split_batch(value, size) for value in output]
+        return [tuple(column[i] for column in columns) for i in range(size)]
+    if isinstance(output, Sequence) and len(output) == size:
+        return list(output)
+    if hasattr(output, "images") and len(output.images) == size:
+        return list(output.images)
+    raise TypeError(f"cannot split a {type(output).__name__} model output into {size} samples")

@@ -1,0 +1,89 @@
+"""Server settings: batching, input limits and per-tier rate limits."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_PERIODS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """``requests`` per ``period`` seconds, with bursts up to ``requests``."""
+
+    requests: float
+    period: float
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.period
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h"}.get(self.period, f"{self.period:g}s")
+        return f"{self.requests:g}/{unit}"
+
+
+def parse_rate(text: str) -> RateLimit | None:
+    """``"60/min"`` -> ``RateLimit(60, 60.0)``; ``"none"`` -> ``None`` (unlimited)."""
+    if text.strip().lower() in {"none", "unlimited", "off"}:
+        return None
+    match = _RATE.match(text.lower())
+    if not match or match.group(2) not in _PERIODS or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"invalid rate limit {text!r}: write COUNT/PERIOD with PERIOD s, min or h "
+            "(e.g. '60/min'), or 'none'"
+        )
+    return RateLimit(float(match.group(1)), _PERIODS[match.group(2)])
+
+
+def parse_rate_limits(spec: str) -> dict[str, RateLimit | None]:
+    """``"free=60/min,pro=600/min,*=none"`` -> a per-tier mapping (``*`` is every other tier)."""
+    limits: dict[str, RateLimit | None] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        tier, sep, rate = item.partition("=")
+        if not sep or not tier.strip():
+            raise ValueError(f"invalid rate limit item {item!r}: write TIER=COUNT/PERIOD")
+        limits[tier.strip()] = parse_rate(rate)
+    return limits
+
+
+@dataclass
+class ServeConfig:
+    """How the server batches, what input it accepts and how often each key may call.
+
+    Args:
+        max_batch_size: most requests run in one forward pass.
+        max_wait_ms: how long the first request of a batch waits for company.
+        max_body_bytes: larger request bodies get 413.
+        max_image_side: images with a longer side (in pixels) get 422.
+        max_prompt_chars: longer prompts get 422.
+        rate_limits: per-tier limits (``"*"`` for tiers not named; ``None`` = unlimited).
+            Owner keys are not rate limited.
+        default_top_k: how many classes ``/v1/classify`` returns unless asked.
+    """
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_image_side: int = 4096
+    max_prompt_chars: int = 1000
+    rate_limits: dict[str, RateLimit | None] = field(
+        default_factory=lambda: {"*": RateLimit(600, 60.0)}
+    )
+    default_top_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be positive")
+
+    def rate_limit(self, tier: str) -> RateLimit | None:
+        """The limit for ``tier`` (its own entry, else ``"*"``, else unlimited)."""
+        if tier in self.rate_limits:
+            return self.rate_limits[tier]
+        return self.rate_limits.get("*")

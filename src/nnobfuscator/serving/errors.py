@@ -1,0 +1,81 @@
+"""One JSON error shape for every failure: ``{"error": CODE, "detail": MESSAGE}``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("nnobfuscator.serving")
+
+
+class ApiError(Exception):
+    """A request the server refuses, with a status, a stable code and a message that teaches.
+
+    Args:
+        status: the HTTP status (4xx for the client's mistakes).
+        code: a short machine-readable reason, e.g. ``"invalid_image"``.
+        detail: what was wrong and what to do instead.
+        headers: extra response headers (``Retry-After``, ``WWW-Authenticate``).
+    """
+
+    def __init__(
+        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: object
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, **extra}, status, headers=headers)
+
+
+_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn ApiError, validation errors, HTTP errors and crashes into the JSON error shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+            for err in exc.errors()
+        )
+        return error_response(
+            422, "invalid_request", f"the request is not valid: {problems}", errors=_plain(exc)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        detail = exc.detail
+        if exc.status_code == 404:
+            detail = f"no endpoint at {request.url.path}; see /docs for the API"
+        return error_response(exc.status_code, code, str(detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(
+            500, "internal_error", f"the server failed on this request ({type(exc).__name__})"
+        )
+
+
+def _plain(exc: RequestValidationError) -> list[dict[str, object]]:
+    return [
+        {"loc": list(err.get("loc", ())), "msg": str(err.get("msg")), "type": err.get("type")}
+        for err in exc.errors()
+    ]

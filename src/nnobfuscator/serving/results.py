@@ -1,0 +1,72 @@
+"""Turn one sample's model output into an API answer, per task."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nnobfuscator.serving.images import generated_png, mask_of, mask_png, mask_rle
+from nnobfuscator.serving.loader import ServedModel
+from nnobfuscator.serving.schemas import (
+    ClassifyResponse,
+    GenerateResponse,
+    MaskRle,
+    ScoredLabel,
+    SegmentResponse,
+)
+
+CLASSIFICATION = "classification"
+SEGMENTATION = "segmentation"
+TEXT_TO_IMAGE = {"text-to-image", "text_to_image", "text2image"}
+
+
+def classify_answer(served: ServedModel, output: Any, tier: str, top_k: int) -> ClassifyResponse:
+    """Label and top-k softmax scores from one sample's logits (tensor or ``{"out": ...}``)."""
+    logits = output["out"] if isinstance(output, dict) else output
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 1:
+        raise TypeError("a classifier must return logits (N, classes) or {'out': (N, classes)}")
+    probs = torch.softmax(logits.float(), dim=0)
+    scores, indices = probs.topk(min(top_k, probs.numel()))
+    ranked = [
+        ScoredLabel(label=served.label(int(i)), index=int(i), score=float(s))
+        for s, i in zip(scores, indices, strict=True)
+    ]
+    best = ranked[0]
+    return ClassifyResponse(
+        tier=tier, label=best.label, index=best.index, score=best.score, top_k=ranked
+    )
+
+
+def segment_answer(
+    served: ServedModel, output: Any, tier: str, size: tuple[int, int], fmt: str
+) -> SegmentResponse:
+    """A class mask at the uploaded image's ``size`` (width, height), as PNG or RLE."""
+    mask = mask_of(output).to(torch.int32).cpu().numpy()
+    if (mask.shape[1], mask.shape[0]) != size:
+        dtype = np.int32 if mask.max(initial=0) > 255 else np.uint8
+        resized = Image.fromarray(mask.astype(dtype))
+        mask = np.asarray(resized.resize(size, Image.Resampling.NEAREST)).astype(np.int32)
+    classes = sorted(int(c) for c in np.unique(mask))
+    answer = SegmentResponse(
+        tier=tier,
+        width=size[0],
+        height=size[1],
+        classes=classes,
+        labels=[served.label(c) for c in classes],
+        format="rle" if fmt == "rle" else "png",
+    )
+    if fmt == "rle":
+        answer.rle = MaskRle(**mask_rle(mask))
+    else:
+        answer.mask = base64.b64encode(mask_png(mask)).decode()
+    return answer
+
+
+def generate_answer(output: Any, tier: str, prompt: str) -> GenerateResponse:
+    """One generated image as base64 PNG."""
+    image = base64.b64encode(generated_png(output)).decode()
+    return GenerateResponse(tier=tier, prompt=prompt, image=image)

@@ -1,0 +1,96 @@
+"""Request and response bodies of the HTTP API (they make the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="Machine-readable reason, e.g. 'invalid_image'.")
+    detail: str = Field(description="What was wrong and what to do instead.")
+
+
+class ImageRequest(BaseModel):
+    image: str = Field(description="PNG or JPEG bytes, base64 (a data: URL is accepted too).")
+    top_k: int | None = Field(None, ge=1, le=1000, description="Classes to return (classify).")
+    format: Literal["png", "rle"] | None = Field(None, description="Mask encoding (segment).")
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, description="What to draw; must not be empty.")
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    index: int
+    score: float = Field(description="Softmax probability.")
+
+
+class ClassifyResponse(BaseModel):
+    tier: str = Field(description="The tier that produced this answer.")
+    label: str
+    index: int
+    score: float
+    top_k: list[ScoredLabel]
+
+
+class MaskRle(BaseModel):
+    size: list[int] = Field(description="[height, width].")
+    values: list[int] = Field(description="Class of each run, row-major.")
+    counts: list[int] = Field(description="Length of each run.")
+
+
+class SegmentResponse(BaseModel):
+    tier: str
+    width: int
+    height: int
+    classes: list[int] = Field(description="Class indices present in the mask.")
+    labels: list[str] = Field(description="Names of the classes present.")
+    format: Literal["png", "rle"]
+    mask: str | None = Field(None, description="Base64 PNG; pixel value = class index.")
+    rle: MaskRle | None = None
+
+
+class GenerateResponse(BaseModel):
+    tier: str
+    prompt: str
+    image: str = Field(description="Base64 PNG.")
+
+
+class CompareResponse(BaseModel):
+    task: str
+    results: list[ClassifyResponse | SegmentResponse | GenerateResponse] = Field(
+        description="One answer per tier, lowest tier first."
+    )
+
+
+class TierInfo(BaseModel):
+    name: str
+    target: str
+    full: bool
+    metrics: dict[str, float]
+    relative_cost: float | None
+    rate_limit: str | None = Field(description="Per-key limit, e.g. '60/min'; null = none.")
+
+
+class TiersResponse(BaseModel):
+    task: str
+    model: str
+    tiers: list[TierInfo]
+
+
+class KeyInfo(BaseModel):
+    id: str
+    name: str | None
+    tier: str = Field(description="The tier this key gets by default.")
+    owner: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    task: str
+    model: str
+    tiers: list[str]
+    pending: int = Field(description="Requests waiting for the next batch.")
