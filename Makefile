@@ -4,12 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	-$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
+
+# Debian's Chromium for the web page test (Playwright drives it; nothing downloads a browser).
+# Best effort: without root or apt the test skips with a message.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "note: chromium is not installed; the web page test will be skipped"
 
 demo: $(STAMP)
 	$(BIN)/nnobf demo --task classification --model resnet18 --tiers "free=60%,pro=85%,premium=full"
