@@ -1,8 +1,10 @@
-"""Calibration: per tier, the strength whose metric on the calibration split hits the target.
+"""Calibration: per tier, the cheapest compute setting, then the strength that hits the target.
 
-All strategies of a tiered model share one knob per tier, ``u`` in [0, 1] (each strategy's
-strength is ``u * max_strength``). The metric falls as ``u`` grows, so each tier's ``u`` is found
-by a safeguarded regula-falsi bisection on a split whose unchanging prefix is cached
+With compute strategies, each tier first gets the cheapest setting whose calibration metric still
+clears its target plus a headroom (:mod:`nnobfuscator.compute_search`), within its ``max_cost``.
+Then all degrading strategies share one knob per tier, ``u`` in [0, 1] (each strategy's strength
+is ``u * max_strength``). The metric falls as ``u`` grows, so each tier's ``u`` is found by a
+safeguarded regula-falsi bisection on a split whose unchanging prefix is cached
 (:class:`~nnobfuscator.runner.SplitRunner`). Then every tier is measured on the held-out split.
 """
 
@@ -15,11 +17,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from nnobfuscator.cost import relative_costs
+from nnobfuscator.compute_search import ComputeSearch
+from nnobfuscator.cost import relative_costs, tier_latency_ms
 from nnobfuscator.model import TieredModel
 from nnobfuscator.report import build_report
 from nnobfuscator.runner import SplitRunner
 from nnobfuscator.tasks import Task, get_task
+from nnobfuscator.tiers import Tier
 from nnobfuscator.zoo.digits import Split
 
 DataLike = Split | tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset
@@ -52,42 +56,87 @@ def as_split(data: DataLike, name: str) -> Split:
 
 
 class _Curve:
-    """The metric on the calibration split as a function of the shared knob ``u`` (memoised)."""
+    """The metric on the calibration split as a function of the shared knob ``u`` (memoised).
+
+    The curve of tiers without a compute setting is shared; a tier with one gets its own.
+    """
 
     def __init__(self, model: TieredModel, runner: SplitRunner, labels: torch.Tensor, task: Task):
         self.model, self.runner, self.labels, self.task = model, runner, labels, task
-        self.points: dict[float, float] = {0.0: task.score(runner.full_logits(), labels)}
+        self.base = task.score(runner.full_logits(), labels)
+        self._shared: dict[float, float] = {0.0: self.base}
+        self._own: dict[str, dict[float, float]] = {}
+
+    def start(self, tier: str, utility_at_zero: float | None) -> None:
+        """Begin the curve of ``tier``; ``utility_at_zero`` when its compute setting saves work."""
+        if utility_at_zero is not None:
+            self._own[tier] = {0.0: utility_at_zero}
+
+    def points(self, tier: str) -> dict[float, float]:
+        return self._own.get(tier, self._shared)
 
     def __call__(self, tier: str, u: float) -> float:
         u = round(u, 6)
-        if u not in self.points:
+        points = self.points(tier)
+        if u not in points:
             _set_knob(self.model, tier, u)
-            self.points[u] = self.task.score(self.runner.logits(tier), self.labels)
-        return self.points[u]
+            points[u] = self.task.score(self.runner.logits(tier), self.labels)
+        return points[u]
 
 
 def _set_knob(model: TieredModel, tier: str, u: float) -> None:
-    for name, strategy in model.strategies.items():
+    for name, strategy in model.degrading.items():
         model.set_strength(tier, name, u * strategy.max_strength)
 
 
 def _search(curve: _Curve, tier: str, target: float, tolerance: float, max_evals: int) -> float:
     """The knob whose metric is closest to ``target`` (the curve falls as the knob grows)."""
+    points = curve.points(tier)
     for _ in range(max_evals):
-        above = [u for u, m in curve.points.items() if m >= target]
-        below = [u for u, m in curve.points.items() if m < target]
-        best = min(curve.points, key=lambda u: (abs(curve.points[u] - target), u))
-        if abs(curve.points[best] - target) <= tolerance or not below:
+        above = [u for u, m in points.items() if m >= target]
+        below = [u for u, m in points.items() if m < target]
+        best = min(points, key=lambda u: (abs(points[u] - target), u))
+        if abs(points[best] - target) <= tolerance or not below:
             return best
         lo = max((u for u in above if u < min(below)), default=0.0)
         hi = min(u for u in below if u > lo)
         width = hi - lo
         if width < 1e-4:
             return best
-        f_lo, f_hi = curve.points[lo], curve.points[hi]
+        f_lo, f_hi = points[lo], points[hi]
         guess = lo + width * (f_lo - target) / max(f_lo - f_hi, 1e-12)
         curve(tier, min(max(guess, lo + 0.15 * width), hi - 0.15 * width))
-    return min(curve.points, key=lambda u: (abs(curve.points[u] - target), u))
+    return min(points, key=lambda u: (abs(points[u] - target), u))
+
+
+def _headroom(target: float, n: int, headroom: float | None) -> float:
+    """Utility a compute setting must keep above the target: one standard error by default.
+
+    The cheapest of many settings tends to have been lucky on the calibration split; the margin
+    keeps that luck from becoming a tier that misses its target on new data.
+    """
+    if headroom is not None:
+        return headroom
+    return math.sqrt(max(target * (1 - target), 1e-12) / n)
+
+
+def _choose_compute(
+    search: ComputeSearch, tier: Tier, target: float, required: float, metric: str
+) -> float:
+    """Set ``tier``'s cheapest compute setting; its calibration utility is returned.
+
+    Raises:
+        CalibrationError: the tier's cost budget cannot be met at its target.
+    """
+    point = search.cheapest(tier.name, required)
+    if tier.max_cost is not None and point.cost > tier.max_cost + 1e-9:
+        raise CalibrationError(
+            f"tier {tier.name!r}: target {metric} {target:.3f} and budget max_cost="
+            f"{tier.max_cost:g} conflict: the cheapest setting found that keeps {metric} >= "
+            f"{required:.3f} costs {point.cost:.3f} of the full model. Lower the target, raise "
+            "max_cost, or add compute strategies"
+        )
+    return point.utility
 
 
 def calibrate(
@@ -98,26 +147,43 @@ def calibrate(
     dataset: str = "custom",
     batch_size: int = 256,
     max_evals: int = 16,
+    headroom: float | None = None,
+    beam: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Calibrate every tier of ``model`` on ``calibration`` and measure it on ``test``.
 
     Sets each tier's parameters, ``target_value``, ``metrics`` and ``relative_cost`` in place.
 
+    Args:
+        headroom: with compute strategies, how far above its target a tier's compute setting must
+            keep the calibration metric (default: one standard error of the target).
+        beam: beam width of the compute search (1: greedy).
+
     Returns:
         The report (a dict matching ``report.schema.json``).
 
     Raises:
-        CalibrationError: a target above the full model or below what the strategy reaches.
+        CalibrationError: a target above the full model or below what the strategy reaches, or a
+            target and a ``max_cost`` budget that conflict.
     """
     task = get_task(model.task)
     cal = as_split(calibration, "calibration")
     started = time.perf_counter()
     runner = SplitRunner(model, cal.images, task.logits, batch_size)
     curve = _Curve(model, runner, cal.labels, task)
-    base = curve.points[0.0]
+    base = curve.base
     tolerance = 0.5 / len(cal)
     tiers = [t for t in model.tiers.values() if not t.is_full]
+    budgeted = [t.name for t in tiers if t.max_cost is not None]
+    if budgeted and not model.compute:
+        raise CalibrationError(
+            f"tiers {budgeted} have a cost budget (max_cost) but the model has no compute "
+            "strategy to save work with; pass compute='auto' (CLI: --compute)"
+        )
+    for strategy in model.compute.values():
+        strategy.fit(model, runner.batches)
+    search = ComputeSearch(model, runner, cal.labels, task, beam=beam) if model.compute else None
     bar = tqdm(tiers, desc="calibrating", disable=not progress, unit="tier")
     for tier in bar:
         target = tier.target.resolve(base)
@@ -128,18 +194,25 @@ def calibrate(
                 f"tier {tier.name!r}: target {target:.3f} is above the full model's "
                 f"{task.metric} {base:.3f} on the calibration split; use 'full' or a lower target"
             )
+        _set_knob(model, tier.name, 0.0)
+        if search is not None:
+            required = min(target + _headroom(target, len(cal), headroom), base)
+            utility = _choose_compute(search, tier, target, required, task.metric)
+            curve.start(tier.name, utility)
         floor = curve(tier.name, 1.0)
         if target < floor - tolerance:
             raise CalibrationError(
                 f"tier {tier.name!r}: target {target:.3f} is below what "
-                f"{'+'.join(model.strategies)} reaches at full strength ({floor:.3f}); "
+                f"{'+'.join(model.degrading)} reaches at full strength ({floor:.3f}); "
                 f"reachable {task.metric} range is [{floor:.3f}, {base:.3f}]. Raise the target, "
                 "add target layers, or combine strategies (e.g. feature-mix+logit-noise)"
             )
         knob = _search(curve, tier.name, target, tolerance, max_evals)
         _set_knob(model, tier.name, knob)
-        tier.metrics["calibration"] = curve.points[knob]
-        bar.set_postfix(tier=tier.name, knob=f"{knob:.3f}", metric=f"{curve.points[knob]:.3f}")
+        tier.metrics["calibration"] = curve.points(tier.name)[knob]
+        bar.set_postfix(
+            tier=tier.name, knob=f"{knob:.3f}", metric=f"{tier.metrics['calibration']:.3f}"
+        )
     for tier in model.tiers.values():
         if tier.is_full:
             tier.target_value = None
@@ -190,6 +263,8 @@ def evaluate(
             )
     for name, cost in relative_costs(model, split.images[:1]).items():
         model.tiers[name].relative_cost = cost
+    for name, latency in tier_latency_ms(model, split.images[:64], repeats=3).items():
+        results[name]["latency_ms"] = latency
     meta = model.meta
     meta.setdefault("dataset", dataset)
     meta["splits"] = {"calibration": n_cal, "test": len(split)}

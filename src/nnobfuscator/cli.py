@@ -29,6 +29,7 @@ _PLAN_KEYS = {
     "data",
     "tiers",
     "strategy",
+    "compute",
     "targets",
     "out",
     "report",
@@ -89,6 +90,13 @@ def demo(
     strategy: Annotated[
         str, typer.Option(help="feature-mix, weight-noise, logit-noise, or a+b.")
     ] = "feature-mix",
+    compute: Annotated[
+        bool,
+        typer.Option(
+            help="Make lower tiers cheaper (block skip, channel slim, input resolution where "
+            "the model allows); --no-compute: every tier costs the full model."
+        ),
+    ] = True,
     report: Annotated[Path | None, typer.Option(help="Report JSON path.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Plot PNG path.")] = None,
     out: Annotated[Path | None, typer.Option(help="Artifact directory.")] = None,
@@ -109,6 +117,7 @@ def demo(
         data_source={"zoo": "digits", "image_size": zoo_entry(model).image_size},
         tiers=tiers,
         strategy=strategy,
+        compute="auto" if compute else None,
         out=out,
         report_path=report,
         plot_path=plot,
@@ -157,6 +166,7 @@ def calibrate_plan(
         data_source=data_source,
         tiers=spec.get("tiers", DEFAULT_TIERS),
         strategy=spec.get("strategy", "feature-mix"),
+        compute=_plan_compute(spec.get("compute"), plan),
         targets=spec.get("targets"),
         out=out,
         report_path=Path(resolve(spec["report"])) if spec.get("report") else None,
@@ -164,6 +174,19 @@ def calibrate_plan(
         key=spec.get("key"),
         progress=not quiet,
     )
+
+
+def _plan_compute(value: Any, plan: Path) -> str | None:
+    """A plan's ``compute``: true/"auto", false/absent, or strategy names joined with ``+``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "auto"
+    if isinstance(value, list):
+        value = "+".join(map(str, value))
+    if not isinstance(value, str):
+        _fail(f"plan {plan}: 'compute' must be true, false, 'auto' or 'block-skip+...'")
+    return value
 
 
 @app.command("eval")

@@ -1,6 +1,9 @@
-"""Cost accounting: FLOPs per input with ``torch.utils.flop_counter``."""
+"""Cost accounting: FLOPs per input with ``torch.utils.flop_counter``, and measured latency."""
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,3 +28,22 @@ def relative_costs(model: TieredModel, sample: torch.Tensor) -> dict[str, float]
         name: (1.0 if tier.is_full else tier_flops(model, sample, name) / full)
         for name, tier in model.tiers.items()
     }
+
+
+@torch.inference_mode()
+def tier_latency_ms(model: TieredModel, batch: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+    """Median wall time of one forward of ``batch`` at each tier, in milliseconds.
+
+    Tiers are timed in interleaved rounds so that machine load drifts affect them alike.
+    """
+    names = list(model.tiers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats + 1):
+        for name in names:
+            started = time.perf_counter()
+            model.forward_tier(batch, name)
+            if batch.is_cuda:
+                torch.cuda.synchronize(batch.device)
+            if round_index:  # the first round warms up caches
+                times[name].append(1000 * (time.perf_counter() - started))
+    return {name: round(statistics.median(values), 3) for name, values in times.items()}

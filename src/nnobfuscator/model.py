@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from nnobfuscator.security.keys import coerce_key, key_id
-from nnobfuscator.strategies import Strategy, TierContext, TieredLayer, get_strategy
+from nnobfuscator.strategies import (
+    ComputeStrategy,
+    Strategy,
+    TierContext,
+    TieredBlock,
+    TieredLayer,
+    get_strategy,
+)
+from nnobfuscator.strategies.blocks import residual_blocks
 from nnobfuscator.tiers import Tier, parse_tiers
 
 
@@ -44,7 +52,10 @@ class ObfuscationConfig:
 
     Args:
         tiers: ``"free=60%,pro=85%,premium=full"``, a list or a mapping (see ``parse_tiers``).
-        strategy: a registered strategy name, or several joined with ``+`` (``"feature-mix"``).
+        strategy: a registered degrading strategy, or several joined with ``+`` (``"feature-mix"``).
+        compute: compute strategies that make lower tiers cheaper, joined with ``+``
+            (``"block-skip+channel-slim+input-resolution"``), ``"auto"`` (those that apply to the
+            architecture) or ``None`` (every tier costs what the full model costs).
         targets: module-name patterns of the layers to act on; ``None`` uses the default.
         key: the secret key (bytes or hex); ``None`` draws a new random one.
         task: ``"classification"`` (more tasks register themselves in ``nnobfuscator.tasks``).
@@ -54,6 +65,7 @@ class ObfuscationConfig:
 
     tiers: str | list[Any] | dict[str, Any] = "free=60%,pro=85%,premium=full"
     strategy: str = "feature-mix"
+    compute: str | None = None
     targets: list[str] | None = None
     key: bytes | str | None = None
     task: str = "classification"
@@ -66,7 +78,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """A digest of a model's weights, independent of the wrappers a TieredModel adds."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.replace(".base_layer.", ".").encode())
+        digest.update(name.replace(".base_layer.", ".").replace(".base_block.", ".").encode())
         digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()[:24]
@@ -109,52 +121,84 @@ class TieredModel(nn.Module):
         self.context = TierContext()
         self.tiers: dict[str, Tier] = {tier.name: tier for tier in tiers}
         self._wrapped: dict[str, TieredLayer] = {}
+        self._blocks: dict[str, TieredBlock] = {}
+        self._restore: list[tuple[nn.Module, str, nn.Module]] = []
         self._default_tier: str | None = None
         self._tier_override: ContextVar[str | None] = ContextVar(
             f"nnobf_use_{id(self)}", default=None
         )
         self.strategies: dict[str, Strategy] = {}
-        for spec in strategies:
-            spec = dict(spec)
+        # Degrading strategies wrap layers first, compute strategies then wrap whole blocks, so
+        # layer names stay the plain module names whatever the combination.
+        built = [get_strategy(dict(spec)["name"]) for spec in strategies]
+        order = sorted(range(len(built)), key=lambda i: built[i].role == "compute")
+        for index in order:
+            spec = dict(strategies[index])
             strategy = get_strategy(spec.pop("name"))(key, **spec)
             strategy.attach(self)
             self.strategies[strategy.name] = strategy
         for tier in self.tiers.values():
             for name, params in tier.params.items():
-                if name in self.strategies and "strength" in params:
-                    self.strategies[name].set_strength(tier.name, params["strength"])
+                if name in self.strategies:
+                    self.strategies[name].load_params(tier.name, params)
 
     # --- wrapping ----------------------------------------------------------------------------
-    def wrap_layer(self, name: str) -> TieredLayer:
-        """Wrap the ``Conv2d``/``Linear`` called ``name`` in place (once) and return the wrapper."""
-        if name in self._wrapped:
-            return self._wrapped[name]
+    def _replace(self, name: str, make: Any) -> nn.Module:
         parent_name, _, child_name = name.rpartition(".")
         parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
         child = getattr(parent, child_name)
-        if isinstance(child, TieredLayer):
+        if isinstance(child, TieredLayer | TieredBlock):
             raise ValueError(
-                f"layer {name!r} is already wrapped by another TieredModel: call its unload() "
+                f"module {name!r} is already wrapped by another TieredModel: call its unload() "
                 "first, or pass a fresh instance of the model"
             )
-        if not isinstance(child, nn.Conv2d | nn.Linear):
-            raise ValueError(f"layer {name!r} is a {type(child).__name__}, not Conv2d or Linear")
-        wrapper = TieredLayer(child, self.context)
+        wrapper = make(child)
         setattr(parent, child_name, wrapper)
-        self._wrapped[name] = wrapper
+        self._restore.append((parent, child_name, child))
         return wrapper
+
+    def wrap_layer(self, name: str) -> TieredLayer:
+        """Wrap the ``Conv2d``/``Linear`` called ``name`` in place (once) and return the wrapper."""
+        if name not in self._wrapped:
+            child = self.base_model.get_submodule(name)
+            if not isinstance(child, nn.Conv2d | nn.Linear | TieredLayer):
+                raise ValueError(
+                    f"layer {name!r} is a {type(child).__name__}, not Conv2d or Linear"
+                )
+            self._wrapped[name] = self._replace(name, lambda c: TieredLayer(c, self.context))
+        return self._wrapped[name]
+
+    def wrap_block(self, name: str) -> TieredBlock:
+        """Wrap the residual block called ``name`` in place (once) and return the wrapper."""
+        if name not in self._blocks:
+            if name not in residual_blocks(self.base_model) and not isinstance(
+                self.base_model.get_submodule(name), TieredBlock
+            ):
+                raise ValueError(f"{name!r} is not a torchvision BasicBlock/Bottleneck")
+            self._blocks[name] = self._replace(name, lambda c: TieredBlock(c, self.context))
+        return self._blocks[name]
 
     def unload(self) -> nn.Module:
         """Remove every wrapper and return the original model, exactly as it was."""
         for strategy in self.strategies.values():
             strategy.detach()
-        for name, wrapper in self._wrapped.items():
-            parent_name, _, child_name = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            setattr(parent, child_name, wrapper.base_layer)
+        for parent, child_name, original in reversed(self._restore):
+            setattr(parent, child_name, original)
+        self._restore.clear()
         self._wrapped.clear()
+        self._blocks.clear()
         self.strategies.clear()
         return self.base_model
+
+    @property
+    def degrading(self) -> dict[str, Strategy]:
+        """The strategies that lower utility by a strength (one shared knob per tier)."""
+        return {n: s for n, s in self.strategies.items() if s.role != "compute"}
+
+    @property
+    def compute(self) -> dict[str, ComputeStrategy]:
+        """The strategies that make tiers cheaper by a discrete setting."""
+        return {n: s for n, s in self.strategies.items() if isinstance(s, ComputeStrategy)}
 
     # --- tiers -------------------------------------------------------------------------------
     @property
@@ -169,9 +213,26 @@ class TieredModel(nn.Module):
             raise ValueError(f"unknown tier {name!r}; this model has {self.tier_names}") from None
 
     def set_strength(self, tier: str, strategy: str, strength: float) -> None:
-        """Set a tier's strength for one strategy (what calibration does)."""
-        self.get_tier(tier).params.setdefault(strategy, {})["strength"] = float(strength)
+        """Set a tier's strength for one degrading strategy (what calibration does)."""
         self.strategies[strategy].set_strength(tier, strength)
+        self.get_tier(tier).params.setdefault(strategy, {})["strength"] = float(strength)
+
+    def set_setting(self, tier: str, strategy: str, setting: dict[str, Any]) -> None:
+        """Set a tier's setting for one compute strategy (what calibration does)."""
+        compute = self.compute
+        if strategy not in compute:
+            raise ValueError(
+                f"{strategy!r} is not a compute strategy of this model: {list(compute)}"
+            )
+        compute[strategy].set_setting(tier, setting)
+        self.get_tier(tier).params[strategy] = compute[strategy].setting(tier)
+
+    def tier_strategy(self, tier: str) -> str:
+        """The strategies that act at ``tier``, joined with ``+`` (``"none"`` when none does)."""
+        if self.get_tier(tier).is_full:
+            return "none"
+        active = [n for n, s in self.strategies.items() if s.is_active(tier)]
+        return "+".join(active) or "none"
 
     def is_calibrated(self, tier: str) -> bool:
         info = self.get_tier(tier)
@@ -249,11 +310,13 @@ class TieredModel(nn.Module):
                 return self.base_model(x, *args, **kwargs)
         if not self.is_calibrated(tier):
             raise RuntimeError(f"tier {tier!r} is not calibrated yet: run nnobfuscator.calibrate()")
-        with self.context.activate(tier):
-            output = self.base_model(x, *args, **kwargs)
+        inputs = x
         for strategy in self.strategies.values():
-            if strategy.kind == "output":
-                output = strategy.transform_output(output, x, tier)
+            inputs = strategy.transform_input(inputs, tier)
+        with self.context.activate(tier):
+            output = self.base_model(inputs, *args, **kwargs)
+        for strategy in self.strategies.values():
+            output = strategy.transform_output(output, x, tier)
         return output
 
     # --- status ------------------------------------------------------------------------------
@@ -266,7 +329,7 @@ class TieredModel(nn.Module):
                     "tier": tier.name,
                     "target": tier.target.spec,
                     "target_value": tier.target_value,
-                    "strategy": "none" if tier.is_full else "+".join(self.strategies),
+                    "strategy": self.tier_strategy(tier.name),
                     "params": {} if tier.is_full else tier.params,
                     "metrics": tier.metrics,
                     "relative_cost": tier.relative_cost,
@@ -336,8 +399,13 @@ def obfuscate(
         setattr(config, name, value)
     strategies = []
     for name in config.strategy.split("+"):
-        get_strategy(name.strip())
+        if get_strategy(name.strip()).role == "compute":
+            raise ValueError(
+                f"{name.strip()!r} is a compute strategy: pass it as compute=, not strategy="
+            )
         strategies.append({"name": name.strip(), "targets": config.targets})
+    for name in resolve_compute(model, config.compute):
+        strategies.append({"name": name, "targets": None})
     return TieredModel(
         model,
         parse_tiers(config.tiers),
@@ -348,3 +416,28 @@ def obfuscate(
         input_spec=config.input_spec,
         meta=config.meta,
     )
+
+
+def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
+    """The compute strategy names for ``compute`` (``"auto"``: those the architecture allows)."""
+    if not compute or compute == "none":
+        return []
+    if compute == "auto":
+        if residual_blocks(model):
+            return ["block-skip", "channel-slim", "input-resolution"]
+        return ["input-resolution"]
+    names = [name.strip() for name in compute.split("+") if name.strip()]
+    for name in names:
+        if get_strategy(name).role != "compute":
+            raise ValueError(
+                f"{name!r} is not a compute strategy; compute strategies: "
+                + ", ".join(n for n in list_compute_strategies())
+            )
+    return names
+
+
+def list_compute_strategies() -> list[str]:
+    """Registered compute strategy names."""
+    from nnobfuscator.strategies import list_strategies
+
+    return [n for n in list_strategies() if get_strategy(n).role == "compute"]

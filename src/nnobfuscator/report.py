@@ -28,7 +28,7 @@ def build_report(
             "name": tier.name,
             "target": tier.target_value,
             "target_spec": tier.target.spec,
-            "strategy": "none" if tier.is_full else "+".join(model.strategies),
+            "strategy": model.tier_strategy(tier.name),
             "params": {} if tier.is_full else tier.params,
             "achieved": {
                 "calibration": _clip(tier.metrics.get("calibration", 0.0)),
@@ -85,6 +85,7 @@ def report_rows(report: dict[str, Any]) -> list[list[str]]:
                 _gap(tier),
                 tier["strategy"],
                 f"{tier['relative_cost']:.3f}",
+                _latency(tier),
             ]
         )
     return rows
@@ -98,7 +99,13 @@ REPORT_COLUMNS = [
     "test - target (2 SE)",
     "strategy",
     "relative cost",
+    "latency / batch",
 ]
+
+
+def _latency(tier: dict[str, Any]) -> str:
+    latency = tier.get("extra", {}).get("latency_ms")
+    return "-" if latency is None else f"{latency:.1f} ms"
 
 
 def _gap(tier: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Fast repeated evaluation of one data split at many tier settings.
 
 Calibration evaluates the same images dozens of times at different strengths. Everything before
-the first layer any strategy touches is identical each time, so it runs once and is cached; for
+the first module any strategy wraps is identical each time, so it runs once and is cached; for
 output-only strategies (logit noise) the clean outputs themselves are cached.
 """
 
@@ -61,6 +61,9 @@ def _first_stage(stages: list[Stage], layer_names: list[str]) -> int:
 class SplitRunner:
     """Logits of a fixed set of inputs at any tier, reusing what tiers cannot change.
 
+    The prefix of the network before the first wrapped module is run once per distinct input
+    (tiers that downscale their input get their own cached prefix).
+
     Args:
         model: the tiered model.
         images: the inputs, ``(N, C, H, W)``.
@@ -80,16 +83,14 @@ class SplitRunner:
         self.batches = list(torch.split(images, batch_size))
         layer_names = [n for s in model.strategies.values() for n in s.layers]
         stages = model_stages(model.base_model)
+        self.prefix: list[Stage] | None = None
         self.suffix: list[Stage] | None = None
-        self.cached: list[Any] | None = None
-        with torch.inference_mode(), model.context.activate(None):
-            if not layer_names:  # output strategies only: the clean outputs never change
-                self.cached = [model.base_model(batch) for batch in self.batches]
-                self.suffix = []
-            elif stages is not None:
-                split = _first_stage(stages, layer_names)
-                self.cached = [_run(stages[:split], batch) for batch in self.batches]
-                self.suffix = stages[split:]
+        if not layer_names:  # no wrapped modules: the whole forward is the cacheable prefix
+            self.prefix, self.suffix = [("model", model.base_model)], []
+        elif stages is not None:
+            split = _first_stage(stages, layer_names)
+            self.prefix, self.suffix = stages[:split], stages[split:]
+        self._cached: dict[Any, list[Any]] = {}
         self._full: torch.Tensor | None = None
 
     def full_logits(self) -> torch.Tensor:
@@ -98,21 +99,40 @@ class SplitRunner:
             self._full = self.logits(None)
         return self._full
 
+    def _inputs(self, tier: str | None) -> tuple[Any, list[torch.Tensor]]:
+        strategies = [] if tier is None else list(self.model.strategies.values())
+        signature = tuple(s.input_signature(tier) for s in strategies)  # type: ignore[arg-type]
+        batches = self.batches
+        for strategy in strategies:
+            batches = [strategy.transform_input(b, tier) for b in batches]  # type: ignore[arg-type]
+        return signature, batches
+
+    def _prefix_outputs(self, signature: Any, batches: list[torch.Tensor]) -> list[Any] | None:
+        if self.prefix is None:
+            return None
+        if signature not in self._cached:
+            if len(self._cached) >= 4:  # bound memory: forget the oldest input variant
+                self._cached.pop(next(iter(self._cached)))
+            with self.model.context.activate(None):
+                self._cached[signature] = [_run(self.prefix, b) for b in batches]
+        return self._cached[signature]
+
     @torch.inference_mode()
     def logits(self, tier: str | None) -> torch.Tensor:
         """Logits of every input at ``tier`` (``None``: the untouched model)."""
         active = None if tier is None or self.model.tiers[tier].is_full else tier
+        signature, inputs = self._inputs(active)
+        cached = self._prefix_outputs(signature, inputs)
         outputs = []
         for index, batch in enumerate(self.batches):
             with self.model.context.activate(active):
-                if self.suffix is None or self.cached is None:
-                    output = self.model.base_model(batch)
+                if cached is None or self.suffix is None:
+                    output = self.model.base_model(inputs[index])
                 else:
-                    output = _run(self.suffix, self.cached[index])
+                    output = _run(self.suffix, cached[index])
             if active is not None:
                 for strategy in self.model.strategies.values():
-                    if strategy.kind == "output":
-                        output = strategy.transform_output(output, batch, active)
+                    output = strategy.transform_output(output, batch, active)
             outputs.append(self.read_logits(output).float())
         return torch.cat(outputs)
 

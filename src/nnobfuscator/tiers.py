@@ -122,6 +122,7 @@ def parse_tiers(spec: str | list[Any] | dict[str, Any]) -> list[Tier]:
     """Build an ordered tier list from ``"free=60%,pro=85%,premium=full"``, a list or a mapping.
 
     List items may be ``"name=target"`` strings or ``{"name": ..., "target": ..., "max_cost": ...}``.
+    A string item may carry a cost budget after ``@``: ``"free=60%@0.5"`` (at most half the FLOPs).
     The result is sorted from lowest to highest target (``full`` last).
 
     Raises:
@@ -140,7 +141,8 @@ def parse_tiers(spec: str | list[Any] | dict[str, Any]) -> list[Tier]:
             name, sep, target = item.partition("=")
             if not sep:
                 raise ValueError(f"bad tier {item!r}: write it as name=target, e.g. free=60%")
-            tiers.append(Tier(name.strip(), Target.parse(target)))
+            target, _, budget = target.partition("@")
+            tiers.append(Tier(name.strip(), Target.parse(target), _parse_budget(item, budget)))
         elif isinstance(item, dict) and "name" in item and "target" in item:
             tiers.append(
                 Tier(str(item["name"]), Target.parse(item["target"]), item.get("max_cost"))
@@ -158,3 +160,14 @@ def parse_tiers(spec: str | list[Any] | dict[str, Any]) -> list[Tier]:
     if len(kinds) > 1:
         raise ValueError("mix of absolute (0.6) and relative (60%) targets: use one kind per plan")
     return sorted(tiers, key=lambda t: (t.is_full, t.target.value or 0.0))
+
+
+def _parse_budget(item: str, budget: str) -> float | None:
+    if not budget.strip():
+        return None
+    try:
+        return float(budget)
+    except ValueError:
+        raise ValueError(
+            f"bad cost budget in {item!r}: write name=target@max_cost, e.g. free=60%@0.5"
+        ) from None

@@ -9,15 +9,25 @@ from nnobfuscator.strategies.base import (
     register_strategy,
     resolve_targets,
 )
+from nnobfuscator.strategies.block_skip import BlockSkip
+from nnobfuscator.strategies.blocks import TieredBlock
+from nnobfuscator.strategies.channel_slim import ChannelSlim
+from nnobfuscator.strategies.compute import ComputeStrategy
 from nnobfuscator.strategies.feature_mix import FeatureMix
+from nnobfuscator.strategies.input_resolution import InputResolution
 from nnobfuscator.strategies.logit_noise import LogitNoise
 from nnobfuscator.strategies.weight_noise import WeightNoise
 
 __all__ = [
+    "BlockSkip",
+    "ChannelSlim",
+    "ComputeStrategy",
     "FeatureMix",
+    "InputResolution",
     "LogitNoise",
     "Strategy",
     "TierContext",
+    "TieredBlock",
     "TieredLayer",
     "WeightNoise",
     "get_strategy",

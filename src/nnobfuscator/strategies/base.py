@@ -1,8 +1,10 @@
 """What strategies share: the tier context, the wrapped layer, the base class and the registry.
 
-A *layer* strategy transforms the weights of chosen ``Conv2d``/``Linear`` layers per tier (the
-transformed weights are cached per tier, so a tier costs what the plain layer costs). An *output*
-strategy transforms the model's output per tier.
+Strategies come in two roles. *Degrading* strategies lower utility by a continuous strength per
+tier: a *layer* strategy transforms the weights of chosen ``Conv2d``/``Linear`` layers (cached per
+tier, so a tier costs what the plain layer costs), an *output* strategy transforms the model's
+output. *Compute* strategies (``nnobfuscator.strategies.compute``) make a tier cheaper with a
+discrete setting per tier (skipped blocks, kept channels, input resolution).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class Strategy:
 
     name: ClassVar[str]
     kind: ClassVar[str] = "layer"
+    role: ClassVar[str] = "degrade"
     max_strength: ClassVar[float] = 1.0
     description: ClassVar[str] = ""
 
@@ -159,11 +162,28 @@ class Strategy:
     def transform_weight(self, name: str, weight: torch.Tensor, strength: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def transform_input(self, inputs: torch.Tensor, tier: str) -> torch.Tensor:
+        """Transform the model input at ``tier`` (identity unless a strategy changes inputs)."""
+        return inputs
+
+    def input_signature(self, tier: str) -> Any:
+        """What :meth:`transform_input` depends on at ``tier`` (``None``: inputs unchanged)."""
+        return None
+
     def transform_output(self, output: Any, inputs: torch.Tensor, tier: str) -> Any:
         """Transform the model output at ``tier`` (output strategies)."""
         return output
 
-    # --- strengths -------------------------------------------------------------------------
+    # --- per-tier parameters ---------------------------------------------------------------
+    def load_params(self, tier: str, params: dict[str, Any]) -> None:
+        """Restore a tier's calibrated parameters (as stored in ``Tier.params[self.name]``)."""
+        if "strength" in params:
+            self.set_strength(tier, params["strength"])
+
+    def is_active(self, tier: str) -> bool:
+        """Whether this strategy changes anything at ``tier``."""
+        return self.strengths.get(tier, 0.0) > 0.0
+
     def set_strength(self, tier: str, strength: float) -> None:
         if not 0.0 <= strength <= self.max_strength:
             raise ValueError(

@@ -1,0 +1,63 @@
+"""Input resolution: a tier sees a downscaled input (fewer pixels, fewer FLOPs everywhere).
+
+For fully-convolutional models (global pooling before the classifier, or dense outputs). Dense
+outputs (``(N, C, h, w)`` maps such as segmentation logits) are scaled back to the input's size,
+so callers see the same output shape at every tier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nnobfuscator.strategies.base import register_strategy
+from nnobfuscator.strategies.compute import ComputeStrategy, Setting
+from nnobfuscator.strategies.logit_noise import map_logits
+
+SCALE_STEPS = (1.0, 0.875, 0.75, 0.625, 0.5)
+
+
+@register_strategy
+class InputResolution(ComputeStrategy):
+    name = "input-resolution"
+    description = "downscale the input at lower tiers (fully-convolutional models)"
+
+    def default_setting(self) -> Setting:
+        return {"scale": 1.0}
+
+    def cheaper(self, setting: Setting) -> list[Setting]:
+        lower = [step for step in SCALE_STEPS if step < setting["scale"]]
+        return [{"scale": max(lower)}] if lower else []
+
+    def apply_setting(self, tier: str, setting: Setting) -> None:
+        scale = setting.get("scale")
+        if not isinstance(scale, int | float) or not 0.0 < scale <= 1.0:
+            raise ValueError(f"input-resolution: scale must lie in (0, 1], got {scale!r}")
+
+    def scale(self, tier: str) -> float:
+        return float(self.settings.get(tier, self.default_setting())["scale"])
+
+    def input_signature(self, tier: str) -> Any:
+        scale = self.scale(tier)
+        return None if scale == 1.0 else scale
+
+    def transform_input(self, inputs: torch.Tensor, tier: str) -> torch.Tensor:
+        scale = self.scale(tier)
+        if scale == 1.0:
+            return inputs
+        size = [max(1, round(side * scale)) for side in inputs.shape[-2:]]
+        return F.interpolate(inputs, size=size, mode="bilinear", antialias=True)
+
+    def transform_output(self, output: Any, inputs: torch.Tensor, tier: str) -> Any:
+        if self.scale(tier) == 1.0:
+            return output
+        size = tuple(inputs.shape[-2:])
+
+        def restore(logits: torch.Tensor) -> torch.Tensor:
+            if logits.dim() != 4 or tuple(logits.shape[-2:]) == size:
+                return logits
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+        return map_logits(output, restore)
