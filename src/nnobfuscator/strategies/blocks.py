@@ -142,6 +142,7 @@ class _Slim:
     sources: tuple[torch.Tensor, ...]
     convs: list[torch.Tensor]
     norms: list[tuple[torch.Tensor, ...]]
+    kept: list[torch.Tensor]
     dropped: list[torch.Tensor]
     fills: list[torch.Tensor]
     constants: dict[tuple[int, int, int], torch.Tensor]
@@ -240,7 +241,7 @@ class TieredBlock(nn.Module):
                 if i < len(kept):
                     stats = tuple(t.index_select(0, kept[i]) for t in stats)
                 norms.append(tuple(t.contiguous() for t in stats))
-        slim = _Slim(keep, sources, convs, norms, dropped, fills, {})
+        slim = _Slim(keep, sources, convs, norms, kept, dropped, fills, {})
         self._slims[tier] = slim
         return slim
 
@@ -250,6 +251,8 @@ class TieredBlock(nn.Module):
         if key not in slim.constants:
             with torch.inference_mode(False), torch.no_grad():
                 weight = slim.sources[space + 1].index_select(1, slim.dropped[space])
+                if space + 1 < len(slim.kept):  # the reading conv's outputs are sliced too
+                    weight = weight.index_select(0, slim.kept[space + 1])
                 filled = slim.fills[space].to(weight.dtype).view(1, -1, 1, 1).expand(1, -1, *size)
                 slim.constants[key] = _conv(conv)._conv_forward(filled, weight, None)
         return slim.constants[key]
