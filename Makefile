@@ -29,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_forward.py
+	$(BIN)/python benchmarks/bench_compute.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info runs

@@ -11,9 +11,9 @@ import platform
 import statistics
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
+from _results import update_section
 
 from nnobfuscator import InputSpec, obfuscate
 from nnobfuscator.zoo import build_classifier
@@ -21,7 +21,6 @@ from nnobfuscator.zoo.classifiers import zoo_entry
 
 REPEATS = 30
 BATCH = 64
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def _time(fn) -> float:
@@ -93,7 +92,7 @@ def main() -> None:
             f"{r['full_ratio']:.3f} | {r['mixed_ratio']:.3f} |"
         )
     section = "\n".join(lines) + "\n"
-    RESULTS.write_text("# Benchmark results\n\n" + section)
+    update_section(section)
     print(section)
 
 
