@@ -115,3 +115,22 @@ def test_strategies_listed():
     result = runner.invoke(app, ["strategies"])
     assert result.exit_code == 0
     assert all(name in result.output for name in ("feature-mix", "weight-noise", "logit-noise"))
+
+
+def test_compute_plan_makes_free_cheaper_and_reports_budget_conflicts(user_project):
+    plan = yaml.safe_load((user_project / "plan.yaml").read_text())
+    plan.update(tiers="free=60%,premium=full", compute=True, out="artifact-compute")
+    path = user_project / "plan-compute.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    result = runner.invoke(app, ["calibrate", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "latency / batch" in result.output
+    report = json.loads((user_project / "artifact-compute" / "report.json").read_text())
+    free = report["tiers"][0]
+    assert free["relative_cost"] < 1.0 and free["strategy"] != "feature-mix"
+
+    plan.update(tiers="free=95%@0.05,premium=full")
+    path.write_text(yaml.safe_dump(plan))
+    result = runner.invoke(app, ["calibrate", str(path), "--quiet"])
+    assert result.exit_code == 2
+    assert "max_cost=0.05 conflict" in result.output
