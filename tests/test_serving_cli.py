@@ -1,0 +1,74 @@
+"""`nnobf serve` as a user runs it: a real process on loopback, keys changed with `nnobf keys`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from nnobfuscator.cli import app
+from nnobfuscator.serving.testing import free_port, random_png, torchvision_artifact
+
+
+def _keys(*args: str) -> str:
+    result = CliRunner().invoke(app, ["keys", *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def served(tmp_path):
+    artifact = torchvision_artifact(tmp_path / "artifact")
+    keys, port = tmp_path / "keys.sqlite", free_port()
+    command = [sys.executable, "-c", "from nnobfuscator.cli import app; app()", "serve"]
+    command += [str(artifact), "--port", str(port), "--keys", str(keys)]
+    command += ["--rate-limit", "free=2/min,*=none"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"nnobf serve did not start:\n{process.communicate()[0]}")
+        time.sleep(0.2)
+    try:
+        yield url, keys
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_serve_command_with_live_key_changes(served):
+    url, keys = served
+    key = _keys("create", "--tier", "pro", "--name", "cli-user", "--keys", str(keys))
+    files = {"image": ("x.png", random_png(0), "image/png")}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        first = client.post("/v1/classify", headers={"X-API-Key": key}, files=files)
+        assert first.status_code == 200 and first.headers["X-Tier"] == "pro"
+        assert {"tier", "label", "top_k"} <= set(first.json())
+        _keys("set-tier", key, "free", "--keys", str(keys))
+        codes = [
+            client.post("/v1/classify", headers={"Authorization": f"Bearer {key}"}, files=files)
+            for _ in range(3)
+        ]
+        assert [r.headers.get("X-Tier") for r in codes[:2]] == ["free", "free"]
+        assert codes[2].status_code == 429 and "Retry-After" in codes[2].headers
+        _keys("revoke", "cli-user", "--keys", str(keys))
+        assert (
+            client.post("/v1/classify", headers={"X-API-Key": key}, files=files).status_code == 401
+        )
+        assert client.get("/healthz").status_code == 200
