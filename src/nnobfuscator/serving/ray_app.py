@@ -8,6 +8,7 @@ of them on the next request. Rate-limit buckets live in each replica's memory.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -74,4 +75,15 @@ def run_ray(
         artifact, keys, config, replicas=replicas, cpus_per_replica=min(1.0, cpus / replicas)
     )
     print(f"serving {artifact} with {replicas} Ray Serve replica(s) on http://{host}:{port}")
-    serve.run(application, name=APP_NAME, route_prefix="/", blocking=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly on SIGTERM as on Ctrl-C
+    try:
+        serve.run(application, name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
