@@ -12,6 +12,7 @@ from nnobfuscator.calibrate import CalibrationError, calibrate, evaluate
 from nnobfuscator.model import InputSpec, ObfuscationConfig, TieredModel, obfuscate
 from nnobfuscator.report import plot_report, write_report
 from nnobfuscator.serialization import ArtifactError
+from nnobfuscator.serving import create_app
 from nnobfuscator.strategies import Strategy, get_strategy, list_strategies, register_strategy
 from nnobfuscator.tiers import Target, Tier, parse_tiers
 from nnobfuscator.version import __version__
@@ -27,6 +28,7 @@ __all__ = [
     "TieredModel",
     "__version__",
     "calibrate",
+    "create_app",
     "evaluate",
     "get_strategy",
     "list_strategies",
