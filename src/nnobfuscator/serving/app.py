@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
@@ -127,7 +127,7 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 
     def serves(*tasks: str) -> Callable[[Request], None]:
-        def guard(request: Request) -> None:
+        async def guard(request: Request) -> None:
             if served.task not in tasks:
                 endpoint = _ENDPOINTS.get(served.task)
                 hint = f"; use {endpoint}" if endpoint else ""
@@ -223,16 +223,14 @@ def create_app(
     )
     async def classify(
         request: Request,
-        response: Response,
         principal: Principal = Depends(auth),
         top_k: int | None = Query(None, ge=1, le=1000, description="Classes to return."),
-    ) -> ClassifyResponse:
+    ) -> JSONResponse:
         """Classify one image (multipart field `image`, JSON `{"image": BASE64}` or raw bytes)."""
         x, _, options = await image_input(request)
         k = top_k_of(top_k, options)
         output = await batcher.submit(x, principal.tier)
-        response.headers[TIER_HEADER] = principal.tier
-        return classify_answer(served, output, principal.tier, k)
+        return _answer(classify_answer(served, output, principal.tier, k))
 
     @app.post(
         "/v1/segment",
@@ -245,16 +243,14 @@ def create_app(
     )
     async def segment(
         request: Request,
-        response: Response,
         principal: Principal = Depends(auth),
         format: str | None = Query(None, pattern="^(png|rle)$", description="Mask encoding."),
-    ) -> SegmentResponse:
+    ) -> JSONResponse:
         """Segment one image; the class mask comes back at the image's size, as PNG or RLE."""
         x, size, options = await image_input(request)
         fmt = mask_format(format, options)
         output = await batcher.submit(x, principal.tier)
-        response.headers[TIER_HEADER] = principal.tier
-        return segment_answer(served, output, principal.tier, size, fmt)
+        return _answer(segment_answer(served, output, principal.tier, size, fmt))
 
     @app.post(
         "/v1/generate",
@@ -269,14 +265,11 @@ def create_app(
         dependencies=[Depends(serves(*TEXT_TO_IMAGE))],
         tags=["inference"],
     )
-    async def generate(
-        request: Request, response: Response, principal: Principal = Depends(auth)
-    ) -> GenerateResponse:
+    async def generate(request: Request, principal: Principal = Depends(auth)) -> JSONResponse:
         """Generate an image from a prompt (JSON `{"prompt": "..."}`); base64 PNG back."""
         body = await read_prompt(request, config.max_body_bytes, config.max_prompt_chars)
         output = await batcher.submit(body.prompt, principal.tier)
-        response.headers[TIER_HEADER] = principal.tier
-        return generate_answer(output, principal.tier, body.prompt)
+        return _answer(generate_answer(output, principal.tier, body.prompt))
 
     @app.post(
         "/v1/compare",
@@ -321,6 +314,12 @@ def create_app(
 _ENDPOINTS = {CLASSIFICATION: "POST /v1/classify", SEGMENTATION: "POST /v1/segment"} | {
     task: "POST /v1/generate" for task in TEXT_TO_IMAGE
 }
+
+
+def _answer(answer: ClassifyResponse | SegmentResponse | GenerateResponse) -> Any:
+    """The answer as JSON with the ``X-Tier`` header (already validated: skip FastAPI's pass)."""
+    body = answer.model_dump(exclude_none=True)
+    return JSONResponse(body, headers={TIER_HEADER: answer.tier})
 
 
 def _forward(model: TieredModel, batch: Any, tiers: list[str]) -> Any:

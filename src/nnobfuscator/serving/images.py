@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional as F
 
 from nnobfuscator.serving.errors import ApiError
 
@@ -89,8 +90,6 @@ class ImageSpec:
     crop: bool = True
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        from torchvision.transforms import functional as F
-
         image = image.convert("L" if self.channels == 1 else "RGB")
         if self.size is not None:
             if self.crop:

@@ -12,6 +12,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from nnobfuscator.serving.errors import ApiError
+from nnobfuscator.serving.images import decode_base64
 from nnobfuscator.serving.middleware import BodyTooLarge, body_too_large
 from nnobfuscator.serving.schemas import GenerateRequest, ImageRequest
 
@@ -58,8 +59,6 @@ async def read_image_payload(request: Request, max_body_bytes: int) -> ImagePayl
     Raises:
         ApiError: 413 over the size limit, 415 for other content types, 400/422 for bad bodies.
     """
-    from nnobfuscator.serving.images import decode_base64
-
     media = _media_type(request)
     try:
         if media == "multipart/form-data":
