@@ -1,6 +1,6 @@
 """HTTP serving: our server at the full tier vs a plain FastAPI server of the bare model.
 
-Run: ``python benchmarks/bench_serving.py [--seconds 8 --rounds 3 --clients 16]``. Updates its own
+Run: ``python benchmarks/bench_serving.py [--seconds 4 --rounds 8 --clients 16]``. Updates its own
 section of ``benchmarks/RESULTS.md`` (other sections are kept).
 
 Both servers run in their own process on loopback with the same model (the zoo's resnet18
@@ -197,7 +197,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return results
 
 
-def write_section(results: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
+def write_section(
+    results: dict[str, dict[str, float]], args: argparse.Namespace, load_average: float
+) -> str:
     import torch
 
     plain, tiered = results["plain"], results["tiered"]
@@ -211,7 +213,8 @@ def write_section(results: dict[str, dict[str, float]], args: argparse.Namespace
         f"({args.max_wait_ms:g} ms window). Client and servers share the machine. *Ours* is "
         "`create_app` at the full tier (key lookup, rate limiting, metrics, tier machinery); "
         "*plain* is a bare FastAPI endpoint over the unwrapped model with the same decoding and "
-        "batcher.",
+        f"batcher. Load average when the run started: {load_average:.2f} (other work on the "
+        "machine slows both servers alike, since rounds alternate).",
         "",
         "| server | requests/s | p50 (ms) | p99 (ms) | requests |",
         "|---|---|---|---|---|",
@@ -240,8 +243,8 @@ def update_results(section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -253,8 +256,9 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.port, args.keys, args.max_batch_size, args.max_wait_ms)
         return
+    load_average = os.getloadavg()[0]
     results = run(args)
-    section = write_section(results, args)
+    section = write_section(results, args, load_average)
     print(section)
     if not args.no_write:
         update_results(section)
