@@ -74,14 +74,16 @@ class Authenticator:
         tier = self._tier(record, request.headers.get(TIER_REQUEST_HEADER) or None)
         request.state.tier = tier
         if not record.owner:
-            wait = self.limiter.acquire(record.id, self.config.rate_limit(record.tier or tier))
+            own = record.tier or tier  # a key asking for a lower tier keeps its own limit
+            limit = self.config.rate_limit(own)
+            wait = self.limiter.acquire(record.id, limit)
             if wait is not None:
                 self.metrics.rate_limited.labels(tier).inc()
                 raise ApiError(
                     429,
                     "rate_limited",
-                    f"rate limit of tier {tier!r} reached "
-                    f"({self.config.rate_limit(tier)} per key); retry after {wait:.1f} s",
+                    f"rate limit of tier {own!r} reached ({limit} per key); "
+                    f"retry after {wait:.1f} s",
                     {"Retry-After": retry_after_header(wait)},
                 )
         return Principal(record, tier)
@@ -115,9 +117,7 @@ class Authenticator:
 
     def _refuse(self, reason: str, detail: str) -> None:
         self.metrics.auth_failures.labels(reason).inc()
-        raise ApiError(
-            401, f"{reason}_key" if reason != "revoked" else "revoked_key", detail, _CHALLENGE
-        )
+        raise ApiError(401, f"{reason}_key", detail, _CHALLENGE)
 
     def require_owner(self, principal: Principal) -> None:
         if not principal.owner:

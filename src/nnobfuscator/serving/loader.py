@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,16 +74,30 @@ def image_spec(model: TieredModel, data: dict[str, Any]) -> ImageSpec:
     elif data.get("image_size"):
         size = (int(data["image_size"]), int(data["image_size"]))
     channels = (spec.channels if spec else None) or (1 if data.get("grayscale") else 3)
-    if data.get("zoo") == "digits":
-        # The zoo's digits are stretched to size and normalised with their own statistics.
-        from nnobfuscator.zoo.digits import _MEAN, _STD
-
-        return ImageSpec(channels, size, (_MEAN,), (_STD,), crop=False)
+    zoo_stats = _zoo_statistics(data.get("zoo"))
+    if zoo_stats is not None:
+        # The zoo's images are stretched to size and normalised with their own statistics.
+        return ImageSpec(channels, size, (zoo_stats[0],), (zoo_stats[1],), crop=False)
     mean = tuple(data.get("mean", IMAGENET_MEAN))
     std = tuple(data.get("std", IMAGENET_STD))
     if channels == 1 and len(mean) == 3:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     return ImageSpec(channels, size, mean, std, crop=model.task == "classification")
+
+
+# Zoo datasets and the module holding their normalisation statistics (``_MEAN``, ``_STD``).
+_ZOO_DATA_MODULES = {"digits": "nnobfuscator.zoo.digits", "digit-scenes": "nnobfuscator.zoo.scenes"}
+
+
+def _zoo_statistics(name: str | None) -> tuple[float, float] | None:
+    module_name = _ZOO_DATA_MODULES.get(name or "")
+    if module_name is None:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+        return float(module._MEAN), float(module._STD)
+    except (ImportError, AttributeError):
+        return None
 
 
 def class_labels(meta: dict[str, Any], data: dict[str, Any]) -> list[str] | None:
