@@ -78,12 +78,22 @@ def _finish(result: Any) -> None:
     console.print(f"artifact: {result.artifact}")
     console.print(f"report:   {result.report_path}")
     console.print(f"plot:     {result.plot_path}")
+    if result.masks_path is not None:
+        console.print(f"masks:    {result.masks_path}")
 
 
 @app.command()
 def demo(
-    task: Annotated[str, typer.Option(help="Task: classification.")] = "classification",
-    model: Annotated[str, typer.Option(help="Demo model: resnet18 or vgg16.")] = "resnet18",
+    task: Annotated[
+        str, typer.Option(help="Task: classification or segmentation.")
+    ] = "classification",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Demo model: resnet18 or vgg16 (classification), deeplabv3 or fcn "
+            "(segmentation). Default: resnet18 / deeplabv3."
+        ),
+    ] = None,
     tiers: Annotated[
         str, typer.Option(help="Tiers, lowest first: name=target,...")
     ] = DEFAULT_TIERS,
@@ -91,12 +101,13 @@ def demo(
         str, typer.Option(help="feature-mix, weight-noise, logit-noise, or a+b.")
     ] = "feature-mix",
     compute: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             help="Make lower tiers cheaper (block skip, channel slim, input resolution where "
-            "the model allows); --no-compute: every tier costs the full model."
+            "the model allows); --no-compute: every tier costs the full model. Default: on for "
+            "classification, off for segmentation (its search takes minutes on a CPU)."
         ),
-    ] = True,
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="Report JSON path.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Plot PNG path.")] = None,
     out: Annotated[Path | None, typer.Option(help="Artifact directory.")] = None,
@@ -106,15 +117,20 @@ def demo(
     from nnobfuscator.zoo import list_models
     from nnobfuscator.zoo.classifiers import zoo_entry
 
-    if task != "classification":
-        _fail(f"task {task!r} has no demo yet; available: classification")
-    if model not in list_models():
-        _fail(f"unknown demo model {model!r}; choose one of {', '.join(list_models())}")
+    defaults = {"classification": "resnet18", "segmentation": "deeplabv3"}
+    if task not in defaults:
+        _fail(f"task {task!r} has no demo; available: {', '.join(defaults)}")
+    model = model or defaults[task]
+    if model not in list_models(task):
+        _fail(f"unknown {task} demo model {model!r}; choose one of {', '.join(list_models(task))}")
+    if compute is None:
+        compute = task == "classification"
+    entry = zoo_entry(model)
     out = out or Path("runs") / f"{model}-{strategy.replace('+', '_')}"
     _run_job(
         task=task,
         model_source={"zoo": model},
-        data_source={"zoo": "digits", "image_size": zoo_entry(model).image_size},
+        data_source={"zoo": entry.dataset, "image_size": entry.image_size},
         tiers=tiers,
         strategy=strategy,
         compute="auto" if compute else None,

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from nnobfuscator.calibrate import calibrate, evaluate
+from nnobfuscator.masks import plot_masks
 from nnobfuscator.model import InputSpec, TieredModel, obfuscate
 from nnobfuscator.report import plot_report, write_report
 from nnobfuscator.serialization import read_config
 from nnobfuscator.sources import load_base_model, load_split
 from nnobfuscator.strategies import get_strategy
 from nnobfuscator.tiers import parse_tiers
+from nnobfuscator.zoo.digits import Split
 
 
 @dataclass
@@ -24,6 +26,7 @@ class JobResult:
     artifact: Path
     report_path: Path
     plot_path: Path
+    masks_path: Path | None = None
 
 
 def run_job(
@@ -63,7 +66,7 @@ def run_job(
         meta={"source": {"model": model_source, "data": data_source}, "dataset": dataset},
     )
     report = calibrate(tiered, calibration, test, dataset=dataset, progress=progress)
-    return _write_outputs(tiered, report, out, report_path, plot_path, save=True)
+    return _write_outputs(tiered, report, out, report_path, plot_path, test, save=True)
 
 
 def evaluate_artifact(
@@ -85,7 +88,7 @@ def evaluate_artifact(
     tiered = TieredModel.from_pretrained(str(artifact), base)
     test = load_split(source["data"], "test")
     report = evaluate(tiered, test, dataset=tiered.meta.get("dataset", "custom"))
-    return _write_outputs(tiered, report, artifact, report_path, plot_path, save=False)
+    return _write_outputs(tiered, report, artifact, report_path, plot_path, test, save=False)
 
 
 def _write_outputs(
@@ -94,6 +97,7 @@ def _write_outputs(
     out: Path,
     report_path: Path | None,
     plot_path: Path | None,
+    test: Split,
     *,
     save: bool,
 ) -> JobResult:
@@ -103,4 +107,7 @@ def _write_outputs(
     report["artifact"] = str(out)
     report_path = write_report(report, report_path or out / "report.json")
     plot_path = plot_report(report, plot_path or out / "tiers.png")
-    return JobResult(tiered, report, out, report_path, plot_path)
+    masks_path = None
+    if tiered.task == "segmentation":
+        masks_path = plot_masks(tiered, test, Path(plot_path).with_name("masks.png"))
+    return JobResult(tiered, report, out, report_path, plot_path, masks_path)

@@ -12,12 +12,15 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VGG, ResNet
+from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
 from nnobfuscator.model import TieredModel
 
-Stage = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
+Stage = tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]
+RESIZE_TO_INPUT = "resize-to-input"  # a stage that scales dense logits to the input's size
 
 
 def model_stages(model: nn.Module) -> list[Stage] | None:
@@ -48,6 +51,12 @@ def model_stages(model: nn.Module) -> list[Stage] | None:
         ]
     if type(model) is nn.Sequential:
         return [(str(i), m) for i, m in enumerate(model)]
+    if (
+        isinstance(model, _SimpleSegmentationModel)
+        and type(model).forward is _SimpleSegmentationModel.forward
+    ):  # DeepLabV3, FCN: backbone stages, head, upsampling ("out" only; aux is not scored)
+        stages = [(f"backbone.{n}", m) for n, m in model.backbone.named_children()]
+        return stages + [("classifier", model.classifier), (RESIZE_TO_INPUT, None)]
     return None
 
 
@@ -114,7 +123,7 @@ class SplitRunner:
             if len(self._cached) >= 4:  # bound memory: forget the oldest input variant
                 self._cached.pop(next(iter(self._cached)))
             with self.model.context.activate(None):
-                self._cached[signature] = [_run(self.prefix, b) for b in batches]
+                self._cached[signature] = [_run(self.prefix, b, b) for b in batches]
         return self._cached[signature]
 
     @torch.inference_mode()
@@ -129,7 +138,7 @@ class SplitRunner:
                 if cached is None or self.suffix is None:
                     output = self.model.base_model(inputs[index])
                 else:
-                    output = _run(self.suffix, cached[index])
+                    output = _run(self.suffix, cached[index], inputs[index])
             if active is not None:
                 for strategy in self.model.strategies.values():
                     output = strategy.transform_output(output, batch, active)
@@ -137,7 +146,11 @@ class SplitRunner:
         return torch.cat(outputs)
 
 
-def _run(stages: list[Stage], x: Any) -> Any:
-    for _, stage in stages:
-        x = stage(x)
+def _run(stages: list[Stage], x: Any, inputs: torch.Tensor) -> Any:
+    for name, stage in stages:
+        if name == RESIZE_TO_INPUT:
+            x = F.interpolate(x, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            assert stage is not None
+            x = stage(x)
     return x

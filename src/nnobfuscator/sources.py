@@ -4,7 +4,8 @@ A *source* is a small dict stored in the artifact (``meta``) so that ``nnobf eva
 the base model and reload the data:
 
 - model: ``{"zoo": "resnet18"}`` or ``{"arch": "resnet18", "weights": "w.pt", "num_classes": 10}``
-- data: ``{"zoo": "digits", "image_size": 16}`` or
+  (any torchvision classification or segmentation builder, e.g. ``deeplabv3_resnet50``)
+- data: ``{"zoo": "digits", "image_size": 16}``, ``{"zoo": "digit-scenes", "image_size": 48}`` or
   ``{"calibration": "dir", "test": "dir", "image_size": 224, "mean": [...], "std": [...]}``
 """
 
@@ -49,24 +50,29 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[nn.Module, dict]:
     """Build the base model a source describes; returns the model (eval mode) and facts about it."""
     if "zoo" in source:
-        from nnobfuscator.zoo import load_zoo_classifier
+        from nnobfuscator.zoo import load_zoo_model
 
-        return load_zoo_classifier(source["zoo"], progress=progress)
+        return load_zoo_model(source["zoo"], progress=progress)
     arch, weights = source.get("arch"), source.get("weights")
     if not arch or not weights:
         raise SourceError("model source needs 'zoo: NAME' or both 'arch' and 'weights'")
     from torchvision import models
 
+    state = load_state_dict_file(weights)
+    options: dict[str, Any] = {"weights": None, "num_classes": int(source.get("num_classes", 1000))}
+    if arch in models.list_models(module=models.segmentation):
+        # Never fetch ImageNet backbone weights; build the aux head only if the file has one.
+        options["weights_backbone"] = None
+        options["aux_loss"] = any(k.startswith("aux_classifier.") for k in state)
+        options["num_classes"] = int(source.get("num_classes", 21))
     try:
-        model = models.get_model(
-            arch, weights=None, num_classes=int(source.get("num_classes", 1000))
-        )
+        model = models.get_model(arch, **options)
     except ValueError:
         raise SourceError(
             f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
         ) from None
     try:
-        model.load_state_dict(load_state_dict_file(weights))
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise SourceError(
             f"weights {weights} do not fit {arch} with num_classes={source.get('num_classes')}: "
@@ -78,11 +84,15 @@ def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[n
 def load_split(data: dict[str, Any], split: str) -> Split:
     """Load one split (``calibration`` or ``test``) of a data source into memory."""
     if "zoo" in data:
-        from nnobfuscator.zoo import digits_splits
+        from nnobfuscator.zoo import digit_scenes, digits_splits
 
-        if data["zoo"] != "digits":
-            raise SourceError(f"unknown demo dataset {data['zoo']!r}; the zoo has 'digits'")
-        return digits_splits(int(data.get("image_size", 16)))[split]
+        if data["zoo"] == "digits":
+            return digits_splits(int(data.get("image_size", 16)))[split]
+        if data["zoo"] == "digit-scenes":
+            return digit_scenes(int(data.get("image_size", 48)))[split]
+        raise SourceError(
+            f"unknown demo dataset {data['zoo']!r}; the zoo has 'digits' and 'digit-scenes'"
+        )
     folder = data.get(split)
     if not folder:
         raise SourceError(f"data source has no '{split}' folder (an ImageFolder directory)")

@@ -254,7 +254,7 @@ def _is_resnet(model: nn.Module) -> bool:
     """A torchvision ResNet, or a model with a ResNet backbone (DeepLabV3, FCN)."""
     if any(cls.__name__ == "ResNet" for cls in type(model).__mro__):
         return True
-    return hasattr(getattr(model, "backbone", None), "layer4")
+    return hasattr(getattr(model, "backbone", None), "layer1")
 
 
 def resolve_targets(model: nn.Module, patterns: list[str] | None, strategy: str) -> list[str]:

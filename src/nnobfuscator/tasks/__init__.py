@@ -2,5 +2,6 @@
 
 from nnobfuscator.tasks.base import Task, get_task, list_tasks
 from nnobfuscator.tasks.classification import ClassificationTask
+from nnobfuscator.tasks.segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask", "Task", "get_task", "list_tasks"]
+__all__ = ["ClassificationTask", "SegmentationTask", "Task", "get_task", "list_tasks"]

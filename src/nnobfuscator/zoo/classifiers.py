@@ -1,4 +1,7 @@
-"""torchvision classifiers adapted to small inputs, trained once on digits and cached."""
+"""The demo model zoo: torchvision models adapted to small inputs, trained once and cached.
+
+Classifiers (resnet18, vgg16) train on digits; segmenters (deeplabv3, fcn) on digit scenes.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from torch import nn
 from torchvision import models
 
 from nnobfuscator.zoo.cache import cache_dir
-from nnobfuscator.zoo.digits import digits_splits
-from nnobfuscator.zoo.training import evaluate_accuracy, train_classifier
+from nnobfuscator.zoo.digits import Split, digits_splits
+from nnobfuscator.zoo.scenes import SCENE_CLASSES, digit_scenes
+from nnobfuscator.zoo.segmenters import small_deeplabv3, small_fcn
+from nnobfuscator.zoo.training import evaluate_metric, train_model
 
 
 def _small_resnet18(num_classes: int, in_channels: int) -> nn.Module:
@@ -43,24 +48,42 @@ def _small_vgg16(num_classes: int, in_channels: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A demo model: its builder, the input size it is trained at and its training recipe."""
+    """A demo model: its builder, task, dataset, input size and training recipe."""
 
     builder: Callable[[int, int], nn.Module]
     image_size: int
     epochs: int
     lr: float
     optimizer: str
+    task: str = "classification"
+    dataset: str = "digits"
+    batch_size: int = 64
+
+    @property
+    def num_classes(self) -> int:
+        return len(SCENE_CLASSES) if self.dataset == "digit-scenes" else 10
+
+    def splits(self) -> dict[str, Split]:
+        if self.dataset == "digit-scenes":
+            return digit_scenes(self.image_size)
+        return digits_splits(self.image_size)
 
 
 _ZOO: dict[str, ZooEntry] = {
     "resnet18": ZooEntry(_small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"),
     "vgg16": ZooEntry(_small_vgg16, image_size=32, epochs=15, lr=5e-4, optimizer="adamw"),
+    "deeplabv3": ZooEntry(
+        small_deeplabv3, 48, 30, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
+    ),
+    "fcn": ZooEntry(
+        small_fcn, 48, 30, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
+    ),
 }
 
 
-def list_models() -> list[str]:
-    """Names of the demo classifiers."""
-    return sorted(_ZOO)
+def list_models(task: str | None = None) -> list[str]:
+    """Names of the demo models (of one task, when given)."""
+    return sorted(name for name, entry in _ZOO.items() if task in (None, entry.task))
 
 
 def zoo_entry(name: str) -> ZooEntry:
@@ -70,48 +93,61 @@ def zoo_entry(name: str) -> ZooEntry:
         raise ValueError(f"unknown demo model {name!r}; choose one of {list_models()}") from None
 
 
-def build_classifier(name: str, *, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-    """An untrained demo classifier (torchvision architecture, ``weights=None``)."""
-    return zoo_entry(name).builder(num_classes, in_channels)
+def build_model(name: str, *, num_classes: int | None = None, in_channels: int = 1) -> nn.Module:
+    """An untrained demo model (torchvision architecture, ``weights=None``)."""
+    entry = zoo_entry(name)
+    return entry.builder(num_classes or entry.num_classes, in_channels)
 
 
-def load_zoo_classifier(
+build_classifier = build_model
+
+
+def load_zoo_model(
     name: str, *, progress: bool = True, epochs: int | None = None, retrain: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The demo classifier trained on digits: from the cache, or trained now and cached.
+    """The demo model trained on its dataset: from the cache, or trained now and cached.
 
     Returns:
-        The model in eval mode and its info (image size, test accuracy, training time).
+        The model in eval mode and its info (image size, test metric, training time).
     """
+    from nnobfuscator.tasks import get_task
+
     entry = zoo_entry(name)
     epochs = epochs or entry.epochs
-    stem = cache_dir() / f"{name}-digits-e{epochs}"
+    stem = cache_dir() / f"{name}-{entry.dataset}-e{epochs}"
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    model = build_classifier(name)
+    model = build_model(name)
     if weights_path.is_file() and info_path.is_file() and not retrain:
         model.load_state_dict(load_file(str(weights_path)))
         return model.eval(), json.loads(info_path.read_text())
-    splits = digits_splits(entry.image_size)
+    splits = entry.splits()
+    task = get_task(entry.task)
     torch.manual_seed(0)
-    seconds = train_classifier(
+    seconds = train_model(
         model,
         splits["train"],
         epochs=epochs,
         lr=entry.lr,
         optimizer=entry.optimizer,
+        batch_size=entry.batch_size,
+        read_logits=task.logits,
         progress=progress,
-        description=f"training {name} on digits",
+        description=f"training {name} on {entry.dataset} (once; cached)",
     )
     info = {
         "model": name,
-        "dataset": "digits",
+        "task": entry.task,
+        "dataset": entry.dataset,
         "image_size": entry.image_size,
         "epochs": epochs,
         "train_seconds": round(seconds, 1),
-        "test_accuracy": evaluate_accuracy(model, splits["test"]),
+        f"test_{task.metric}": evaluate_metric(model, splits["test"], task),
     }
     tmp = weights_path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(weights_path)
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return model.eval(), info
+
+
+load_zoo_classifier = load_zoo_model

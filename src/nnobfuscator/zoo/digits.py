@@ -15,7 +15,8 @@ _MEAN, _STD = 0.30, 0.38
 
 @dataclass
 class Split:
-    """A labelled image split held in memory: ``images`` (N, C, H, W) float, ``labels`` (N,)."""
+    """A labelled image split held in memory: ``images`` (N, C, H, W) float, ``labels`` (N,)
+    class indices (or (N, H, W) per-pixel classes for segmentation)."""
 
     name: str
     images: torch.Tensor
@@ -25,13 +26,26 @@ class Split:
         return len(self.labels)
 
 
+def digit_split_indices(targets: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Stratified train / calibration / test indices into the 1,797 digits (fixed by ``seed``)."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(targets))
+    train, rest = train_test_split(
+        index, train_size=_SPLIT_SIZES["train"], stratify=targets, random_state=seed
+    )
+    calibration, test = train_test_split(
+        rest, train_size=_SPLIT_SIZES["calibration"], stratify=targets[rest], random_state=seed
+    )
+    return {"train": train, "calibration": calibration, "test": test}
+
+
 def digits_splits(image_size: int = 16, seed: int = 0) -> dict[str, Split]:
     """Train / calibration / test splits of the 1,797 8x8 digits, resized to ``image_size``.
 
     The split is stratified and fixed by ``seed``; pixels are scaled to [0, 1] then normalised.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     data = load_digits()
     images = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
@@ -41,14 +55,7 @@ def digits_splits(image_size: int = 16, seed: int = 0) -> dict[str, Split]:
         )
     images = (images - _MEAN) / _STD
     labels = torch.tensor(data.target, dtype=torch.long)
-    index = np.arange(len(labels))
-    train, rest = train_test_split(
-        index, train_size=_SPLIT_SIZES["train"], stratify=data.target, random_state=seed
-    )
-    calibration, test = train_test_split(
-        rest, train_size=_SPLIT_SIZES["calibration"], stratify=data.target[rest], random_state=seed
-    )
     return {
         name: Split(name, images[torch.as_tensor(idx)], labels[torch.as_tensor(idx)])
-        for name, idx in (("train", train), ("calibration", calibration), ("test", test))
+        for name, idx in digit_split_indices(data.target, seed).items()
     }

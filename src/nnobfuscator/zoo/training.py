@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +13,25 @@ from tqdm.auto import tqdm
 
 from nnobfuscator.zoo.digits import Split
 
+if TYPE_CHECKING:
+    from nnobfuscator.tasks import Task
 
-def _shift(images: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
-    """Random translation of the whole batch by up to ``max_shift`` pixels (light augmentation)."""
+
+def _shift(
+    images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, max_shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random translation of the whole batch by up to ``max_shift`` pixels (light augmentation).
+
+    Per-pixel labels (``(N, H, W)``) move with their images.
+    """
     dx, dy = (torch.randint(-max_shift, max_shift + 1, (2,), generator=generator)).tolist()
-    return torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+    images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+    if labels.dim() == 3:
+        labels = torch.roll(labels, shifts=(dy, dx), dims=(1, 2))
+    return images, labels
 
 
-def train_classifier(
+def train_model(
     model: nn.Module,
     split: Split,
     *,
@@ -26,10 +39,17 @@ def train_classifier(
     lr: float,
     optimizer: str = "sgd",
     batch_size: int = 64,
+    read_logits: Callable[[Any], torch.Tensor] | None = None,
     progress: bool = True,
     description: str = "training",
 ) -> float:
-    """Train ``model`` in place with cross-entropy and a cosine schedule; returns seconds taken."""
+    """Train ``model`` in place with cross-entropy and a one-cycle schedule; returns seconds.
+
+    Labels are class indices per sample (classification) or per pixel (segmentation; shifted
+    along with the images, and classes weighted by inverse square-root frequency so that a small
+    foreground is not drowned by the background). ``read_logits`` turns model outputs (e.g.
+    torchvision's ``{"out": ...}``) into logits.
+    """
     generator = torch.Generator().manual_seed(0)
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -40,6 +60,7 @@ def train_classifier(
     steps = epochs * ((len(split) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     max_shift = max(1, split.images.shape[-1] // 16)
+    weight = _class_weights(split.labels) if split.labels.dim() == 3 else None
     start = time.perf_counter()
     model.train()
     with tqdm(total=steps, desc=description, disable=not progress, unit="step") as bar:
@@ -47,8 +68,12 @@ def train_classifier(
             order = torch.randperm(len(split), generator=generator)
             for begin in range(0, len(split), batch_size):
                 index = order[begin : begin + batch_size]
-                images = _shift(split.images[index], generator, max_shift)
-                loss = F.cross_entropy(model(images), split.labels[index])
+                images, labels = _shift(
+                    split.images[index], split.labels[index], generator, max_shift
+                )
+                output = model(images)
+                logits = read_logits(output) if read_logits else output
+                loss = F.cross_entropy(logits, labels, weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -57,6 +82,24 @@ def train_classifier(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return time.perf_counter() - start
+
+
+train_classifier = train_model
+
+
+def _class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Inverse square-root class frequencies, normalised to mean 1."""
+    counts = torch.bincount(labels.flatten()).float().clamp_min(1)
+    weights = counts.rsqrt()
+    return weights * len(weights) / weights.sum()
+
+
+@torch.inference_mode()
+def evaluate_metric(model: nn.Module, split: Split, task: Task, batch_size: int = 128) -> float:
+    """A plain model's task metric on a split."""
+    model.eval()
+    logits = [task.logits(model(batch)) for batch in torch.split(split.images, batch_size)]
+    return task.score(torch.cat(logits), split.labels)
 
 
 @torch.inference_mode()

@@ -1,0 +1,37 @@
+"""torchvision segmentation models (DeepLabV3, FCN) on a small ResNet-18 backbone.
+
+Built through torchvision's own classes (``DeepLabV3``/``FCN`` with ``DeepLabHead``/``FCNHead`` on
+an ``IntermediateLayerGetter`` over ``resnet18(weights=None)``), sized for 48x48 digit scenes: a
+3x3 stride-2 stem, and a stride-1 ``layer3`` (ResNet-18's BasicBlock cannot dilate) so the head
+sees an 8x8 map; ``layer4`` is left out. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation import FCN, DeepLabV3
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.fcn import FCNHead
+
+_FEATURES = 256  # channels of layer3
+
+
+def _backbone(in_channels: int) -> nn.Module:
+    net = resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1, bias=False)
+    first = net.layer3[0]
+    first.conv1.stride = (1, 1)
+    first.downsample[0].stride = (1, 1)
+    return IntermediateLayerGetter(net, return_layers={"layer3": "out"})
+
+
+def small_deeplabv3(num_classes: int, in_channels: int) -> nn.Module:
+    """DeepLabV3 (ASPP head) on a ResNet-18 backbone with output stride 8."""
+    return DeepLabV3(_backbone(in_channels), DeepLabHead(_FEATURES, num_classes), None)
+
+
+def small_fcn(num_classes: int, in_channels: int) -> nn.Module:
+    """FCN (3x3 conv head) on a ResNet-18 backbone with output stride 8."""
+    return FCN(_backbone(in_channels), FCNHead(_FEATURES, num_classes), None)
