@@ -22,13 +22,12 @@ import sys
 import tempfile
 import time
 from datetime import date
-from pathlib import Path
 
 import httpx
 import numpy as np
+from _results import update_section
 from fastapi import FastAPI, File, UploadFile
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## HTTP serving: full tier vs a plain FastAPI server (`benchmarks/bench_serving.py`)"
 STRENGTHS = {"free": 1.0, "pro": 0.5}
 
@@ -228,19 +227,6 @@ def write_section(
     return "\n".join(lines) + "\n"
 
 
-def update_results(section: str) -> None:
-    """Replace this script's section of RESULTS.md (or append it), keeping the others."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        rest = text[end + 1 :] if end >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -261,7 +247,7 @@ def main() -> None:
     section = write_section(results, args, load_average)
     print(section)
     if not args.no_write:
-        update_results(section)
+        update_section(section)
 
 
 if __name__ == "__main__":

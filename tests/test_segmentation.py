@@ -218,4 +218,4 @@ def test_demo_segmenters_are_torchvision_models_with_resnet_backbones(builder):
         out = model(torch.randn(2, 1, 48, 48))
     assert out["out"].shape == (2, 11, 48, 48)
     tiered = obfuscate(model, tiers="free=0.5,premium=full", task="segmentation", compute="auto")
-    assert "backbone.layer3.1" in tiered.compute["block-skip"].layers
+    assert "backbone.layer2.1" in tiered.compute["block-skip"].layers

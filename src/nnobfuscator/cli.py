@@ -274,12 +274,12 @@ def main(
         raise typer.Exit()
 
 
-if __name__ == "__main__":
-    app()
-
-
 # HTTP service commands (nnobfuscator.serving): `nnobf keys ...` and `nnobf serve`.
 from nnobfuscator.serving.cli import keys_app, serve  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
 app.command("serve")(serve)
+
+
+if __name__ == "__main__":
+    app()

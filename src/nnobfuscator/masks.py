@@ -57,7 +57,14 @@ def plot_masks(model: TieredModel, split: Split, path: str | Path, scenes: int =
             ax.set_title(title, fontsize=9)
             ax.axis("off")
     fig.suptitle(f"{model.model_name}: masks per tier (test scenes)", fontsize=10)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(color=palette[c], label="background" if c == 0 else f"class {c}")
+        for c in range(classes)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(classes, 11), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -73,10 +73,10 @@ _ZOO: dict[str, ZooEntry] = {
     "resnet18": ZooEntry(_small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"),
     "vgg16": ZooEntry(_small_vgg16, image_size=32, epochs=15, lr=5e-4, optimizer="adamw"),
     "deeplabv3": ZooEntry(
-        small_deeplabv3, 48, 30, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
+        small_deeplabv3, 48, 24, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
     ),
     "fcn": ZooEntry(
-        small_fcn, 48, 30, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
+        small_fcn, 48, 24, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
     ),
 }
 
