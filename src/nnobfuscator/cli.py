@@ -101,13 +101,12 @@ def demo(
         str, typer.Option(help="feature-mix, weight-noise, logit-noise, or a+b.")
     ] = "feature-mix",
     compute: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             help="Make lower tiers cheaper (block skip, channel slim, input resolution where "
-            "the model allows); --no-compute: every tier costs the full model. Default: on for "
-            "classification, off for segmentation (its search takes minutes on a CPU)."
+            "the model allows); --no-compute: every tier costs the full model."
         ),
-    ] = None,
+    ] = True,
     report: Annotated[Path | None, typer.Option(help="Report JSON path.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Plot PNG path.")] = None,
     out: Annotated[Path | None, typer.Option(help="Artifact directory.")] = None,
@@ -123,8 +122,6 @@ def demo(
     model = model or defaults[task]
     if model not in list_models(task):
         _fail(f"unknown {task} demo model {model!r}; choose one of {', '.join(list_models(task))}")
-    if compute is None:
-        compute = task == "classification"
     entry = zoo_entry(model)
     out = out or Path("runs") / f"{model}-{strategy.replace('+', '_')}"
     _run_job(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from nnobfuscator.zoo.digits import Split, digit_split_indices
 
 SCENE_CLASSES = ["background"] + [str(i) for i in range(10)]
-SCENE_COUNTS = {"train": 600, "calibration": 160, "test": 160}
+SCENE_COUNTS = {"train": 600, "calibration": 300, "test": 300}
 _MEAN, _STD = 0.12, 0.235
 _INK = 0.35  # a pixel belongs to a digit where its intensity exceeds this
 
