@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from nnobfuscator.model import TieredModel
 from nnobfuscator.serving.images import ImageSpec
 from nnobfuscator.sources import IMAGENET_MEAN, IMAGENET_STD
+from nnobfuscator.zoo.datasets import ZOO_DATASETS
 
 
 @dataclass
@@ -74,10 +74,10 @@ def image_spec(model: TieredModel, data: dict[str, Any]) -> ImageSpec:
     elif data.get("image_size"):
         size = (int(data["image_size"]), int(data["image_size"]))
     channels = (spec.channels if spec else None) or (1 if data.get("grayscale") else 3)
-    zoo_stats = _zoo_statistics(data.get("zoo"))
-    if zoo_stats is not None:
+    zoo = ZOO_DATASETS.get(data.get("zoo") or "")
+    if zoo is not None:
         # The zoo's images are stretched to size and normalised with their own statistics.
-        return ImageSpec(channels, size, (zoo_stats[0],), (zoo_stats[1],), crop=False)
+        return ImageSpec(channels, size, (zoo.mean,), (zoo.std,), crop=False)
     mean = tuple(data.get("mean", IMAGENET_MEAN))
     std = tuple(data.get("std", IMAGENET_STD))
     if channels == 1 and len(mean) == 3:
@@ -85,29 +85,13 @@ def image_spec(model: TieredModel, data: dict[str, Any]) -> ImageSpec:
     return ImageSpec(channels, size, mean, std, crop=model.task == "classification")
 
 
-# Zoo datasets and the module holding their normalisation statistics (``_MEAN``, ``_STD``).
-_ZOO_DATA_MODULES = {"digits": "nnobfuscator.zoo.digits", "digit-scenes": "nnobfuscator.zoo.scenes"}
-
-
-def _zoo_statistics(name: str | None) -> tuple[float, float] | None:
-    module_name = _ZOO_DATA_MODULES.get(name or "")
-    if module_name is None:
-        return None
-    try:
-        module = importlib.import_module(module_name)
-        return float(module._MEAN), float(module._STD)
-    except (ImportError, AttributeError):
-        return None
-
-
 def class_labels(meta: dict[str, Any], data: dict[str, Any]) -> list[str] | None:
-    """Class names: ``meta["classes"]``, the zoo's digits, or an ImageFolder's class folders."""
+    """Class names: ``meta["classes"]``, the zoo dataset's, or an ImageFolder's class folders."""
     if meta.get("classes"):
         return [str(name) for name in meta["classes"]]
-    if data.get("zoo") == "digits":
-        from nnobfuscator.zoo.digits import DIGITS_CLASSES
-
-        return list(DIGITS_CLASSES)
+    zoo = ZOO_DATASETS.get(data.get("zoo") or "")
+    if zoo is not None:
+        return list(zoo.classes)
     folder = data.get("calibration")
     if folder and Path(folder).is_dir():
         return sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir()) or None

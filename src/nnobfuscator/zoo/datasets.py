@@ -1,0 +1,22 @@
+"""Facts about the zoo's offline datasets that a served model needs: class names, normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnobfuscator.zoo import digits, scenes
+
+
+@dataclass(frozen=True)
+class ZooDataset:
+    """Class names (by index) and the single-channel normalisation ``(x - mean) / std``."""
+
+    classes: tuple[str, ...]
+    mean: float
+    std: float
+
+
+ZOO_DATASETS: dict[str, ZooDataset] = {
+    "digits": ZooDataset(tuple(digits.DIGITS_CLASSES), digits._MEAN, digits._STD),
+    "digit-scenes": ZooDataset(tuple(scenes.SCENE_CLASSES), scenes._MEAN, scenes._STD),
+}
