@@ -219,3 +219,12 @@ def test_demo_segmenters_are_torchvision_models_with_resnet_backbones(builder):
     assert out["out"].shape == (2, 11, 48, 48)
     tiered = obfuscate(model, tiers="free=0.5,premium=full", task="segmentation", compute="auto")
     assert "backbone.layer2.1" in tiered.compute["block-skip"].layers
+
+
+def test_served_segmentation_classes_are_named():
+    from nnobfuscator.serving.loader import class_labels
+
+    names = class_labels({}, {"zoo": "digit-scenes", "image_size": 48})
+    assert (
+        names is not None and names[0] == "background" and names[1:] == [str(i) for i in range(10)]
+    )
