@@ -228,3 +228,41 @@ def test_served_segmentation_classes_are_named():
     assert (
         names is not None and names[0] == "background" and names[1:] == [str(i) for i in range(10)]
     )
+
+
+def test_mask_folders_load_as_a_segmentation_split(tmp_path, scenes):
+    """Users' own data: split/images/*.png and split/masks/*.png (class indices, 255 = void)."""
+    import numpy as np
+    from PIL import Image
+
+    from nnobfuscator.sources import SourceError, load_split
+
+    (tmp_path / "cal" / "images").mkdir(parents=True)
+    (tmp_path / "cal" / "masks").mkdir()
+    truth = scenes["test"].labels[:3].clone()
+    truth[0, 0, :4] = 255  # a void strip
+    for index in range(3):
+        pixels = (scenes["test"].images[index, 0] * 0.235 + 0.12).clamp(0, 1).numpy()
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(tmp_path / f"cal/images/{index}.png")
+        Image.fromarray(truth[index].numpy().astype(np.uint8)).save(
+            tmp_path / f"cal/masks/{index}.png"
+        )
+    split = load_split(
+        {
+            "calibration": str(tmp_path / "cal"),
+            "image_size": 32,
+            "mean": [0.5],
+            "std": [0.5],
+            "grayscale": True,
+        },
+        "calibration",
+    )
+    assert split.images.shape == (3, 1, 32, 32) and torch.equal(split.labels, truth)
+    task = get_task("segmentation")
+    perfect = torch.nn.functional.one_hot(truth.clamp(max=10), 11).permute(0, 3, 1, 2).float()
+    assert task.score(perfect, truth) == pytest.approx(1.0)  # void pixels are ignored
+    (tmp_path / "cal" / "masks" / "0.png").unlink()
+    (tmp_path / "cal" / "masks" / "1.png").unlink()
+    (tmp_path / "cal" / "masks" / "2.png").unlink()
+    with pytest.raises(SourceError, match="no image"):
+        load_split({"calibration": str(tmp_path / "cal")}, "calibration")

@@ -6,7 +6,9 @@ the base model and reload the data:
 - model: ``{"zoo": "resnet18"}`` or ``{"arch": "resnet18", "weights": "w.pt", "num_classes": 10}``
   (any torchvision classification or segmentation builder, e.g. ``deeplabv3_resnet50``)
 - data: ``{"zoo": "digits", "image_size": 16}``, ``{"zoo": "digit-scenes", "image_size": 48}`` or
-  ``{"calibration": "dir", "test": "dir", "image_size": 224, "mean": [...], "std": [...]}``
+  ``{"calibration": "dir", "test": "dir", "image_size": 224, "mean": [...], "std": [...]}``, where
+  each dir is an ImageFolder (classification) or holds ``images/`` and ``masks/`` (segmentation:
+  masks are single-channel PNGs of class indices, matched to images by file stem)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,6 +99,15 @@ def load_split(data: dict[str, Any], split: str) -> Split:
     folder = data.get(split)
     if not folder:
         raise SourceError(f"data source has no '{split}' folder (an ImageFolder directory)")
+    if (Path(folder) / "masks").is_dir():
+        return mask_folder_split(
+            folder,
+            split,
+            image_size=int(data.get("image_size", 224)),
+            mean=data.get("mean", IMAGENET_MEAN),
+            std=data.get("std", IMAGENET_STD),
+            grayscale=bool(data.get("grayscale", False)),
+        )
     return image_folder_split(
         folder,
         split,
@@ -132,3 +144,48 @@ def image_folder_split(
         ) from None
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     return Split(name, images, torch.tensor(dataset.targets, dtype=torch.long))
+
+
+def mask_folder_split(
+    folder: str | Path,
+    name: str,
+    *,
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    grayscale: bool = False,
+) -> Split:
+    """A segmentation split: ``folder/images/*`` and ``folder/masks/*.png`` matched by stem.
+
+    Images are resized to ``image_size`` square (bilinear) and normalised; masks (class indices,
+    e.g. Pascal VOC's palette PNGs; 255 = ignore) are resized with nearest neighbours.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional as TF
+
+    images_dir, masks_dir = Path(folder) / "images", Path(folder) / "masks"
+    if not images_dir.is_dir():
+        raise SourceError(f"{name} folder {folder} has masks/ but no images/ folder")
+    masks = {path.stem: path for path in sorted(masks_dir.iterdir()) if path.is_file()}
+    pairs = [(p, masks[p.stem]) for p in sorted(images_dir.iterdir()) if p.stem in masks]
+    if not pairs:
+        raise SourceError(
+            f"{name}: no image in {images_dir} has a mask of the same name in {masks_dir}"
+        )
+    size = [image_size, image_size]
+    images, labels = [], []
+    for image_path, mask_path in pairs:
+        try:
+            image = Image.open(image_path).convert("L" if grayscale else "RGB")
+            mask = Image.open(mask_path)
+        except (OSError, UnidentifiedImageError) as err:
+            raise SourceError(f"cannot read {image_path} or {mask_path}: {err}") from None
+        if mask.mode not in {"L", "P", "I", "I;16"}:
+            raise SourceError(
+                f"mask {mask_path} is {mask.mode}; save masks as single-channel class indices"
+            )
+        tensor = TF.resize(TF.to_tensor(image), size, antialias=True)
+        images.append(TF.normalize(tensor, mean, std))
+        index = torch.as_tensor(np.array(mask), dtype=torch.long)[None]
+        labels.append(TF.resize(index, size, interpolation=TF.InterpolationMode.NEAREST)[0])
+    return Split(name, torch.stack(images), torch.stack(labels))
