@@ -10,8 +10,7 @@ of cost saved. Evaluations are memoised across tiers (they do not depend on the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +30,6 @@ class ComputePoint:
     settings: Settings
     utility: float
     cost: float
-    steps: list[str] = field(default_factory=list)
 
 
 class ComputeSearch:
@@ -60,10 +58,6 @@ class ComputeSearch:
         self.full_flops = max(tier_flops(model, self.sample, None), 1)
         self.memo: dict[str, ComputePoint | None] = {}
         self.failures: dict[str, str] = {}
-
-    @property
-    def evaluations(self) -> int:
-        return len(self.memo)
 
     def apply(self, tier: str, settings: Settings) -> None:
         for name, setting in settings.items():
@@ -110,10 +104,7 @@ class ComputeSearch:
                         saved = point.cost - found.cost
                         if saved <= 1e-9:
                             continue
-                        step = _describe(name, option)
-                        candidate = ComputePoint(
-                            settings, found.utility, found.cost, [*point.steps, step]
-                        )
+                        candidate = ComputePoint(settings, found.utility, found.cost)
                         candidates[key] = ((point.utility - found.utility) / saved, candidate)
             ranked = sorted(candidates.values(), key=lambda item: (item[0], item[1].cost))
             frontier = [point for _, point in ranked[: self.beam]]
@@ -122,7 +113,3 @@ class ComputeSearch:
                     best = point
         self.apply(tier, best.settings)
         return best
-
-
-def _describe(name: str, setting: dict[str, Any]) -> str:
-    return f"{name}={json.dumps(setting, sort_keys=True)}"

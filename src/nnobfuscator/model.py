@@ -20,6 +20,7 @@ from nnobfuscator.strategies import (
     TieredBlock,
     TieredLayer,
     get_strategy,
+    list_strategies,
 )
 from nnobfuscator.strategies.blocks import residual_blocks
 from nnobfuscator.tiers import Tier, parse_tiers
@@ -431,13 +432,11 @@ def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
         if get_strategy(name).role != "compute":
             raise ValueError(
                 f"{name!r} is not a compute strategy; compute strategies: "
-                + ", ".join(n for n in list_compute_strategies())
+                + ", ".join(list_compute_strategies())
             )
     return names
 
 
 def list_compute_strategies() -> list[str]:
     """Registered compute strategy names."""
-    from nnobfuscator.strategies import list_strategies
-
     return [n for n in list_strategies() if get_strategy(n).role == "compute"]

@@ -99,7 +99,7 @@ class SplitRunner:
         elif stages is not None:
             split = _first_stage(stages, layer_names)
             self.prefix, self.suffix = stages[:split], stages[split:]
-        self._cached: dict[Any, list[Any]] = {}
+        self._cached: dict[Any, tuple[list[torch.Tensor], list[Any] | None]] = {}
         self._full: torch.Tensor | None = None
 
     def full_logits(self) -> torch.Tensor:
@@ -108,30 +108,28 @@ class SplitRunner:
             self._full = self.logits(None)
         return self._full
 
-    def _inputs(self, tier: str | None) -> tuple[Any, list[torch.Tensor]]:
+    def _prepared(self, tier: str | None) -> tuple[list[torch.Tensor], list[Any] | None]:
+        """The inputs as ``tier`` sees them, and their prefix outputs, cached per input variant."""
         strategies = [] if tier is None else list(self.model.strategies.values())
         signature = tuple(s.input_signature(tier) for s in strategies)  # type: ignore[arg-type]
-        batches = self.batches
-        for strategy in strategies:
-            batches = [strategy.transform_input(b, tier) for b in batches]  # type: ignore[arg-type]
-        return signature, batches
-
-    def _prefix_outputs(self, signature: Any, batches: list[torch.Tensor]) -> list[Any] | None:
-        if self.prefix is None:
-            return None
         if signature not in self._cached:
             if len(self._cached) >= 4:  # bound memory: forget the oldest input variant
                 self._cached.pop(next(iter(self._cached)))
-            with self.model.context.activate(None):
-                self._cached[signature] = [_run(self.prefix, b, b) for b in batches]
+            inputs = self.batches
+            for strategy in strategies:
+                inputs = [strategy.transform_input(b, tier) for b in inputs]  # type: ignore[arg-type]
+            prefix = None
+            if self.prefix is not None:
+                with self.model.context.activate(None):
+                    prefix = [_run(self.prefix, b, b) for b in inputs]
+            self._cached[signature] = (inputs, prefix)
         return self._cached[signature]
 
     @torch.inference_mode()
     def logits(self, tier: str | None) -> torch.Tensor:
         """Logits of every input at ``tier`` (``None``: the untouched model)."""
         active = None if tier is None or self.model.tiers[tier].is_full else tier
-        signature, inputs = self._inputs(active)
-        cached = self._prefix_outputs(signature, inputs)
+        inputs, cached = self._prepared(active)
         outputs = []
         for index, batch in enumerate(self.batches):
             with self.model.context.activate(active):

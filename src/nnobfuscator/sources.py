@@ -99,16 +99,8 @@ def load_split(data: dict[str, Any], split: str) -> Split:
     folder = data.get(split)
     if not folder:
         raise SourceError(f"data source has no '{split}' folder (an ImageFolder directory)")
-    if (Path(folder) / "masks").is_dir():
-        return mask_folder_split(
-            folder,
-            split,
-            image_size=int(data.get("image_size", 224)),
-            mean=data.get("mean", IMAGENET_MEAN),
-            std=data.get("std", IMAGENET_STD),
-            grayscale=bool(data.get("grayscale", False)),
-        )
-    return image_folder_split(
+    reader = mask_folder_split if (Path(folder) / "masks").is_dir() else image_folder_split
+    return reader(
         folder,
         split,
         image_size=int(data.get("image_size", 224)),

@@ -214,7 +214,7 @@ class TieredBlock(nn.Module):
         cached = self._slims.get(tier)
         if cached is not None and cached.keep == keep and _same(cached.sources, sources):
             return cached
-        stats = self.activation_stats()  # after the cache check: estimating it costs a little
+        stats = self.activation_stats()
         if self._order is None:
             scores = channel_importance(self.base_block, stats)
             self._order = [score.argsort(descending=True) for score in scores]

@@ -7,7 +7,7 @@ channels, as smaller convolutions (structured pruning without retraining, chosen
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,17 +26,6 @@ KEEP_STEPS = (1.0, 0.75, 0.5, 0.25, 0.125)
 class ChannelSlim(ComputeStrategy):
     name = "channel-slim"
     description = "run residual blocks with fewer inner channels at lower tiers (smaller convs)"
-
-    def __init__(
-        self, key: bytes, targets: list[str] | None = None, grain: str = "stage", **options
-    ) -> None:
-        super().__init__(key, targets, **options)
-        if grain not in {"stage", "block"}:
-            raise ValueError(f"channel-slim grain must be 'stage' or 'block', got {grain!r}")
-        self.grain = grain
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "grain": self.grain}
 
     def attach(self, tiered: TieredModel) -> None:
         for name in matching_blocks(tiered, self.target_patterns, self.name):
@@ -72,13 +61,8 @@ class ChannelSlim(ComputeStrategy):
 
     @property
     def stages(self) -> list[str]:
-        """The units whose share of kept channels is chosen: stages, or blocks (``grain``)."""
-        if self.grain == "block":
-            return list(self.layers)
+        """The stages (``layer3``, ...) whose share of kept channels a setting chooses."""
         return list(dict.fromkeys(stage_of(name) for name in self.layers))
-
-    def _unit(self, block: str) -> str:
-        return block if self.grain == "block" else stage_of(block)
 
     def default_setting(self) -> Setting:
         return {"keep": {}}
@@ -101,4 +85,4 @@ class ChannelSlim(ComputeStrategy):
                 f"for stages {self.stages}"
             )
         for name, wrapper in self.layers.items():
-            wrapper.set_keep(tier, float(keep.get(self._unit(name), 1.0)))
+            wrapper.set_keep(tier, float(keep.get(stage_of(name), 1.0)))
