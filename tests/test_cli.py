@@ -77,7 +77,7 @@ def test_calibrate_eval_info(user_project):
 
     result = runner.invoke(app, ["info", str(artifact)])
     assert result.exit_code == 0, result.output
-    assert "layer2.0.conv1" in result.output and "premium" in result.output
+    assert "layer3.0.conv1" in result.output and "premium" in result.output
 
 
 @pytest.mark.parametrize(

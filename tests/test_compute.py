@@ -82,15 +82,15 @@ def test_channel_slim_runs_smaller_convs_equal_to_mean_filled_channels(block):
     with torch.inference_mode():
         slim = tiered(x, tier="free")
     # Reference: run the untouched blocks, overwriting dropped inner channels with their fill.
-    stats = wrapper.activation_stats()
     reference_hooks = []
     for name in ("layer2.0", "layer2.1"):
         blk = tiered.base_model.get_submodule(name)
-        order = blk._order
+        order = blk.slimmer.order()
         for space, reader in enumerate(["conv2", "conv3"][: len(order)]):
             keep = max(1, round(0.5 * len(order[space])))
             dropped = order[space][keep:]
-            mean = blk.activation_stats()[space][0]
+            assert len(dropped) > 0
+            mean = blk.slimmer.activation_stats()[space][0]
 
             def fill(module, args, dropped=dropped, mean=mean):
                 (a,) = args
@@ -104,7 +104,6 @@ def test_channel_slim_runs_smaller_convs_equal_to_mean_filled_channels(block):
         reference = tiered(x, tier="premium")
     for handle in reference_hooks:
         handle.remove()
-    assert stats is not None
     torch.testing.assert_close(slim, reference, rtol=1e-4, atol=1e-4)
     full = tier_flops(tiered, x[:1], None)
     assert tier_flops(tiered, x[:1], "free") < 0.95 * full
@@ -149,7 +148,8 @@ def test_calibration_picks_a_cheaper_setting_and_hits_the_target(trained_weights
     free = report["tiers"][0]
     assert free["relative_cost"] < 0.9
     assert abs(free["achieved"]["calibration"] - 0.5) <= 4 / report["splits"]["calibration"]
-    assert "feature-mix" in free["strategy"] or free["params"]["feature-mix"]["strength"] == 0
+    # the compute setting keeps utility a standard error above the target: the mix lands it
+    assert "feature-mix" in free["strategy"] and free["params"]["feature-mix"]["strength"] > 0
     assert any(name in free["strategy"] for name in tiered.compute)
     assert free["extra"]["latency_ms"] > 0 and report["tiers"][1]["extra"]["latency_ms"] > 0
     json.dumps(report)  # params (settings) are plain JSON
@@ -211,7 +211,7 @@ def test_compute_options_are_validated():
         obfuscate(two_block_resnet(), strategy="block-skip")
     with pytest.raises(ValueError, match="not a compute strategy"):
         obfuscate(two_block_resnet(), compute="feature-mix")
-    with pytest.raises(ValueError, match="needs torchvision residual blocks"):
+    with pytest.raises(ValueError, match="found no skippable residual blocks"):
         obfuscate(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)), compute="block-skip")
     assert parse_tiers("free=60%@0.5,premium=full")[0].max_cost == 0.5
     with pytest.raises(ValueError, match="bad cost budget"):

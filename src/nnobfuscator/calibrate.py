@@ -19,40 +19,16 @@ from tqdm.auto import tqdm
 
 from nnobfuscator.compute_search import ComputeSearch
 from nnobfuscator.cost import relative_costs, tier_latency_ms
+from nnobfuscator.data import DataLike, as_split
 from nnobfuscator.model import TieredModel
 from nnobfuscator.report import build_report
 from nnobfuscator.runner import SplitRunner
 from nnobfuscator.tasks import Task, get_task
 from nnobfuscator.tiers import Tier
-from nnobfuscator.zoo.digits import Split
-
-DataLike = Split | tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset
 
 
 class CalibrationError(ValueError):
     """A tier target cannot be reached; the message names the reachable range."""
-
-
-def as_split(data: DataLike, name: str) -> Split:
-    """Hold a labelled split in memory (a ``Split``, an ``(images, labels)`` pair or a Dataset)."""
-    if isinstance(data, Split):
-        return data
-    if isinstance(data, tuple) and len(data) == 2:
-        images, labels = data
-    else:
-        try:
-            pairs = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(
-                f"{name} data must be a Split, an (images, labels) pair or a map-style Dataset"
-            ) from None
-        images = torch.stack([torch.as_tensor(p[0]) for p in pairs])
-        labels = torch.as_tensor([int(p[1]) for p in pairs])
-    if len(images) == 0:
-        raise ValueError(f"the {name} split is empty")
-    if len(images) != len(labels):
-        raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
-    return Split(name, torch.as_tensor(images).float(), torch.as_tensor(labels).long())
 
 
 class _Curve:
@@ -170,7 +146,7 @@ def calibrate(
     task = get_task(model.task)
     cal = as_split(calibration, "calibration")
     started = time.perf_counter()
-    runner = SplitRunner(model, cal.images, task.logits, batch_size)
+    runner = SplitRunner(model, cal.inputs, task.logits, batch_size)
     curve = _Curve(model, runner, cal.labels, task)
     base = curve.base
     tolerance = 0.5 / len(cal)
@@ -182,7 +158,7 @@ def calibrate(
             "strategy to save work with; pass compute='auto' (CLI: --compute)"
         )
     for strategy in model.compute.values():
-        strategy.fit(model, runner.batches)
+        strategy.fit(lambda batch: model.forward_tier(batch, None), runner.batches)
     search = ComputeSearch(model, runner, cal.labels, task, beam=beam) if model.compute else None
     bar = tqdm(tiers, desc="calibrating", disable=not progress, unit="tier")
     for tier in bar:
@@ -246,7 +222,7 @@ def evaluate(
     task = get_task(model.task)
     split = as_split(test, "test")
     started = time.perf_counter()
-    runner = SplitRunner(model, split.images, task.logits, batch_size)
+    runner = SplitRunner(model, split.inputs, task.logits, batch_size)
     full_logits = runner.full_logits()
     base_test = task.score(full_logits, split.labels)
     n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", len(split))
@@ -261,9 +237,9 @@ def evaluate(
             results[name].update(
                 _target_gap(tier.metrics["test"], tier.target_value, n_cal, len(split))
             )
-    for name, cost in relative_costs(model, split.images[:1]).items():
+    for name, cost in relative_costs(model, split.head(1)).items():
         model.tiers[name].relative_cost = cost
-    for name, latency in tier_latency_ms(model, split.images[:64], repeats=3).items():
+    for name, latency in tier_latency_ms(model, split.head(64), repeats=3).items():
         results[name]["latency_ms"] = latency
     meta = model.meta
     meta.setdefault("dataset", dataset)

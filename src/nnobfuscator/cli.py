@@ -90,8 +90,8 @@ def demo(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Demo model: resnet18 or vgg16 (classification), deeplabv3 or fcn "
-            "(segmentation). Default: resnet18 / deeplabv3."
+            help="Demo model: resnet18, vgg16, mobilenet_v3_small or vit (classification), "
+            "deeplabv3 or fcn (segmentation). Default: resnet18 / deeplabv3."
         ),
     ] = None,
     tiers: Annotated[
@@ -237,7 +237,8 @@ def info(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) 
     )
     for strategy in config["strategies"]:
         layers = strategy["targets"] or []
-        console.print(f"strategy [bold]{strategy['name']}[/] on {len(layers)} layers: {layers}")
+        where = "the model input" if layers == ["<input>"] else f"{len(layers)} modules: {layers}"
+        console.print(f"strategy [bold]{strategy['name']}[/] on {where}")
     table = Table()
     for column in ("tier", "target", "params", "calibration", "test", "relative cost"):
         table.add_column(column)

@@ -16,6 +16,7 @@ import torch
 
 from nnobfuscator.cost import tier_flops
 from nnobfuscator.model import TieredModel
+from nnobfuscator.outputs import select
 from nnobfuscator.runner import SplitRunner
 from nnobfuscator.strategies.compute import Setting
 from nnobfuscator.tasks import Task
@@ -54,7 +55,7 @@ class ComputeSearch:
     ) -> None:
         self.model, self.runner, self.labels, self.task = model, runner, labels, task
         self.beam = max(1, beam)
-        self.sample = runner.batches[0][:1]
+        self.sample = select(runner.batches[0], torch.arange(1))
         self.full_flops = max(tier_flops(model, self.sample, None), 1)
         self.memo: dict[str, ComputePoint | None] = {}
         self.failures: dict[str, str] = {}
@@ -72,7 +73,8 @@ class ComputeSearch:
                 utility = self.task.score(self.runner.logits(tier), self.labels)
                 cost = tier_flops(self.model, self.sample, tier) / self.full_flops
                 self.memo[key] = ComputePoint(settings, utility, cost)
-            except (RuntimeError, ValueError) as error:  # e.g. an input shrunk below the model's
+            # e.g. an input shrunk below what the model takes (ViT asserts its image size)
+            except (RuntimeError, ValueError, AssertionError) as error:
                 self.failures[key] = str(error).splitlines()[0]
                 self.memo[key] = None
         return self.memo[key]

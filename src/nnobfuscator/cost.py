@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -12,7 +13,7 @@ from nnobfuscator.model import TieredModel
 
 
 @torch.inference_mode()
-def tier_flops(model: TieredModel, sample: torch.Tensor, tier: str | None) -> int:
+def tier_flops(model: TieredModel, sample: Any, tier: str | None) -> int:
     """FLOPs of one forward of ``sample`` (a batch of one) at ``tier`` (``None``: untouched)."""
     counter = FlopCounterMode(display=False)
     with counter:
@@ -20,9 +21,8 @@ def tier_flops(model: TieredModel, sample: torch.Tensor, tier: str | None) -> in
     return int(counter.get_total_flops())
 
 
-def relative_costs(model: TieredModel, sample: torch.Tensor) -> dict[str, float]:
+def relative_costs(model: TieredModel, sample: Any) -> dict[str, float]:
     """FLOPs of each tier divided by the untouched model's, measured on one input."""
-    sample = sample[:1]
     full = max(tier_flops(model, sample, None), 1)
     return {
         name: (1.0 if tier.is_full else tier_flops(model, sample, name) / full)
@@ -31,7 +31,7 @@ def relative_costs(model: TieredModel, sample: torch.Tensor) -> dict[str, float]
 
 
 @torch.inference_mode()
-def tier_latency_ms(model: TieredModel, batch: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+def tier_latency_ms(model: TieredModel, batch: Any, repeats: int = 5) -> dict[str, float]:
     """Median wall time of one forward of ``batch`` at each tier, in milliseconds.
 
     Tiers are timed in interleaved rounds so that machine load drifts affect them alike.
@@ -42,8 +42,8 @@ def tier_latency_ms(model: TieredModel, batch: torch.Tensor, repeats: int = 5) -
         for name in names:
             started = time.perf_counter()
             model.forward_tier(batch, name)
-            if batch.is_cuda:
-                torch.cuda.synchronize(batch.device)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             if round_index:  # the first round warms up caches
                 times[name].append(1000 * (time.perf_counter() - started))
     return {name: round(statistics.median(values), 3) for name, values in times.items()}

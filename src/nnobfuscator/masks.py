@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnobfuscator.data import Split
 from nnobfuscator.model import TieredModel
 from nnobfuscator.tasks import get_task
-from nnobfuscator.zoo.digits import Split
 
 
 def _palette(classes: int) -> np.ndarray:

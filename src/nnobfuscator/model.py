@@ -3,32 +3,29 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from nnobfuscator import serialization
+from nnobfuscator.executor import TierExecutor
+from nnobfuscator.outputs import main_input
 from nnobfuscator.security.keys import coerce_key, key_id
-from nnobfuscator.strategies import (
-    ComputeStrategy,
-    Strategy,
-    TierContext,
-    TieredBlock,
-    TieredLayer,
-    get_strategy,
-    list_strategies,
-)
-from nnobfuscator.strategies.blocks import residual_blocks
+from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, list_strategies
+from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
 from nnobfuscator.tiers import Tier, parse_tiers
+from nnobfuscator.wrapping import Host, TierContext, unwrapped_name
 
 
 @dataclass
 class InputSpec:
-    """The input a model expects: ``(N, channels, height, width)``; ``None`` means any."""
+    """The image input a model expects: ``(N, channels, height, width)``; ``None`` means any."""
 
     channels: int | None = None
     height: int | None = None
@@ -60,7 +57,7 @@ class ObfuscationConfig:
         targets: module-name patterns of the layers to act on; ``None`` uses the default.
         key: the secret key (bytes or hex); ``None`` draws a new random one.
         task: ``"classification"`` (more tasks register themselves in ``nnobfuscator.tasks``).
-        input_spec: the expected input; checked on every call.
+        input_spec: the expected image input; checked on every call.
         model_name: a label for reports, e.g. ``"resnet18"``.
     """
 
@@ -79,7 +76,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """A digest of a model's weights, independent of the wrappers a TieredModel adds."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.replace(".base_layer.", ".").replace(".base_block.", ".").encode())
+        digest.update(unwrapped_name(name).encode())
         digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()[:24]
@@ -90,10 +87,12 @@ class TieredModel(nn.Module):
 
     The user's model is wrapped, not copied, and stays reachable as ``base_model``; target layers
     are wrapped in place (PEFT style, original kept as ``base_layer``) and :meth:`unload` undoes it.
+    Calibrated parameters live in ``tiers[name].params`` and nowhere else.
 
     Call it as ``model(x, tier="free")`` or ``model(x, tiers=["free", "premium", ...])`` for a mixed
-    batch. Without a tier argument the notebook default (:meth:`set_tier`, :meth:`use_tier`) is
-    used, and failing that the *lowest* tier, so a forgotten argument never gives away quality.
+    batch; keyword inputs (``input_ids=...``) work too. Without a tier argument the notebook default
+    (:meth:`set_tier`, :meth:`use_tier`) is used, and failing that the *lowest* tier, so a forgotten
+    argument never gives away quality.
     """
 
     def __init__(
@@ -121,9 +120,7 @@ class TieredModel(nn.Module):
         self.meta = dict(meta or {})
         self.context = TierContext()
         self.tiers: dict[str, Tier] = {tier.name: tier for tier in tiers}
-        self._wrapped: dict[str, TieredLayer] = {}
-        self._blocks: dict[str, TieredBlock] = {}
-        self._restore: list[tuple[nn.Module, str, nn.Module]] = []
+        self.host = Host(base_model, self.context, self.tiers)
         self._default_tier: str | None = None
         self._tier_override: ContextVar[str | None] = ContextVar(
             f"nnobf_use_{id(self)}", default=None
@@ -131,65 +128,26 @@ class TieredModel(nn.Module):
         self.strategies: dict[str, Strategy] = {}
         # Degrading strategies wrap layers first, compute strategies then wrap whole blocks, so
         # layer names stay the plain module names whatever the combination.
-        built = [get_strategy(dict(spec)["name"]) for spec in strategies]
-        order = sorted(range(len(built)), key=lambda i: built[i].role == "compute")
-        for index in order:
-            spec = dict(strategies[index])
+        specs = sorted(
+            (dict(spec) for spec in strategies),
+            key=lambda spec: get_strategy(spec["name"]).role == "compute",
+        )
+        for spec in specs:
             strategy = get_strategy(spec.pop("name"))(key, **spec)
-            strategy.attach(self)
+            strategy.attach(self.host)
             self.strategies[strategy.name] = strategy
         for tier in self.tiers.values():
-            for name, params in tier.params.items():
+            for name, params in list(tier.params.items()):
                 if name in self.strategies:
-                    self.strategies[name].load_params(tier.name, params)
-
-    # --- wrapping ----------------------------------------------------------------------------
-    def _replace(self, name: str, make: Any) -> nn.Module:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-        child = getattr(parent, child_name)
-        if isinstance(child, TieredLayer | TieredBlock):
-            raise ValueError(
-                f"module {name!r} is already wrapped by another TieredModel: call its unload() "
-                "first, or pass a fresh instance of the model"
-            )
-        wrapper = make(child)
-        setattr(parent, child_name, wrapper)
-        self._restore.append((parent, child_name, child))
-        return wrapper
-
-    def wrap_layer(self, name: str) -> TieredLayer:
-        """Wrap the ``Conv2d``/``Linear`` called ``name`` in place (once) and return the wrapper."""
-        if name not in self._wrapped:
-            child = self.base_model.get_submodule(name)
-            if not isinstance(child, nn.Conv2d | nn.Linear | TieredLayer):
-                raise ValueError(
-                    f"layer {name!r} is a {type(child).__name__}, not Conv2d or Linear"
-                )
-            self._wrapped[name] = self._replace(name, lambda c: TieredLayer(c, self.context))
-        return self._wrapped[name]
-
-    def wrap_block(self, name: str) -> TieredBlock:
-        """Wrap the residual block called ``name`` in place (once) and return the wrapper."""
-        if name not in self._blocks:
-            if name not in residual_blocks(self.base_model) and not isinstance(
-                self.base_model.get_submodule(name), TieredBlock
-            ):
-                raise ValueError(f"{name!r} is not a torchvision BasicBlock/Bottleneck")
-            self._blocks[name] = self._replace(name, lambda c: TieredBlock(c, self.context))
-        return self._blocks[name]
+                    tier.params[name] = self.strategies[name].check_params(params)
+        self.executor = TierExecutor(base_model, self.context, self.tiers, self.strategies)
 
     def unload(self) -> nn.Module:
         """Remove every wrapper and return the original model, exactly as it was."""
         for strategy in self.strategies.values():
             strategy.detach()
-        for parent, child_name, original in reversed(self._restore):
-            setattr(parent, child_name, original)
-        self._restore.clear()
-        self._wrapped.clear()
-        self._blocks.clear()
         self.strategies.clear()
-        return self.base_model
+        return self.host.unload()
 
     @property
     def degrading(self) -> dict[str, Strategy]:
@@ -213,20 +171,25 @@ class TieredModel(nn.Module):
         except (KeyError, TypeError):
             raise ValueError(f"unknown tier {name!r}; this model has {self.tier_names}") from None
 
+    def set_params(self, tier: str, strategy: str, params: dict[str, Any]) -> None:
+        """Set one strategy's calibrated parameters at ``tier`` (validated by the strategy)."""
+        if strategy not in self.strategies:
+            raise ValueError(
+                f"{strategy!r} is not a strategy of this model: {list(self.strategies)}"
+            )
+        self.get_tier(tier).params[strategy] = self.strategies[strategy].check_params(params)
+
     def set_strength(self, tier: str, strategy: str, strength: float) -> None:
         """Set a tier's strength for one degrading strategy (what calibration does)."""
-        self.strategies[strategy].set_strength(tier, strength)
-        self.get_tier(tier).params.setdefault(strategy, {})["strength"] = float(strength)
+        self.set_params(tier, strategy, {"strength": strength})
 
     def set_setting(self, tier: str, strategy: str, setting: dict[str, Any]) -> None:
         """Set a tier's setting for one compute strategy (what calibration does)."""
-        compute = self.compute
-        if strategy not in compute:
+        if strategy not in self.compute:
             raise ValueError(
-                f"{strategy!r} is not a compute strategy of this model: {list(compute)}"
+                f"{strategy!r} is not a compute strategy of this model: {list(self.compute)}"
             )
-        compute[strategy].set_setting(tier, setting)
-        self.get_tier(tier).params[strategy] = compute[strategy].setting(tier)
+        self.set_params(tier, strategy, setting)
 
     def tier_strategy(self, tier: str) -> str:
         """The strategies that act at ``tier``, joined with ``+`` (``"none"`` when none does)."""
@@ -274,113 +237,114 @@ class TieredModel(nn.Module):
     # --- forward -----------------------------------------------------------------------------
     def forward(
         self,
-        x: torch.Tensor,
         *args: Any,
         tier: str | None = None,
         tiers: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run the model at one tier, or at a tier per sample (``tiers``, one per row of ``x``)."""
+        """Run the model at one tier, or at a tier per sample (``tiers``, one per sample)."""
         if self.input_spec is not None:
-            self.input_spec.check(x)
+            self.input_spec.check(main_input(args, kwargs))
         if tiers is None:
-            return self.forward_tier(x, self._resolve_tier(tier), *args, **kwargs)
+            return self.executor.run(self._resolve_tier(tier), *args, **kwargs)
         if tier is not None:
             raise ValueError("pass either tier= (whole batch) or tiers= (one per sample), not both")
-        if isinstance(tiers, str) or len(tiers) != x.shape[0]:
-            raise ValueError(
-                f"tiers= needs one tier name per sample: got {len(tiers)} for a batch of {x.shape[0]}"
-            )
-        groups: dict[str, list[int]] = {}
-        for index, name in enumerate(tiers):
-            groups.setdefault(self.get_tier(name).name, []).append(index)
-        if len(groups) == 1:
-            return self.forward_tier(x, next(iter(groups)), *args, **kwargs)
-        parts = []
-        for name, indices in groups.items():
-            index = torch.tensor(indices, device=x.device)
-            parts.append(
-                (index, self.forward_tier(x.index_select(0, index), name, *args, **kwargs))
-            )
-        return _scatter(parts, x.shape[0])
+        return self.executor.run_mixed(tiers, *args, **kwargs)
 
-    def forward_tier(self, x: torch.Tensor, tier: str | None, *args: Any, **kwargs: Any) -> Any:
+    def forward_tier(self, x: Any, tier: str | None, *args: Any, **kwargs: Any) -> Any:
         """Run the whole batch at ``tier`` (``None`` or a ``full`` tier: the untouched model)."""
-        if tier is None or self.tiers[tier].is_full:
-            with self.context.activate(None):
-                return self.base_model(x, *args, **kwargs)
-        if not self.is_calibrated(tier):
-            raise RuntimeError(f"tier {tier!r} is not calibrated yet: run nnobfuscator.calibrate()")
-        inputs = x
-        for strategy in self.strategies.values():
-            inputs = strategy.transform_input(inputs, tier)
-        with self.context.activate(tier):
-            output = self.base_model(inputs, *args, **kwargs)
-        for strategy in self.strategies.values():
-            output = strategy.transform_output(output, x, tier)
-        return output
+        return self.executor.run(tier, x, *args, **kwargs)
 
     # --- status ------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        """One row per tier: target, strategy, calibrated parameters, metrics, cost, layers."""
-        rows = []
-        for tier in self.tiers.values():
-            rows.append(
-                {
-                    "tier": tier.name,
-                    "target": tier.target.spec,
-                    "target_value": tier.target_value,
-                    "strategy": self.tier_strategy(tier.name),
-                    "params": {} if tier.is_full else tier.params,
-                    "metrics": tier.metrics,
-                    "relative_cost": tier.relative_cost,
-                    "calibrated": self.is_calibrated(tier.name),
-                }
-            )
-        return rows
+        """One row per tier: target, strategy, calibrated parameters, metrics, cost."""
+        return [
+            {
+                "tier": tier.name,
+                "target": tier.target.spec,
+                "target_value": tier.target_value,
+                "strategy": self.tier_strategy(tier.name),
+                "params": {} if tier.is_full else tier.params,
+                "metrics": tier.metrics,
+                "relative_cost": tier.relative_cost,
+                "calibrated": self.is_calibrated(tier.name),
+            }
+            for tier in self.tiers.values()
+        ]
 
     def describe(self) -> dict[str, Any]:
-        """Model-level facts: task, model, key id, strategies and their layers."""
+        """Model-level facts: task, model, key id, strategies and the layers each acts on."""
         return {
             "task": self.task,
             "model": self.model_name,
             "key_id": key_id(self.key),
             "base_fingerprint": self.base_fingerprint,
             "input_spec": asdict(self.input_spec) if self.input_spec else None,
-            "strategies": {n: sorted(s.layers) for n, s in self.strategies.items()},
+            "strategies": {n: s.config()["targets"] or [] for n, s in self.strategies.items()},
         }
 
     # --- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str | Path) -> Path:
         """Write config JSON + safetensors + a README card (see ``nnobfuscator.serialization``)."""
-        from nnobfuscator.serialization import save_tiered
-
-        save_tiered(self, directory)
+        config = {
+            **{k: v for k, v in self.describe().items() if k != "strategies"},
+            "strategies": [
+                {**strategy.config(), "fingerprint": strategy.fingerprint()}
+                for strategy in self.strategies.values()
+            ],
+            "tiers": [tier.to_dict() for tier in self.tiers.values()],
+            "meta": self.meta,
+        }
+        tensors: dict[str, torch.Tensor] = {"key": torch.tensor(list(self.key), dtype=torch.uint8)}
+        for strategy in self.strategies.values():
+            tensors.update(strategy.state_tensors())
+        return serialization.write_artifact(directory, config, tensors)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str, base_model: nn.Module, *, check_base: bool = True
+        cls, directory: str | Path, base_model: nn.Module, *, check_base: bool = True
     ) -> TieredModel:
-        """Load an artifact onto ``base_model`` (the same trained weights it was calibrated on)."""
-        from nnobfuscator.serialization import load_tiered
+        """Load an artifact onto ``base_model`` (the same trained weights it was calibrated on).
 
-        return load_tiered(directory, base_model, check_base=check_base)
-
-
-def _scatter(parts: list[tuple[torch.Tensor, Any]], batch: int) -> Any:
-    """Reassemble per-group outputs (tensors, dicts, tuples of them) into batch order."""
-    first = parts[0][1]
-    if isinstance(first, torch.Tensor):
-        out = first.new_empty((batch, *first.shape[1:]))
-        for index, part in parts:
-            out.index_copy_(0, index, part)
-        return out
-    if isinstance(first, Mapping):
-        return type(first)((k, _scatter([(i, p[k]) for i, p in parts], batch)) for k in first)
-    if isinstance(first, tuple | list):
-        items = [_scatter([(i, p[j]) for i, p in parts], batch) for j in range(len(first))]
-        return type(first)(items)
-    raise TypeError(f"cannot split a mixed batch over model outputs of type {type(first).__name__}")
+        Raises:
+            ArtifactError: corrupt files, a different base model (when ``check_base``), or keyed
+                state that does not re-derive identically.
+        """
+        config, tensors = serialization.read_artifact(directory)
+        fingerprint = model_fingerprint(base_model)
+        if check_base and fingerprint != config["base_fingerprint"]:
+            raise serialization.ArtifactError(
+                f"the base model does not match the artifact {directory}: its weights fingerprint "
+                f"is {fingerprint}, the artifact was calibrated on {config['base_fingerprint']}. "
+                "Load the same trained weights (or pass check_base=False if you know what you "
+                "are doing)."
+            )
+        key = bytes(tensors["key"].tolist())
+        if key_id(key) != config.get("key_id"):
+            raise serialization.ArtifactError(
+                f"{directory}: the stored key does not match the config's key_id"
+            )
+        spec = config.get("input_spec")
+        model = cls(
+            base_model,
+            [Tier.from_dict(t) for t in config["tiers"]],
+            [{"name": s["name"], "targets": s["targets"]} for s in config["strategies"]],
+            key,
+            task=config["task"],
+            model_name=config.get("model", "model"),
+            input_spec=InputSpec(**spec) if spec else None,
+            meta=config.get("meta", {}),
+            base_fingerprint=fingerprint,
+        )
+        for saved in config["strategies"]:
+            strategy = model.strategies[saved["name"]]
+            strategy.load_state_tensors(tensors)
+            if strategy.fingerprint() != saved["fingerprint"]:
+                raise serialization.ArtifactError(
+                    f"{directory}: strategy {saved['name']!r} re-derives different keyed state "
+                    "(corrupt tensors, or a torch version with another random generator)"
+                )
+        return model
 
 
 def obfuscate(
@@ -420,13 +384,23 @@ def obfuscate(
 
 
 def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
-    """The compute strategy names for ``compute`` (``"auto"``: those the architecture allows)."""
+    """The compute strategy names for ``compute`` (``"auto"``: those the architecture allows).
+
+    ``auto`` takes block skip where the model has skippable residual blocks, channel slim where
+    it has slimmable blocks, and input resolution for image models (first layer a ``Conv2d``).
+    """
     if not compute or compute == "none":
         return []
     if compute == "auto":
-        if residual_blocks(model):
-            return ["block-skip", "channel-slim", "input-resolution"]
-        return ["input-resolution"]
+        names = []
+        if skippable_blocks(model):
+            names.append("block-skip")
+        if slimmable_blocks(model):
+            names.append("channel-slim")
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)), None)
+        if isinstance(first, nn.Conv2d):
+            names.append("input-resolution")
+        return names
     names = [name.strip() for name in compute.split("+") if name.strip()]
     for name in names:
         if get_strategy(name).role != "compute":

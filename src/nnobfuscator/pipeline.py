@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nnobfuscator.calibrate import calibrate, evaluate
+from nnobfuscator.data import Split
 from nnobfuscator.masks import plot_masks
 from nnobfuscator.model import InputSpec, TieredModel, obfuscate
 from nnobfuscator.report import plot_report, write_report
@@ -14,7 +15,6 @@ from nnobfuscator.serialization import read_config
 from nnobfuscator.sources import load_base_model, load_split
 from nnobfuscator.strategies import get_strategy
 from nnobfuscator.tiers import parse_tiers
-from nnobfuscator.zoo.digits import Split
 
 
 @dataclass

@@ -1,25 +1,22 @@
 """Artifact directories: ``config.json`` + ``tiers.safetensors`` + ``README.md``. Never pickle.
 
-The artifact holds the secret key (it is what a server needs to reproduce every tier): keep it
-where the weights are kept.
+This module knows the file format only; ``TieredModel.save_pretrained`` / ``from_pretrained`` say
+what goes in. The artifact holds the secret key (it is what a server needs to reproduce every
+tier): keep it where the weights are kept.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from nnobfuscator.model import InputSpec, TieredModel, model_fingerprint
-from nnobfuscator.security.keys import key_id
-from nnobfuscator.tiers import Tier
 from nnobfuscator.version import __version__
 
 FORMAT = "nnobfuscator-tiered-model"
@@ -44,37 +41,23 @@ class ArtifactError(ValueError):
     """An artifact directory is missing, corrupt or does not match the given base model."""
 
 
-def save_tiered(model: TieredModel, directory: str | Path) -> Path:
-    """Write ``model``'s tiers, strategies and key to ``directory`` (created if needed)."""
+def write_artifact(
+    directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> Path:
+    """Write ``config`` (stamped with format and version), ``tensors`` and a card to ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "format": FORMAT,
-        "version": __version__,
-        "task": model.task,
-        "model": model.model_name,
-        "input_spec": asdict(model.input_spec) if model.input_spec else None,
-        "strategies": [
-            {**strategy.config(), "fingerprint": strategy.fingerprint()}
-            for strategy in model.strategies.values()
-        ],
-        "tiers": [tier.to_dict() for tier in model.tiers.values()],
-        "key_id": key_id(model.key),
-        "base_fingerprint": model.base_fingerprint,
-        "meta": model.meta,
-    }
-    tensors: dict[str, torch.Tensor] = {"key": torch.tensor(list(model.key), dtype=torch.uint8)}
-    for strategy in model.strategies.values():
-        tensors.update({k: v.contiguous().cpu() for k, v in strategy.state_tensors().items()})
+    config = {**config, "format": FORMAT, "version": __version__}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # Write to temporary names first, so a crash never leaves a half-written artifact behind.
     _atomic_write(directory / TENSORS_NAME, lambda p: save_file(tensors, str(p)))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text))
-    _atomic_write(directory / CARD_NAME, lambda p: p.write_text(model_card(model)))
+    _atomic_write(directory / CARD_NAME, lambda p: p.write_text(model_card(config)))
     return directory
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     tmp.replace(path)
@@ -108,71 +91,39 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_tiered(
-    directory: str | Path, base_model: nn.Module, *, check_base: bool = True
-) -> TieredModel:
-    """Rebuild a :class:`TieredModel` from ``directory`` on top of ``base_model``.
+def read_artifact(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An artifact's config and tensors.
 
     Raises:
-        ArtifactError: corrupt files, a different base model (when ``check_base``), or keyed state
-            that does not re-derive identically.
+        ArtifactError: a missing or corrupt file.
     """
     config = read_config(directory)
-    fingerprint = model_fingerprint(base_model)
-    if check_base and fingerprint != config["base_fingerprint"]:
-        raise ArtifactError(
-            f"the base model does not match the artifact {directory}: its weights fingerprint is "
-            f"{fingerprint}, the artifact was calibrated on {config['base_fingerprint']}. Load the "
-            "same trained weights (or pass check_base=False if you know what you are doing)."
-        )
     try:
         tensors = load_file(str(Path(directory) / TENSORS_NAME))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise ArtifactError(f"{directory}/{TENSORS_NAME} is missing or corrupt: {err}") from None
-    key = bytes(tensors["key"].tolist())
-    if key_id(key) != config.get("key_id"):
-        raise ArtifactError(f"{directory}: the stored key does not match the config's key_id")
-    spec = config.get("input_spec")
-    model = TieredModel(
-        base_model,
-        [Tier.from_dict(t) for t in config["tiers"]],
-        [{"name": s["name"], "targets": s["targets"]} for s in config["strategies"]],
-        key,
-        task=config["task"],
-        model_name=config.get("model", "model"),
-        input_spec=InputSpec(**spec) if spec else None,
-        meta=config.get("meta", {}),
-        base_fingerprint=fingerprint,
-    )
-    for saved in config["strategies"]:
-        strategy = model.strategies[saved["name"]]
-        strategy.load_state_tensors(tensors)
-        if strategy.fingerprint() != saved["fingerprint"]:
-            raise ArtifactError(
-                f"{directory}: strategy {saved['name']!r} re-derives different keyed state "
-                "(corrupt tensors, or a torch version with another random generator)"
-            )
-    return model
+    return config, tensors
 
 
-def model_card(model: TieredModel) -> str:
+def model_card(config: dict[str, Any]) -> str:
     """A short Markdown card with the tier table."""
+    strategies = "+".join(s["name"] for s in config.get("strategies", [])) or "none"
     lines = [
-        f"# Tiered {model.model_name} ({model.task})",
+        f"# Tiered {config.get('model', 'model')} ({config.get('task')})",
         "",
-        f"Made with nnobfuscator {__version__}. Strategy: {'+'.join(model.strategies) or 'none'}. "
-        f"Key id: `{key_id(model.key)}`. Load with "
+        f"Made with nnobfuscator {__version__}. Strategy: {strategies}. "
+        f"Key id: `{config.get('key_id')}`. Load with "
         "`TieredModel.from_pretrained(dir, base_model)`.",
         "",
         "| tier | target | achieved (calibration) | achieved (test) | relative cost | params |",
         "|---|---|---|---|---|---|",
     ]
-    for tier in model.tiers.values():
-        metrics = tier.metrics
-        params = json.dumps(tier.params, sort_keys=True) if tier.params else "-"
+    for tier in config.get("tiers", []):
+        metrics = tier.get("metrics", {})
+        params = json.dumps(tier["params"], sort_keys=True) if tier.get("params") else "-"
         lines.append(
-            f"| {tier.name} | {tier.target.spec} | {_pct(metrics.get('calibration'))} | "
-            f"{_pct(metrics.get('test'))} | {tier.relative_cost:.3f} | {params} |"
+            f"| {tier['name']} | {tier['target']} | {_pct(metrics.get('calibration'))} | "
+            f"{_pct(metrics.get('test'))} | {tier.get('relative_cost', 1.0):.3f} | {params} |"
         )
     return "\n".join(lines) + "\n\nThis directory contains the secret key: keep it private.\n"
 

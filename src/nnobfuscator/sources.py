@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnobfuscator.zoo.digits import Split
+from nnobfuscator.data import Split
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -71,3 +71,31 @@ def keyed_orthogonal(key: bytes, size: int, *labels: str) -> torch.Tensor:
 def keyed_normal(key: bytes, shape: tuple[int, ...], *labels: str) -> torch.Tensor:
     """Keyed standard normal noise of the given shape."""
     return torch.randn(shape, generator=keyed_generator(key, "normal", *labels))
+
+
+MIX_BLOCK = 256
+
+
+def keyed_permutation(key: bytes, size: int, *labels: str) -> torch.Tensor:
+    """A keyed random permutation of ``range(size)``."""
+    return torch.randperm(size, generator=keyed_generator(key, "permutation", str(size), *labels))
+
+
+def keyed_block_orthogonal(
+    key: bytes, size: int, *labels: str, block: int = MIX_BLOCK
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A keyed orthogonal map on ``size`` features that is cheap at any size.
+
+    The features are permuted by a keyed permutation, then cut into consecutive groups of at most
+    ``block`` (near-equal sizes), each mixed by its own keyed Haar-random orthogonal matrix. Up to
+    ``block`` features this is a dense Haar orthogonal; above, it stays orthogonal and costs
+    ``size * block`` instead of ``size**2``.
+
+    Returns:
+        The permutation and the orthogonal blocks (in order).
+    """
+    permutation = keyed_permutation(key, size, *labels)
+    count = -(-size // block)
+    sizes = [size // count + (1 if i < size % count else 0) for i in range(count)]
+    blocks = [keyed_orthogonal(key, n, *labels, f"block{i}") for i, n in enumerate(sizes)]
+    return permutation, blocks

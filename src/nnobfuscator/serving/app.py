@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from nnobfuscator.model import TieredModel
 from nnobfuscator.serving.auth import Authenticator, Principal
-from nnobfuscator.serving.batcher import MicroBatcher, split_batch
+from nnobfuscator.serving.batcher import MicroBatcher
 from nnobfuscator.serving.config import ServeConfig
 from nnobfuscator.serving.errors import ApiError, install_error_handlers
 from nnobfuscator.serving.images import decode_image
@@ -323,13 +323,5 @@ def _answer(answer: ClassifyResponse | SegmentResponse | GenerateResponse) -> An
 
 
 def _forward(model: TieredModel, batch: Any, tiers: list[str]) -> Any:
-    """One forward pass with a tier per sample; prompt lists run once per tier present."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch, tiers=tiers)
-    outputs: list[Any] = [None] * len(batch)
-    for tier in dict.fromkeys(tiers):
-        index = [i for i, name in enumerate(tiers) if name == tier]
-        result = model([batch[i] for i in index], tier=tier)
-        for i, output in zip(index, split_batch(result, len(index)), strict=True):
-            outputs[i] = output
-    return outputs
+    """One call with a tier per sample (images or prompts); the executor groups by tier."""
+    return model(batch, tiers=tiers)

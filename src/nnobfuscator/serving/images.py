@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as F
 
+from nnobfuscator.outputs import read_output
 from nnobfuscator.serving.errors import ApiError
 
 ACCEPTED_FORMATS = {"PNG", "JPEG"}
@@ -113,11 +114,8 @@ def encode_png(array: np.ndarray | Image.Image) -> bytes:
 def mask_of(output: Any) -> torch.Tensor:
     """A class mask ``(H, W)`` from one sample's segmentation output (logits ``(C, H, W)`` or a
     torchvision ``{"out": ...}`` dict)."""
-    if isinstance(output, dict):
-        if "out" not in output:
-            raise TypeError("a segmentation output dict needs an 'out' tensor (torchvision style)")
-        output = output["out"]
-    if not isinstance(output, torch.Tensor) or output.dim() != 3:
+    output = read_output(output)
+    if output.dim() != 3:
         raise TypeError(
             "a segmentation model must return logits (N, C, H, W) or {'out': (N, C, H, W)}"
         )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nnobfuscator.outputs import read_output
 from nnobfuscator.serving.images import generated_png, mask_of, mask_png, mask_rle
 from nnobfuscator.serving.loader import ServedModel
 from nnobfuscator.serving.schemas import (
@@ -26,8 +27,8 @@ TEXT_TO_IMAGE = {"text-to-image", "text_to_image", "text2image"}
 
 def classify_answer(served: ServedModel, output: Any, tier: str, top_k: int) -> ClassifyResponse:
     """Label and top-k softmax scores from one sample's logits (tensor or ``{"out": ...}``)."""
-    logits = output["out"] if isinstance(output, dict) else output
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 1:
+    logits = read_output(output)
+    if logits.dim() != 1:
         raise TypeError("a classifier must return logits (N, classes) or {'out': (N, classes)}")
     probs = torch.softmax(logits.float(), dim=0)
     scores, indices = probs.topk(min(top_k, probs.numel()))

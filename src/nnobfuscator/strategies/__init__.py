@@ -2,15 +2,13 @@
 
 from nnobfuscator.strategies.base import (
     Strategy,
-    TierContext,
-    TieredLayer,
     get_strategy,
     list_strategies,
     register_strategy,
     resolve_targets,
 )
 from nnobfuscator.strategies.block_skip import BlockSkip
-from nnobfuscator.strategies.blocks import TieredBlock
+from nnobfuscator.strategies.blocks import TieredBlock, register_block
 from nnobfuscator.strategies.channel_slim import ChannelSlim
 from nnobfuscator.strategies.compute import ComputeStrategy
 from nnobfuscator.strategies.feature_mix import FeatureMix
@@ -26,12 +24,11 @@ __all__ = [
     "InputResolution",
     "LogitNoise",
     "Strategy",
-    "TierContext",
     "TieredBlock",
-    "TieredLayer",
     "WeightNoise",
     "get_strategy",
     "list_strategies",
+    "register_block",
     "register_strategy",
     "resolve_targets",
 ]

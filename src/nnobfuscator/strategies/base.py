@@ -1,120 +1,37 @@
-"""What strategies share: the tier context, the wrapped layer, the base class and the registry.
+"""What strategies share: the base class, the registry and the generic choice of target layers.
 
 Strategies come in two roles. *Degrading* strategies lower utility by a continuous strength per
-tier: a *layer* strategy transforms the weights of chosen ``Conv2d``/``Linear`` layers (cached per
-tier, so a tier costs what the plain layer costs), an *output* strategy transforms the model's
-output. *Compute* strategies (``nnobfuscator.strategies.compute``) make a tier cheaper with a
-discrete setting per tier (skipped blocks, kept channels, input resolution).
+tier: a *layer* strategy transforms the weights of chosen layers (cached per tier, so a tier costs
+what the plain layer costs), an *output* strategy transforms the model's output. *Compute*
+strategies (``nnobfuscator.strategies.compute``) make a tier cheaper with a discrete setting.
+
+A strategy keeps no calibrated state of its own: a tier's parameters live in
+``Tier.params[strategy.name]`` (the tiers are the one owner) and the strategy reads them there.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
-
-WeightTransform = Callable[[torch.Tensor, str], torch.Tensor | None]
-_context_counter = 0
-
-
-class TierContext:
-    """Carries the tier of the forward pass in flight down to the wrapped layers.
-
-    Backed by a ``ContextVar``: concurrent forwards in other threads or asyncio tasks each see
-    their own tier, so no request ever sees another's.
-    """
-
-    def __init__(self) -> None:
-        global _context_counter
-        _context_counter += 1
-        self._var: ContextVar[str | None] = ContextVar(
-            f"nnobf_tier_{_context_counter}", default=None
-        )
-
-    @property
-    def current(self) -> str | None:
-        return self._var.get()
-
-    @contextmanager
-    def activate(self, tier: str | None) -> Iterator[None]:
-        token = self._var.set(tier)
-        try:
-            yield
-        finally:
-            self._var.reset(token)
-
-
-class TieredLayer(nn.Module):
-    """A ``Conv2d`` or ``Linear`` whose weight depends on the active tier.
-
-    The original module is kept as ``base_layer`` and runs untouched (bit-exact) when no tier, or a
-    tier no strategy changes, is active. Per-tier weights are computed once and cached.
-    """
-
-    def __init__(self, base_layer: nn.Conv2d | nn.Linear, context: TierContext) -> None:
-        super().__init__()
-        if isinstance(base_layer, nn.Conv2d) and base_layer.groups != 1:
-            raise ValueError("grouped convolutions cannot be tiered yet; pick other target layers")
-        self.base_layer = base_layer
-        self._context = context
-        self.weight_transforms: dict[str, WeightTransform] = {}
-        self._weights: dict[str, torch.Tensor | None] = {}
-
-    def invalidate(self, tier: str | None = None) -> None:
-        """Forget cached weights of ``tier`` (all tiers when ``None``) after a strength changed."""
-        if tier is None:
-            self._weights.clear()
-        else:
-            self._weights.pop(tier, None)
-
-    def tier_weight(self, tier: str) -> torch.Tensor | None:
-        """The weight this layer uses at ``tier``, or ``None`` when it is the original one."""
-        base = self.base_layer.weight
-        cached = self._weights.get(tier, base)
-        if cached is not base and (cached is None or cached.device == base.device):
-            return cached
-        # Cached weights must be ordinary tensors even when first built under inference_mode
-        # (calibration), or later forwards with autograd enabled would refuse them.
-        with torch.inference_mode(False), torch.no_grad():
-            weight, changed = base.detach().float(), False
-            for transform in self.weight_transforms.values():
-                new = transform(weight, tier)
-                if new is not None:
-                    weight, changed = new, True
-            result = weight.to(base.dtype).contiguous() if changed else None
-        self._weights[tier] = result
-        return result
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tier = self._context.current
-        weight = None if tier is None else self.tier_weight(tier)
-        if weight is None:
-            return self.base_layer(x)
-        if isinstance(self.base_layer, nn.Conv2d):
-            return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
-        return F.linear(x, weight, self.base_layer.bias)
+from nnobfuscator.registry import Registry
+from nnobfuscator.wrapping import Host, TieredLayer, layer_adapter, unwrapped_name
 
 
 class Strategy:
     """Base of all obfuscation strategies: one scalar strength per tier, 0 meaning untouched.
 
-    Subclasses set ``name`` and ``kind`` and override :meth:`attach_layer` (layer strategies) or
-    :meth:`transform_output` (output strategies).
+    Subclasses set ``name`` and ``kind`` and override :meth:`prepare_layer` and
+    :meth:`transform_weight` (layer strategies) or :meth:`transform_output` (output strategies).
 
     Args:
         key: the tiered model's secret key; every random choice derives from it.
         targets: module-name patterns (``fnmatch``) of the layers to act on; ``None`` picks the
-            architecture's default.
+            default (:func:`resolve_targets`).
     """
 
     name: ClassVar[str]
@@ -122,76 +39,84 @@ class Strategy:
     role: ClassVar[str] = "degrade"
     max_strength: ClassVar[float] = 1.0
     description: ClassVar[str] = ""
+    #: where the default targets start, as a share of the model's candidate layers in order
+    default_start: ClassVar[float] = 1 / 3
 
     def __init__(self, key: bytes, targets: list[str] | None = None, **options: Any) -> None:
         if options:
             raise ValueError(f"strategy {self.name!r} got unknown options {sorted(options)}")
         self.key = key
         self.target_patterns = list(targets) if targets else None
-        self.strengths: dict[str, float] = {}
-        self.layers: dict[str, TieredLayer] = {}
+        self.layers: dict[str, nn.Module] = {}
+        self.host: Host | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
-    def attach(self, tiered: TieredModel) -> None:
-        """Wrap the target layers of ``tiered.base_model`` (layer strategies)."""
+    def attach(self, host: Host) -> None:
+        """Wrap the target layers of ``host.root`` (layer strategies)."""
+        self.host = host
         if self.kind != "layer":
             return
-        names = resolve_targets(tiered.base_model, self.target_patterns, self.name)
-        for name in names:
-            layer = tiered.wrap_layer(name)
+        for name in resolve_targets(host.root, self.target_patterns, self.default_start):
+            layer = host.wrap_layer(name)
             self.layers[name] = layer
-            self.attach_layer(name, layer)
-            layer.weight_transforms[self.name] = self._make_transform(name)
+            self.prepare_layer(name, layer)
+            layer.transforms[self.name] = self
 
     def detach(self) -> None:
         for layer in self.layers.values():
-            layer.weight_transforms.pop(self.name, None)
-            layer.invalidate()
+            if isinstance(layer, TieredLayer):
+                layer.transforms.pop(self.name, None)
         self.layers.clear()
 
-    def attach_layer(self, name: str, layer: TieredLayer) -> None:
+    def prepare_layer(self, name: str, layer: TieredLayer) -> None:
         """Prepare keyed state for one target layer."""
 
-    def _make_transform(self, name: str) -> WeightTransform:
-        def transform(weight: torch.Tensor, tier: str) -> torch.Tensor | None:
-            strength = self.strengths.get(tier, 0.0)
-            return None if strength == 0.0 else self.transform_weight(name, weight, strength)
+    # --- per-tier parameters (read from the tiers, never stored here) -----------------------
+    def params(self, tier: str) -> dict[str, Any]:
+        """This strategy's calibrated parameters at ``tier`` (empty when it has none)."""
+        info = self.host.tiers.get(tier) if self.host is not None else None
+        return info.params.get(self.name, {}) if info is not None else {}
 
-        return transform
+    def strength(self, tier: str) -> float:
+        return float(self.params(tier).get("strength", 0.0))
 
-    def transform_weight(self, name: str, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Validate a tier's parameters for this strategy; returns them normalised.
+
+        Raises:
+            ValueError: a strength outside ``[0, max_strength]``.
+        """
+        strength = params.get("strength")
+        if not isinstance(strength, int | float) or not 0.0 <= strength <= self.max_strength:
+            raise ValueError(
+                f"{self.name} strength must lie in [0, {self.max_strength}], got {strength!r}"
+            )
+        return {"strength": float(strength)}
+
+    def is_active(self, tier: str) -> bool:
+        """Whether this strategy changes anything at ``tier``."""
+        return self.strength(tier) > 0.0
+
+    def signature(self, tier: str) -> Any:
+        """What this strategy's weights depend on at ``tier`` (``None``: unchanged)."""
+        strength = self.strength(tier)
+        return strength if strength > 0.0 else None
+
+    # --- transforms ------------------------------------------------------------------------
+    def transform_weight(self, layer: str, weight: torch.Tensor, tier: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def transform_input(self, inputs: torch.Tensor, tier: str) -> torch.Tensor:
-        """Transform the model input at ``tier`` (identity unless a strategy changes inputs)."""
+    def transform_input(self, inputs: Any, tier: str) -> Any:
+        """Transform the model's main input at ``tier`` (identity unless a strategy changes it)."""
         return inputs
 
     def input_signature(self, tier: str) -> Any:
         """What :meth:`transform_input` depends on at ``tier`` (``None``: inputs unchanged)."""
         return None
 
-    def transform_output(self, output: Any, inputs: torch.Tensor, tier: str) -> Any:
+    def transform_output(self, output: Any, inputs: Any, tier: str) -> Any:
         """Transform the model output at ``tier`` (output strategies)."""
         return output
-
-    # --- per-tier parameters ---------------------------------------------------------------
-    def load_params(self, tier: str, params: dict[str, Any]) -> None:
-        """Restore a tier's calibrated parameters (as stored in ``Tier.params[self.name]``)."""
-        if "strength" in params:
-            self.set_strength(tier, params["strength"])
-
-    def is_active(self, tier: str) -> bool:
-        """Whether this strategy changes anything at ``tier``."""
-        return self.strengths.get(tier, 0.0) > 0.0
-
-    def set_strength(self, tier: str, strength: float) -> None:
-        if not 0.0 <= strength <= self.max_strength:
-            raise ValueError(
-                f"{self.name} strength must lie in [0, {self.max_strength}], got {strength}"
-            )
-        self.strengths[tier] = float(strength)
-        for layer in self.layers.values():
-            layer.invalidate(tier)
 
     # --- persistence -----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -217,80 +142,80 @@ class Strategy:
         return self.state_tensors()
 
 
-_REGISTRY: dict[str, type[Strategy]] = {}
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator adding a strategy to the registry under ``cls.name``."""
-    _REGISTRY[cls.name] = cls
+    """Class decorator adding a strategy to the registry under ``cls.name`` (refuses duplicates)."""
+    STRATEGIES.register(cls.name, cls)
     return cls
 
 
 def list_strategies() -> list[str]:
-    return sorted(_REGISTRY)
+    return STRATEGIES.names()
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown strategy {name!r}; choose one of {', '.join(list_strategies())}"
-        ) from None
+    return STRATEGIES.get(name)
 
 
 # --- target layers -----------------------------------------------------------------------------
-# ResNets: mixing the inputs of the residual branches of the last three stages spreads the damage
-# over several layers (one layer bottoms out; the classifier input falls off a cliff).
-_RESNET_PATTERNS: dict[str, list[str]] = {
-    "feature-mix": ["*layer2.*.conv1", "*layer3.*.conv1", "*layer4.*.conv1"],
-    "weight-noise": ["*layer3.*.conv*", "*layer4.*.conv*"],
-}
-# Other CNNs (VGG, plain stacks): a share of the convolutions, from the middle on.
-_CONV_SHARE: dict[str, float] = {"feature-mix": 1 / 3, "weight-noise": 1 / 2}
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers a strategy can act on, by name, in the model's definition order.
+
+    Every module with a layer adapter (``Conv`` but not depthwise, ``Linear``,
+    ``MultiheadAttention``), except modules inside another candidate (an attention's
+    ``out_proj`` is read by the attention, not called).
+    """
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        plain = unwrapped_name(name)
+        parts = plain.split(".")
+        if not name or any(".".join(parts[:i]) in found for i in range(1, len(parts) + 1)):
+            continue
+        if isinstance(module, TieredLayer) or layer_adapter(module) is not None:
+            found[plain] = module
+    return found
 
 
-def _is_resnet(model: nn.Module) -> bool:
-    """A torchvision ResNet, or a model with a ResNet backbone (DeepLabV3, FCN)."""
-    if any(cls.__name__ == "ResNet" for cls in type(model).__mro__):
-        return True
-    return hasattr(getattr(model, "backbone", None), "layer1")
+def resolve_targets(
+    model: nn.Module, patterns: list[str] | None, default_start: float = 1 / 3
+) -> list[str]:
+    """Names of the layers matching ``patterns``, or the default: the middle of the network.
 
-
-def resolve_targets(model: nn.Module, patterns: list[str] | None, strategy: str) -> list[str]:
-    """Names of the ``Conv2d``/``Linear`` layers matching ``patterns`` (or the default).
+    The default rule is generic: of the candidate layers in order, skip the stem (the first
+    ``default_start`` share, at least one layer) and the head (the last layer), and keep the rest,
+    except a layer holding over half of all their weights (VGG's 25088-wide classifier layer):
+    its per-tier copy would cost more than the rest of the model.
 
     Raises:
-        ValueError: nothing matches, or the model has too few convolutions for a default.
+        ValueError: nothing matches, or the model has too few layers for a default.
     """
-    candidates = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d | nn.Linear | TieredLayer)
-        and not name.endswith(".base_layer")
-    }
+    candidates = candidate_layers(model)
+    names = list(candidates)
     if patterns is None:
-        if _is_resnet(model) and strategy in _RESNET_PATTERNS:
-            patterns = _RESNET_PATTERNS[strategy]
-        else:
-            convs = [
-                n
-                for n, m in candidates.items()
-                if isinstance(m, nn.Conv2d)
-                or isinstance(m, TieredLayer)
-                and isinstance(m.base_layer, nn.Conv2d)
-            ]
-            if len(convs) < 2:
-                raise ValueError(
-                    f"no default target layers for {type(model).__name__} ({len(convs)} "
-                    "convolutions); pass targets=['module.name.pattern', ...]"
-                )
-            start = max(1, int(len(convs) * _CONV_SHARE.get(strategy, 1 / 3)))
-            patterns = convs[start:]
-    names = [n for n in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not names:
+        if len(names) < 2:
+            raise ValueError(
+                f"no default target layers for {type(model).__name__}: it has {len(names)} "
+                "layers that can be tiered (Conv, Linear, MultiheadAttention); pass "
+                "targets=['module.name.pattern', ...]"
+            )
+        if len(names) == 2:  # a stem and one more layer
+            return names[1:]
+        start = max(1, int(len(names) * default_start))
+        sizes = {n: _weight_size(m) for n, m in candidates.items()}
+        limit = sum(sizes.values()) / 2
+        return [n for n in names[start:-1] if sizes[n] <= limit] or names[start:-1]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
         raise ValueError(
-            f"target patterns {patterns} match no Conv2d/Linear layer of {type(model).__name__}; "
-            f"some layer names: {list(candidates)[:8]}"
+            f"target patterns {patterns} match no layer that can be tiered in "
+            f"{type(model).__name__}; some layer names: {names[:8]}"
         )
-    return names
+    return chosen
+
+
+def _weight_size(module: nn.Module) -> int:
+    inner = module.base_layer if isinstance(module, TieredLayer) else module
+    adapter = layer_adapter(inner)
+    return getattr(inner, adapter.weight).numel() if adapter is not None else 0

@@ -1,44 +1,39 @@
 """Block skip: a tier runs without some residual blocks (they return their input, unrun).
 
-Only blocks whose shortcut is the identity can be skipped (torchvision ``BasicBlock`` and
-``Bottleneck`` without ``downsample``). Which blocks a tier skips is chosen by calibration: the
-cheapest set whose utility still clears the tier's target.
+Any block registered in :mod:`nnobfuscator.strategies.blocks` whose shortcut is the identity can be
+skipped (torchvision's ResNet, MobileNet, EfficientNet, MNASNet, ConvNeXt, RegNet, ViT and Swin
+blocks out of the box). Which blocks a tier skips is chosen by calibration: the cheapest set whose
+utility still clears the tier's target.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import TYPE_CHECKING
+from typing import Any
 
 from nnobfuscator.strategies.base import register_strategy
-from nnobfuscator.strategies.blocks import TieredBlock, is_skippable, residual_blocks
+from nnobfuscator.strategies.blocks import TieredBlock, skippable_blocks, wrap_block
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
-
-if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+from nnobfuscator.wrapping import Host
 
 
-def matching_blocks(tiered: TieredModel, patterns: list[str] | None, strategy: str) -> list[str]:
-    """Names of the residual blocks matching ``patterns`` (all of them when ``None``).
+def matching(names: list[str], patterns: list[str] | None, strategy: str, what: str) -> list[str]:
+    """``names`` matching ``patterns`` (all of them when ``None``).
 
     Raises:
-        ValueError: the model has no torchvision residual blocks, or none match.
+        ValueError: there are no ``names``, or none match.
     """
-    blocks = list(residual_blocks(tiered.base_model))
-    if not blocks:
-        raise ValueError(
-            f"{strategy} needs torchvision residual blocks (BasicBlock/Bottleneck, as in ResNet, "
-            f"DeepLabV3, FCN); {type(tiered.base_model).__name__} has none. Drop {strategy} from "
-            "the compute strategies"
-        )
-    names = [
-        n
-        for n in blocks
-        if patterns is None or any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns)
-    ]
     if not names:
-        raise ValueError(f"{strategy}: patterns {patterns} match no block; blocks: {blocks[:8]}")
-    return names
+        raise ValueError(
+            f"{strategy} found no {what} in this model; register its block type with "
+            "nnobfuscator.strategies.blocks.register_block, or drop it from the compute strategies"
+        )
+    chosen = [
+        n for n in names if patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns)
+    ]
+    if not chosen:
+        raise ValueError(f"{strategy}: patterns {patterns} match no {what}; some: {names[:8]}")
+    return chosen
 
 
 @register_strategy
@@ -46,15 +41,25 @@ class BlockSkip(ComputeStrategy):
     name = "block-skip"
     description = "skip residual blocks at lower tiers (skipped blocks never run)"
 
-    def attach(self, tiered: TieredModel) -> None:
-        for name in matching_blocks(tiered, self.target_patterns, self.name):
-            wrapper = tiered.wrap_block(name)
-            if is_skippable(wrapper.base_block):
-                self.layers[name] = wrapper
+    def attach(self, host: Host) -> None:
+        super().attach(host)
+        names = matching(
+            list(skippable_blocks(host.root)),
+            self.target_patterns,
+            self.name,
+            "skippable residual blocks",
+        )
+        for name in names:
+            wrapper = wrap_block(host, name)
+            wrapper.skip_rules[self.name] = lambda tier, name=name: (
+                name in self.setting(tier)["skip"]
+            )
+            self.layers[name] = wrapper
 
     def detach(self) -> None:
         for wrapper in self.layers.values():
-            wrapper.skip.clear()
+            if isinstance(wrapper, TieredBlock):
+                wrapper.skip_rules.pop(self.name, None)
         self.layers.clear()
 
     def default_setting(self) -> Setting:
@@ -64,16 +69,12 @@ class BlockSkip(ComputeStrategy):
         skipped = set(setting["skip"])
         return [{"skip": sorted(skipped | {name})} for name in self.layers if name not in skipped]
 
-    def apply_setting(self, tier: str, setting: Setting) -> None:
-        unknown = set(setting.get("skip", [])) - set(self.layers)
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        skip = params.get("skip", [])
+        unknown = set(skip) - set(self.layers) if isinstance(skip, list) else {repr(skip)}
         if unknown:
             raise ValueError(
                 f"block-skip: {sorted(unknown)} are not skippable blocks of this model; "
                 f"skippable: {sorted(self.layers)}"
             )
-        for name, wrapper in self.layers.items():
-            block: TieredBlock = wrapper
-            if name in setting["skip"]:
-                block.skip.add(tier)
-            else:
-                block.skip.discard(tier)
+        return {"skip": sorted(skip)}

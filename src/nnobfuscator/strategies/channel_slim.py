@@ -1,23 +1,25 @@
-"""Channel slim: a tier runs residual blocks with only their most important inner channels.
+"""Channel slim: a tier runs blocks with only their most important hidden channels.
 
-Within each block, inner channels are ranked by |BN scale| times the L1 norm of the weights that
-read them; a tier keeping 50% of a stage runs every block of that stage with half its inner
-channels, as smaller convolutions (structured pruning without retraining, chosen per tier).
+Applies to every block a slimmer knows (``nnobfuscator.strategies.slimmers``: ResNet blocks,
+transformer MLPs). A tier keeping 50% of a stage runs every block of that stage with half its
+hidden channels, as smaller layers (structured pruning without retraining, chosen per tier).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
+from typing import Any
 
 from nnobfuscator.strategies.base import register_strategy
-from nnobfuscator.strategies.block_skip import matching_blocks
-from nnobfuscator.strategies.blocks import collect_block_statistics, stage_of
+from nnobfuscator.strategies.block_skip import matching
+from nnobfuscator.strategies.blocks import (
+    TieredBlock,
+    collect_statistics,
+    slimmable_blocks,
+    stage_of,
+    wrap_block,
+)
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
-
-if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+from nnobfuscator.wrapping import Host
 
 KEEP_STEPS = (1.0, 0.75, 0.5, 0.25, 0.125)
 
@@ -25,44 +27,59 @@ KEEP_STEPS = (1.0, 0.75, 0.5, 0.25, 0.125)
 @register_strategy
 class ChannelSlim(ComputeStrategy):
     name = "channel-slim"
-    description = "run residual blocks with fewer inner channels at lower tiers (smaller convs)"
+    description = "run blocks with fewer hidden channels at lower tiers (smaller layers)"
 
-    def attach(self, tiered: TieredModel) -> None:
-        for name in matching_blocks(tiered, self.target_patterns, self.name):
-            self.layers[name] = tiered.wrap_block(name)
+    def __init__(self, key: bytes, targets: list[str] | None = None, **options: Any) -> None:
+        super().__init__(key, targets, **options)
+        self.stage: dict[str, str] = {}
+
+    def attach(self, host: Host) -> None:
+        super().attach(host)
+        names = matching(
+            list(slimmable_blocks(host.root)), self.target_patterns, self.name, "slimmable blocks"
+        )
+        for name in names:
+            self.stage[name] = stage_of(host.root, name, host)
+            wrapper = wrap_block(host, name)
+            wrapper.keep_rules[self.name] = lambda tier, s=self.stage[name]: float(
+                self.setting(tier)["keep"].get(s, 1.0)
+            )
+            self.layers[name] = wrapper
 
     def detach(self) -> None:
         for wrapper in self.layers.values():
-            for tier in list(wrapper.keep):
-                wrapper.set_keep(tier, 1.0)
+            if isinstance(wrapper, TieredBlock):
+                wrapper.keep_rules.pop(self.name, None)
         self.layers.clear()
 
-    def fit(self, tiered: TieredModel, batches: list[torch.Tensor]) -> None:
-        """Measure inner activation statistics (channel ranking and fill values)."""
-        with tiered.context.activate(None):
-            collect_block_statistics(tiered.base_model, self.layers, batches)
+    def slimmers(self) -> dict[str, Any]:
+        return {n: w.slimmer for n, w in self.layers.items() if isinstance(w, TieredBlock)}
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def fit(self, run_clean: Any, batches: list[Any]) -> None:
+        """Measure hidden activation statistics (channel ranking and fill values)."""
+        collect_statistics(run_clean, self.slimmers(), batches)
+
+    def state_tensors(self) -> dict[str, Any]:
         tensors = {}
-        for name, wrapper in self.layers.items():
-            for space, (mean, std) in enumerate(wrapper.stats or []):
+        for name, slimmer in self.slimmers().items():
+            for space, (mean, std) in enumerate(slimmer.stats or []):
                 tensors[f"{self.name}/{name}/{space}/mean"] = mean
                 tensors[f"{self.name}/{name}/{space}/std"] = std
         return tensors
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, wrapper in self.layers.items():
+    def load_state_tensors(self, tensors: dict[str, Any]) -> None:
+        for name, slimmer in self.slimmers().items():
             stats = []
             while f"{self.name}/{name}/{len(stats)}/mean" in tensors:
                 prefix = f"{self.name}/{name}/{len(stats)}"
                 stats.append((tensors[f"{prefix}/mean"].float(), tensors[f"{prefix}/std"].float()))
             if stats:
-                wrapper.set_statistics(stats)
+                slimmer.set_statistics(stats)
 
     @property
     def stages(self) -> list[str]:
-        """The stages (``layer3``, ...) whose share of kept channels a setting chooses."""
-        return list(dict.fromkeys(stage_of(name) for name in self.layers))
+        """The stages whose share of kept channels a setting chooses."""
+        return list(dict.fromkeys(self.stage.values()))
 
     def default_setting(self) -> Setting:
         return {"keep": {}}
@@ -76,13 +93,15 @@ class ChannelSlim(ComputeStrategy):
                 options.append({"keep": {**setting["keep"], stage: max(lower)}})
         return options
 
-    def apply_setting(self, tier: str, setting: Setting) -> None:
-        keep = setting.get("keep", {})
-        unknown = set(keep) - set(self.stages)
-        if unknown or not all(0.0 < float(v) <= 1.0 for v in keep.values()):
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        keep = params.get("keep", {})
+        if (
+            not isinstance(keep, dict)
+            or set(keep) - set(self.stages)
+            or not all(isinstance(v, int | float) and 0.0 < v <= 1.0 for v in keep.values())
+        ):
             raise ValueError(
-                f"channel-slim: bad setting {setting}; give {{'keep': {{stage: share in (0, 1]}}}} "
+                f"channel-slim: bad setting {params}; give {{'keep': {{stage: share in (0, 1]}}}} "
                 f"for stages {self.stages}"
             )
-        for name, wrapper in self.layers.items():
-            wrapper.set_keep(tier, float(keep.get(stage_of(name), 1.0)))
+        return {"keep": {k: float(v) for k, v in keep.items() if v < 1.0}}

@@ -1,8 +1,10 @@
 """Input resolution: a tier sees a downscaled input (fewer pixels, fewer FLOPs everywhere).
 
-For fully-convolutional models (global pooling before the classifier, or dense outputs). Dense
-outputs (``(N, C, h, w)`` maps such as segmentation logits) are scaled back to the input's size,
-so callers see the same output shape at every tier.
+For models that accept other input sizes (fully-convolutional models, global pooling before the
+classifier). Models with a fixed input size (e.g. a ViT's position embeddings) fail at a smaller
+size; calibration then leaves this strategy at full scale. Dense outputs (``(N, C, h, w)`` maps
+such as segmentation logits) are scaled back to the input's size, so callers see the same output
+shape at every tier.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nnobfuscator.outputs import map_output
 from nnobfuscator.strategies.base import register_strategy
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
-from nnobfuscator.strategies.logit_noise import map_logits
 
 SCALE_STEPS = (1.0, 0.875, 0.75, 0.625, 0.5)
 
@@ -22,7 +24,7 @@ SCALE_STEPS = (1.0, 0.875, 0.75, 0.625, 0.5)
 @register_strategy
 class InputResolution(ComputeStrategy):
     name = "input-resolution"
-    description = "downscale the input at lower tiers (fully-convolutional models)"
+    description = "downscale the image input at lower tiers (models that take other sizes)"
 
     def default_setting(self) -> Setting:
         return {"scale": 1.0}
@@ -31,26 +33,29 @@ class InputResolution(ComputeStrategy):
         lower = [step for step in SCALE_STEPS if step < setting["scale"]]
         return [{"scale": max(lower)}] if lower else []
 
-    def apply_setting(self, tier: str, setting: Setting) -> None:
-        scale = setting.get("scale")
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        scale = params.get("scale")
         if not isinstance(scale, int | float) or not 0.0 < scale <= 1.0:
             raise ValueError(f"input-resolution: scale must lie in (0, 1], got {scale!r}")
+        return {"scale": float(scale)}
 
     def scale(self, tier: str) -> float:
-        return float(self.settings.get(tier, self.default_setting())["scale"])
+        return float(self.setting(tier)["scale"])
 
     def input_signature(self, tier: str) -> Any:
         scale = self.scale(tier)
         return None if scale == 1.0 else scale
 
-    def transform_input(self, inputs: torch.Tensor, tier: str) -> torch.Tensor:
+    def transform_input(self, inputs: Any, tier: str) -> Any:
         scale = self.scale(tier)
         if scale == 1.0:
             return inputs
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+            raise ValueError("input-resolution needs image batches (N, C, H, W)")
         size = [max(1, round(side * scale)) for side in inputs.shape[-2:]]
         return F.interpolate(inputs, size=size, mode="bilinear", antialias=True)
 
-    def transform_output(self, output: Any, inputs: torch.Tensor, tier: str) -> Any:
+    def transform_output(self, output: Any, inputs: Any, tier: str) -> Any:
         if self.scale(tier) == 1.0:
             return output
         size = tuple(inputs.shape[-2:])
@@ -60,4 +65,7 @@ class InputResolution(ComputeStrategy):
                 return logits
             return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-        return map_logits(output, restore)
+        return map_output(output, restore)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "targets": ["<input>"]}

@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 from nnobfuscator.security.keys import keyed_normal
-from nnobfuscator.strategies.base import Strategy, TieredLayer, register_strategy
+from nnobfuscator.strategies.base import Strategy, register_strategy
+from nnobfuscator.wrapping import TieredLayer
 
 
 @register_strategy
 class WeightNoise(Strategy):
     name = "weight-noise"
-    max_strength = 4.0
+    max_strength = 8.0
+    default_start = 1 / 2
     description = "keyed Gaussian weight noise, scaled to each layer's weight spread"
 
     def __init__(self, key: bytes, targets: list[str] | None = None, **options) -> None:
@@ -23,14 +25,14 @@ class WeightNoise(Strategy):
         self.noise: dict[str, torch.Tensor] = {}
         self.scales: dict[str, float] = {}
 
-    def attach_layer(self, name: str, layer: TieredLayer) -> None:
-        weight = layer.base_layer.weight.detach()
+    def prepare_layer(self, name: str, layer: TieredLayer) -> None:
+        weight = layer.base_weight.detach()
         self.noise[name] = keyed_normal(self.key, tuple(weight.shape), self.name, name)
         self.scales[name] = float(weight.float().std())
 
-    def transform_weight(self, name: str, weight: torch.Tensor, strength: float) -> torch.Tensor:
-        noise = self.noise[name].to(weight.device)
-        return weight + (strength * self.scales[name]) * noise
+    def transform_weight(self, layer: str, weight: torch.Tensor, tier: str) -> torch.Tensor:
+        noise = self.noise[layer].to(weight.device)
+        return weight + (self.strength(tier) * self.scales[layer]) * noise
 
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.noise)

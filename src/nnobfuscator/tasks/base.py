@@ -7,6 +7,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from nnobfuscator.outputs import read_output
+from nnobfuscator.registry import Registry
+
 
 class Task(ABC):
     """Reads a model's outputs and scores them.
@@ -18,15 +21,8 @@ class Task(ABC):
     metric: ClassVar[str]
 
     def logits(self, output: Any) -> torch.Tensor:
-        """The main logits tensor of a model output (tensor or torchvision ``{"out": ...}`` dict)."""
-        if isinstance(output, torch.Tensor):
-            return output
-        if isinstance(output, dict) and "out" in output:
-            return output["out"]
-        raise TypeError(
-            f"cannot read logits from a model output of type {type(output).__name__}; "
-            "return a tensor or a dict with an 'out' tensor"
-        )
+        """The main tensor of a model output (see :func:`nnobfuscator.outputs.read_output`)."""
+        return read_output(output)
 
     @abstractmethod
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -39,20 +35,18 @@ class Task(ABC):
         return {}
 
 
-_TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task")
 
 
 def register_task(cls: type[Task]) -> type[Task]:
-    _TASKS[cls.name] = cls
+    """Class decorator adding a task under ``cls.name`` (refuses duplicates)."""
+    TASKS.register(cls.name, cls)
     return cls
 
 
 def list_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def get_task(name: str, **options: Any) -> Task:
-    try:
-        return _TASKS[name](**options)
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; choose one of {list_tasks()}") from None
+    return TASKS.get(name)(**options)

@@ -1,11 +1,14 @@
 """The demo model zoo: torchvision models adapted to small inputs, trained once and cached.
 
-Classifiers (resnet18, vgg16) train on digits; segmenters (deeplabv3, fcn) on digit scenes.
+Classifiers (resnet18, vgg16, mobilenet_v3_small, vit) train on digits; segmenters (deeplabv3,
+fcn) on digit scenes.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import models
+from torchvision.models.vision_transformer import VisionTransformer
 
 from nnobfuscator.zoo.cache import cache_dir
 from nnobfuscator.zoo.digits import Split, digits_splits
 from nnobfuscator.zoo.scenes import SCENE_CLASSES, digit_scenes
 from nnobfuscator.zoo.segmenters import small_deeplabv3, small_fcn
-from nnobfuscator.zoo.training import evaluate_metric, train_model
+from nnobfuscator.zoo.training import evaluate_metric, recalibrate_batchnorm, train_model
 
 
 def _small_resnet18(num_classes: int, in_channels: int) -> nn.Module:
@@ -46,9 +50,47 @@ def _small_vgg16(num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
+def _small_mobilenet_v3(num_classes: int, in_channels: int) -> nn.Module:
+    model = models.mobilenet_v3_small(weights=None, num_classes=num_classes)
+    # A stride-1 stem: 32x32 inputs end as a 2x2 map after the four remaining stride-2 stages
+    # (the ImageNet stride-2 stem would collapse them to 1x1).
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(
+        in_channels, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False
+    )
+    nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")  # as torchvision's
+    return model
+
+
+_VIT_IMAGE_SIZE, _VIT_PATCH, _VIT_HIDDEN = 16, 4, 64
+
+
+def _small_vit(num_classes: int, in_channels: int) -> nn.Module:
+    # torchvision's VisionTransformer itself (not a subclass), with small dimensions: 16x16 inputs
+    # give 4x4 patches of 4x4 pixels, plus the class token.
+    model = VisionTransformer(
+        image_size=_VIT_IMAGE_SIZE,
+        patch_size=_VIT_PATCH,
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=_VIT_HIDDEN,
+        mlp_dim=128,
+        num_classes=num_classes,
+    )
+    model.conv_proj = nn.Conv2d(in_channels, _VIT_HIDDEN, kernel_size=_VIT_PATCH, stride=_VIT_PATCH)
+    fan_in = in_channels * _VIT_PATCH * _VIT_PATCH  # torchvision's init of its patch projection
+    nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1 / fan_in))
+    nn.init.zeros_(model.conv_proj.bias)
+    return model
+
+
 @dataclass(frozen=True)
 class ZooEntry:
-    """A demo model: its builder, task, dataset, input size and training recipe."""
+    """A demo model: its builder, task, dataset, input size and training recipe.
+
+    ``reestimate_bn``: after training, recompute the BatchNorm running statistics on the
+    training split (:func:`recalibrate_batchnorm`) before the model is evaluated and cached.
+    """
 
     builder: Callable[[int, int], nn.Module]
     image_size: int
@@ -58,6 +100,7 @@ class ZooEntry:
     task: str = "classification"
     dataset: str = "digits"
     batch_size: int = 64
+    reestimate_bn: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -72,6 +115,10 @@ class ZooEntry:
 _ZOO: dict[str, ZooEntry] = {
     "resnet18": ZooEntry(_small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"),
     "vgg16": ZooEntry(_small_vgg16, image_size=32, epochs=15, lr=5e-4, optimizer="adamw"),
+    "mobilenet_v3_small": ZooEntry(
+        _small_mobilenet_v3, 32, epochs=20, lr=2e-3, optimizer="adamw", reestimate_bn=True
+    ),
+    "vit": ZooEntry(_small_vit, _VIT_IMAGE_SIZE, epochs=60, lr=1e-3, optimizer="adamw"),
     "deeplabv3": ZooEntry(
         small_deeplabv3, 48, 24, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
     ),
@@ -116,13 +163,14 @@ def load_zoo_model(
     epochs = epochs or entry.epochs
     stem = cache_dir() / f"{name}-{entry.dataset}-e{epochs}"
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    model = build_model(name)
     if weights_path.is_file() and info_path.is_file() and not retrain:
+        model = build_model(name)
         model.load_state_dict(load_file(str(weights_path)))
         return model.eval(), json.loads(info_path.read_text())
     splits = entry.splits()
     task = get_task(entry.task)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # fixes the initial weights and the training order
+    model = build_model(name)
     seconds = train_model(
         model,
         splits["train"],
@@ -134,6 +182,10 @@ def load_zoo_model(
         progress=progress,
         description=f"training {name} on {entry.dataset} (once; cached)",
     )
+    if entry.reestimate_bn:
+        start = time.perf_counter()
+        recalibrate_batchnorm(model, splits["train"].images)
+        seconds += time.perf_counter() - start
     info = {
         "model": name,
         "task": entry.task,

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnobfuscator.data import Split
+
+__all__ = ["DIGITS_CLASSES", "Split", "digit_split_indices", "digits_splits"]
+
 DIGITS_CLASSES = [str(i) for i in range(10)]
 _SPLIT_SIZES = {"train": 900, "calibration": 448}  # the rest (449 images) is the test split
 _MEAN, _STD = 0.30, 0.38
-
-
-@dataclass
-class Split:
-    """A labelled image split held in memory: ``images`` (N, C, H, W) float, ``labels`` (N,)
-    class indices (or (N, H, W) per-pixel classes for segmentation)."""
-
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 def digit_split_indices(targets: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,38 @@ def train_model(
 
 
 train_classifier = train_model
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> nn.Module:
+    """Re-estimate the BatchNorm running statistics of ``model`` on ``images``; returns it in eval.
+
+    A short training with a small BN momentum (MobileNetV3 uses 0.01) leaves running statistics
+    that still lag behind the trained weights. They are reset and recomputed as the cumulative
+    average (``momentum=None``) of the batch statistics over ``images``, forwarded in train mode
+    in near-equal batches of at most ``batch_size``; no parameter is updated. The momenta are
+    then restored. Models without BatchNorm are left as they are (and put in eval mode).
+    """
+    norms = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+    ]
+    momenta = [norm.momentum for norm in norms]
+    if norms and len(images):
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        model.train()
+        try:
+            for batch in torch.tensor_split(images, math.ceil(len(images) / batch_size)):
+                model(batch)
+        finally:
+            for norm, momentum in zip(norms, momenta, strict=True):
+                norm.momentum = momentum
+    return model.eval()
 
 
 def _class_weights(labels: torch.Tensor) -> torch.Tensor:
