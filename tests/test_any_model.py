@@ -64,6 +64,14 @@ def assert_same(a, b, exact: bool = False) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def assert_mixed_batch_equals_per_tier_runs(tiered: TieredModel, x: torch.Tensor) -> None:
+    names = ["free", "premium", "pro", "free"]
+    mixed = read_output(tiered(x, tiers=names))
+    for tier in set(names):
+        rows = [i for i, name in enumerate(names) if name == tier]
+        assert_same(mixed[rows], tiered(x[rows], tier=tier))
+
+
 CASES = [
     pytest.param(family, strategy, id=f"{family.builder}-{strategy}", marks=_marks(family))
     for family in FAMILIES
@@ -85,12 +93,7 @@ def test_invariants(family: Family, strategy: str, tmp_path):
     assert (read_output(free) - expected_out).norm() > 1e-3 * expected_out.norm()
     # the same input gives the same output
     assert_same(tiered(x, tier="free"), free, exact=True)
-    # a mixed batch equals the per-tier runs
-    names = ["free", "premium", "pro", "free"]
-    mixed = tiered(x, tiers=names)
-    for tier in set(names):
-        rows = [i for i, name in enumerate(names) if name == tier]
-        assert_same(read_output(mixed)[rows], tiered(x[rows], tier=tier))
+    assert_mixed_batch_equals_per_tier_runs(tiered, x)
     # save -> load gives identical outputs
     tiered.save_pretrained(tmp_path)
     loaded = TieredModel.from_pretrained(tmp_path, fresh(family))
@@ -125,11 +128,7 @@ def test_compute_tiers_where_they_apply(family: Family):
     for name, strategy in structural.items():
         tiered.set_setting("free", name, strategy.cheaper(strategy.default_setting())[-1])
     assert_same(tiered(x, tier="premium"), expected, exact=True)
-    names = ["free", "premium", "pro", "free"]
-    mixed = tiered(x, tiers=names)
-    for tier in set(names):
-        rows = [i for i, name in enumerate(names) if name == tier]
-        assert_same(read_output(mixed)[rows], tiered(x[rows], tier=tier))
+    assert_mixed_batch_equals_per_tier_runs(tiered, x)
     sample = x[:1]
     assert tier_flops(tiered, sample, "free") < tier_flops(tiered, sample, "pro")
     restored = tiered.unload()

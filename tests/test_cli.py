@@ -134,3 +134,41 @@ def test_compute_plan_makes_free_cheaper_and_reports_budget_conflicts(user_proje
     result = runner.invoke(app, ["calibrate", str(path), "--quiet"])
     assert result.exit_code == 2
     assert "max_cost=0.05 conflict" in result.output
+
+
+def test_a_users_mobilenet_v3_calibrates_end_to_end_through_a_plan(tmp_path, user_project):
+    """Depthwise convolutions, inverted residuals and squeeze-excitation: a plan with defaults."""
+    from nnobfuscator.zoo.training import recalibrate_batchnorm
+
+    data = {**DATA, "image_size": 32}
+    train = image_folder_split(
+        user_project / "train", "train", image_size=32, mean=data["mean"], std=data["std"]
+    )
+    torch.manual_seed(0)
+    model = models.mobilenet_v3_small(weights=None, num_classes=10)
+    train_classifier(
+        model, train, epochs=6, lr=3e-3, optimizer="adamw", batch_size=64, progress=False
+    )
+    recalibrate_batchnorm(model, train.images)  # momentum 0.01 leaves stale statistics
+    torch.save(model.state_dict(), tmp_path / "mnv3.pt")
+    plan = {
+        "model": {"arch": "mobilenet_v3_small", "weights": "mnv3.pt", "num_classes": 10},
+        "data": {
+            "calibration": str(user_project / "cal"),
+            "test": str(user_project / "test"),
+            **data,
+        },
+        "tiers": "free=60%,premium=full",
+        "compute": True,
+        "out": "artifact",
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "plan.yaml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "artifact" / "report.json").read_text())
+    free, premium = report["tiers"]
+    assert premium["achieved"]["test"] > 0.5  # the model learned digits
+    assert abs(free["achieved"]["calibration"] - free["target"]) < 0.03
+    assert "feature-mix" in free["strategy"] and free["relative_cost"] < 1.0
+    result = runner.invoke(app, ["info", str(tmp_path / "artifact")])
+    assert result.exit_code == 0 and "block-skip on" in result.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -188,6 +189,12 @@ def calibrate(
         tier.metrics["calibration"] = curve.points(tier.name)[knob]
         bar.set_postfix(
             tier=tier.name, knob=f"{knob:.3f}", metric=f"{tier.metrics['calibration']:.3f}"
+        )
+    for name, reason in (search.refused if search is not None else {}).items():
+        warnings.warn(
+            f"{name}: the model does not run with some of its settings, which were skipped "
+            f"({reason})",
+            stacklevel=2,
         )
     for tier in model.tiers.values():
         if tier.is_full:

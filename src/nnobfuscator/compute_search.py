@@ -59,6 +59,8 @@ class ComputeSearch:
         self.full_flops = max(tier_flops(model, self.sample, None), 1)
         self.memo: dict[str, ComputePoint | None] = {}
         self.failures: dict[str, str] = {}
+        #: per compute strategy, why one of its steps could not run (e.g. a ViT's fixed size)
+        self.refused: dict[str, str] = {}
 
     def apply(self, tier: str, settings: Settings) -> None:
         for name, setting in settings.items():
@@ -101,6 +103,8 @@ class ComputeSearch:
                         if key in candidates:
                             continue
                         found = self.evaluate(tier, settings)
+                        if found is None and key in self.failures:
+                            self.refused.setdefault(name, self.failures[key])
                         if found is None or found.utility < required:
                             continue
                         saved = point.cost - found.cost

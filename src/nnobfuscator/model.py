@@ -311,6 +311,11 @@ class TieredModel(nn.Module):
                 state that does not re-derive identically.
         """
         config, tensors = serialization.read_artifact(directory)
+        if str(config.get("version", "")).startswith("0.1."):
+            raise serialization.ArtifactError(
+                f"{directory} was written by nnobfuscator {config['version']}, whose keyed mixing "
+                "this version no longer derives: calibrate the model again (nnobf calibrate)"
+            )
         fingerprint = model_fingerprint(base_model)
         if check_base and fingerprint != config["base_fingerprint"]:
             raise serialization.ArtifactError(

@@ -68,7 +68,7 @@ class ApiKey:
 
 def default_keys_path() -> Path:
     """``$NNOBF_HOME/keys.sqlite`` (``~/.cache/nnobfuscator/keys.sqlite`` without NNOBF_HOME)."""
-    from nnobfuscator.zoo.cache import cache_dir
+    from nnobfuscator.home import cache_dir
 
     return cache_dir() / "keys.sqlite"
 

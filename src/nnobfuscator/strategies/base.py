@@ -178,6 +178,9 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+MAX_DEFAULT_WEIGHTS = 16_000_000
+
+
 def resolve_targets(
     model: nn.Module, patterns: list[str] | None, default_start: float = 1 / 3
 ) -> list[str]:
@@ -185,8 +188,8 @@ def resolve_targets(
 
     The default rule is generic: of the candidate layers in order, skip the stem (the first
     ``default_start`` share, at least one layer) and the head (the last layer), and keep the rest,
-    except a layer holding over half of all their weights (VGG's 25088-wide classifier layer):
-    its per-tier copy would cost more than the rest of the model.
+    except layers of over ``MAX_DEFAULT_WEIGHTS`` weights (VGG's 25088x4096 classifier layer):
+    each tier would hold a copy of them.
 
     Raises:
         ValueError: nothing matches, or the model has too few layers for a default.
@@ -203,9 +206,8 @@ def resolve_targets(
         if len(names) == 2:  # a stem and one more layer
             return names[1:]
         start = max(1, int(len(names) * default_start))
-        sizes = {n: _weight_size(m) for n, m in candidates.items()}
-        limit = sum(sizes.values()) / 2
-        return [n for n in names[start:-1] if sizes[n] <= limit] or names[start:-1]
+        chosen = [n for n in names[start:-1] if _weight_size(candidates[n]) <= MAX_DEFAULT_WEIGHTS]
+        return chosen or names[start:-1]
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not chosen:
         raise ValueError(

@@ -1,14 +1,5 @@
-"""Where trained demo models are cached: ``$NNOBF_HOME`` or ``~/.cache/nnobfuscator``."""
+"""Where trained demo models are cached (see :func:`nnobfuscator.home.cache_dir`)."""
 
-from __future__ import annotations
+from nnobfuscator.home import cache_dir
 
-import os
-from pathlib import Path
-
-
-def cache_dir() -> Path:
-    """The cache directory (created on first use)."""
-    root = os.environ.get("NNOBF_HOME") or Path.home() / ".cache" / "nnobfuscator"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+__all__ = ["cache_dir"]
