@@ -28,9 +28,24 @@ def test_zoo_model_is_trained_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("NNOBF_HOME", str(tmp_path))
     model, info = load_zoo_classifier("resnet18", epochs=1, progress=False)
     assert info["epochs"] == 1 and 0.0 <= info["test_accuracy"] <= 1.0
-    cached = list(tmp_path.glob("resnet18-digits-e1.*"))
+    assert info["recipe"]["epochs"] == 1 and info["recipe"]["seed"] == 0
+    cached = list(tmp_path.glob("resnet18-digits-*.*"))
     assert sorted(p.suffix for p in cached) == [".json", ".safetensors"]
     again, info_again = load_zoo_classifier("resnet18", epochs=1, progress=False)
     assert info_again == info
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_training_from_scratch_is_reproducible(tmp_path, monkeypatch):
+    """The same recipe trains the same weights (seeded, fixed thread count), cache or not."""
+    monkeypatch.setenv("NNOBF_HOME", str(tmp_path))
+    first, info = load_zoo_classifier("resnet18", epochs=1, progress=False)
+    torch.set_num_threads(1)  # the caller's thread count does not matter
+    try:
+        second, info_again = load_zoo_classifier("resnet18", epochs=1, progress=False, retrain=True)
+    finally:
+        torch.set_num_threads(2)
+    assert info_again["test_accuracy"] == info["test_accuracy"]
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

@@ -235,6 +235,14 @@ def info(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) 
         f"[bold]{config['model']}[/] ({config['task']}), nnobfuscator {config['version']}, "
         f"key id {config['key_id']}"
     )
+    base = config.get("meta", {}).get("base_model")
+    if base:
+        metric = next((k for k in base if k.startswith("test_")), None)
+        measured = f", test {metric[5:]} {100 * base[metric]:.1f}%" if metric else ""
+        console.print(
+            f"base model: {base['model']} trained on {base['dataset']}{measured}, "
+            f"{base.get('train_seconds', '?')} s; recipe {json.dumps(base['recipe'], sort_keys=True)}"
+        )
     for strategy in config["strategies"]:
         layers = strategy["targets"] or []
         where = "the model input" if layers == ["<input>"] else f"{len(layers)} modules: {layers}"

@@ -63,7 +63,11 @@ def run_job(
         task=task,
         model_name=info.get("model", model_source.get("arch", "model")),
         input_spec=InputSpec(channels, height, width),
-        meta={"source": {"model": model_source, "data": data_source}, "dataset": dataset},
+        meta={
+            "source": {"model": model_source, "data": data_source},
+            "dataset": dataset,
+            **({"base_model": info} if "recipe" in info else {}),
+        },
     )
     report = calibrate(tiered, calibration, test, dataset=dataset, progress=progress)
     return _write_outputs(tiered, report, out, report_path, plot_path, test, save=True)

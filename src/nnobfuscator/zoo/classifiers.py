@@ -6,6 +6,7 @@ fcn) on digit scenes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -34,7 +35,8 @@ def _small_resnet18(num_classes: int, in_channels: int) -> nn.Module:
 
 
 def _small_vgg16(num_classes: int, in_channels: int) -> nn.Module:
-    model = models.vgg16(weights=None, num_classes=num_classes)
+    # The batch-norm variant: plain VGG16 reached only 88.6% on digits with the same budget.
+    model = models.vgg16_bn(weights=None, num_classes=num_classes)
     model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
     # 32x32 inputs leave a 1x1 map after five pools: pool it and use a narrower classifier.
     model.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -84,6 +86,9 @@ def _small_vit(num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
+TRAIN_THREADS = 2  # demo models train with this many threads, wherever they train
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     """A demo model: its builder, task, dataset, input size and training recipe.
@@ -101,6 +106,21 @@ class ZooEntry:
     dataset: str = "digits"
     batch_size: int = 64
     reestimate_bn: bool = False
+    revision: int = 1  # bump when the builder changes, so cached weights are retrained
+
+    def recipe(self, epochs: int | None = None) -> dict[str, Any]:
+        """Everything that decides the trained weights (stored with them, and in artifacts)."""
+        return {
+            "builder": f"{self.builder.__name__}/r{self.revision}",
+            "image_size": self.image_size,
+            "epochs": epochs or self.epochs,
+            "lr": self.lr,
+            "optimizer": self.optimizer,
+            "batch_size": self.batch_size,
+            "reestimate_bn": self.reestimate_bn,
+            "seed": 0,
+            "threads": TRAIN_THREADS,
+        }
 
     @property
     def num_classes(self) -> int:
@@ -114,7 +134,9 @@ class ZooEntry:
 
 _ZOO: dict[str, ZooEntry] = {
     "resnet18": ZooEntry(_small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"),
-    "vgg16": ZooEntry(_small_vgg16, image_size=32, epochs=15, lr=5e-4, optimizer="adamw"),
+    "vgg16": ZooEntry(
+        _small_vgg16, image_size=32, epochs=20, lr=2e-3, optimizer="adamw", revision=2
+    ),
     "mobilenet_v3_small": ZooEntry(
         _small_mobilenet_v3, 32, epochs=20, lr=2e-3, optimizer="adamw", reestimate_bn=True
     ),
@@ -160,8 +182,9 @@ def load_zoo_model(
     from nnobfuscator.tasks import get_task
 
     entry = zoo_entry(name)
-    epochs = epochs or entry.epochs
-    stem = cache_dir() / f"{name}-{entry.dataset}-e{epochs}"
+    recipe = entry.recipe(epochs)
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    stem = cache_dir() / f"{name}-{entry.dataset}-{digest}"
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights_path.is_file() and info_path.is_file() and not retrain:
         model = build_model(name)
@@ -169,29 +192,38 @@ def load_zoo_model(
         return model.eval(), json.loads(info_path.read_text())
     splits = entry.splits()
     task = get_task(entry.task)
-    torch.manual_seed(0)  # fixes the initial weights and the training order
-    model = build_model(name)
-    seconds = train_model(
-        model,
-        splits["train"],
-        epochs=epochs,
-        lr=entry.lr,
-        optimizer=entry.optimizer,
-        batch_size=entry.batch_size,
-        read_logits=task.logits,
-        progress=progress,
-        description=f"training {name} on {entry.dataset} (once; cached)",
-    )
-    if entry.reestimate_bn:
-        start = time.perf_counter()
-        recalibrate_batchnorm(model, splits["train"].images)
-        seconds += time.perf_counter() - start
+    threads = torch.get_num_threads()
+    # Same seed, same data order and the same thread count (float sums are ordered by threads):
+    # two machines of the same kind train the same weights.
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        torch.manual_seed(recipe["seed"])  # fixes the initial weights and the training order
+        model = build_model(name)
+        seconds = train_model(
+            model,
+            splits["train"],
+            epochs=recipe["epochs"],
+            lr=entry.lr,
+            optimizer=entry.optimizer,
+            batch_size=entry.batch_size,
+            read_logits=task.logits,
+            progress=progress,
+            description=f"training {name} on {entry.dataset} (once; cached)",
+        )
+        if entry.reestimate_bn:
+            start = time.perf_counter()
+            recalibrate_batchnorm(model, splits["train"].images)
+            seconds += time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     info = {
         "model": name,
         "task": entry.task,
         "dataset": entry.dataset,
         "image_size": entry.image_size,
-        "epochs": epochs,
+        "epochs": recipe["epochs"],
+        "recipe": recipe,
+        "torch": torch.__version__,
         "train_seconds": round(seconds, 1),
         f"test_{task.metric}": evaluate_metric(model, splits["test"], task),
     }
