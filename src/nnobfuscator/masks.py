@@ -59,8 +59,9 @@ def plot_masks(model: TieredModel, split: Split, path: str | Path, scenes: int =
     fig.suptitle(f"{model.model_name}: masks per tier (test scenes)", fontsize=10)
     from matplotlib.patches import Patch
 
+    names = model.meta.get("classes") or [f"class {c}" for c in range(classes)]
     handles = [
-        Patch(color=palette[c], label="background" if c == 0 else f"class {c}")
+        Patch(color=palette[c], label=names[c] if c < len(names) else f"class {c}")
         for c in range(classes)
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(classes, 11), fontsize=7)

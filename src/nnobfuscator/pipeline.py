@@ -12,7 +12,7 @@ from nnobfuscator.masks import plot_masks
 from nnobfuscator.model import InputSpec, TieredModel, obfuscate
 from nnobfuscator.report import plot_report, write_report
 from nnobfuscator.serialization import read_config
-from nnobfuscator.sources import load_base_model, load_split
+from nnobfuscator.sources import class_names, load_base_model, load_split
 from nnobfuscator.strategies import get_strategy
 from nnobfuscator.tiers import parse_tiers
 
@@ -67,6 +67,7 @@ def run_job(
             "source": {"model": model_source, "data": data_source},
             "dataset": dataset,
             **({"base_model": info} if "recipe" in info else {}),
+            **({"classes": classes} if (classes := class_names(data_source)) else {}),
         },
     )
     report = calibrate(tiered, calibration, test, dataset=dataset, progress=progress)

@@ -84,6 +84,19 @@ def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[n
     return model.eval(), {"model": arch}
 
 
+def class_names(data: dict[str, Any]) -> list[str] | None:
+    """Class names by index of a data source: the zoo dataset's, or an ImageFolder's folders."""
+    if "zoo" in data:
+        from nnobfuscator.zoo.datasets import ZOO_DATASETS
+
+        dataset = ZOO_DATASETS.get(data["zoo"])
+        return list(dataset.classes) if dataset is not None else None
+    folder = data.get("calibration")
+    if folder and Path(folder).is_dir() and not (Path(folder) / "masks").is_dir():
+        return sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir()) or None
+    return None
+
+
 def load_split(data: dict[str, Any], split: str) -> Split:
     """Load one split (``calibration`` or ``test``) of a data source into memory."""
     if "zoo" in data:

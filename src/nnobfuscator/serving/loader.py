@@ -8,7 +8,7 @@ from typing import Any
 
 from nnobfuscator.model import TieredModel
 from nnobfuscator.serving.images import ImageSpec
-from nnobfuscator.sources import IMAGENET_MEAN, IMAGENET_STD
+from nnobfuscator.sources import IMAGENET_MEAN, IMAGENET_STD, class_names
 from nnobfuscator.zoo.datasets import ZOO_DATASETS
 
 
@@ -86,13 +86,7 @@ def image_spec(model: TieredModel, data: dict[str, Any]) -> ImageSpec:
 
 
 def class_labels(meta: dict[str, Any], data: dict[str, Any]) -> list[str] | None:
-    """Class names: ``meta["classes"]``, the zoo dataset's, or an ImageFolder's class folders."""
+    """Class names: ``meta["classes"]``, else those of the data source (zoo or ImageFolder)."""
     if meta.get("classes"):
         return [str(name) for name in meta["classes"]]
-    zoo = ZOO_DATASETS.get(data.get("zoo") or "")
-    if zoo is not None:
-        return list(zoo.classes)
-    folder = data.get("calibration")
-    if folder and Path(folder).is_dir():
-        return sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir()) or None
-    return None
+    return class_names(data)
