@@ -127,6 +127,7 @@ def calibrate(
     headroom: float | None = None,
     beam: int = 2,
     progress: bool = True,
+    task: Task | None = None,
 ) -> dict[str, Any]:
     """Calibrate every tier of ``model`` on ``calibration`` and measure it on ``test``.
 
@@ -136,6 +137,8 @@ def calibrate(
         headroom: with compute strategies, how far above its target a tier's compute setting must
             keep the calibration metric (default: one standard error of the target).
         beam: beam width of the compute search (1: greedy).
+        task: the task that scores outputs; by default the model's task with default options
+            (text-to-image needs one with its judge: ``TextToImageTask(judge=...)``).
 
     Returns:
         The report (a dict matching ``report.schema.json``).
@@ -144,7 +147,7 @@ def calibrate(
         CalibrationError: a target above the full model or below what the strategy reaches, or a
             target and a ``max_cost`` budget that conflict.
     """
-    task = get_task(model.task)
+    task = task or get_task(model.task)
     cal = as_split(calibration, "calibration")
     started = time.perf_counter()
     runner = SplitRunner(model, cal.inputs, task.logits, batch_size)
@@ -209,6 +212,7 @@ def calibrate(
         calibration_size=len(cal),
         base_calibration=base,
         calibration_s=calibration_s,
+        task=task,
     )
 
 
@@ -221,12 +225,13 @@ def evaluate(
     calibration_size: int | None = None,
     base_calibration: float | None = None,
     calibration_s: float | None = None,
+    task: Task | None = None,
 ) -> dict[str, Any]:
     """Measure every (calibrated) tier on ``test`` and return the report.
 
     Calibration-split figures are taken from the tiers' stored metrics.
     """
-    task = get_task(model.task)
+    task = task or get_task(model.task)
     split = as_split(test, "test")
     started = time.perf_counter()
     runner = SplitRunner(model, split.inputs, task.logits, batch_size)

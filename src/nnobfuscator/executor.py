@@ -1,4 +1,5 @@
-"""The one per-tier run: activate the tier, transform the input, run, transform the output.
+"""The one per-tier run: activate the tier, transform the input and the call, run, transform the
+output.
 
 Every path that runs a tiered model goes through :class:`TierExecutor`: ``TieredModel.forward``,
 mixed-tier batches (grouped by tier once, here, and scattered back), the calibration runner, cost
@@ -29,9 +30,10 @@ def invoke(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def as_call(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """``(args, kwargs)`` of a call; a dict given alone stands for keyword inputs."""
-    if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
-        return (), dict(args[0])
+    """``(args, kwargs)`` of a call; a dict given alone stands for keyword inputs (before the
+    call's own keywords: its first entry carries the batch)."""
+    if len(args) == 1 and isinstance(args[0], Mapping):
+        return (), {**args[0], **kwargs}
     return args, kwargs
 
 
@@ -102,6 +104,9 @@ class TierExecutor:
             args = (transformed, *args[1:])
         else:  # keyword-only call: the first keyword carries the batch
             kwargs = {**kwargs, next(iter(kwargs)): transformed}
+        if active is not None:
+            for strategy in self.strategies.values():
+                args, kwargs = strategy.transform_call(args, kwargs, active)
         with self.context.activate(active):
             output = (body or partial(invoke, self.model))(*args, **kwargs)
         if active is not None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nnobfuscator import serialization
+from nnobfuscator.diffusion import PIPELINE_COMPUTE, PipelineModule, as_module
 from nnobfuscator.executor import TierExecutor
 from nnobfuscator.outputs import main_input
 from nnobfuscator.security.keys import coerce_key, key_id
@@ -59,6 +60,8 @@ class ObfuscationConfig:
         task: ``"classification"`` (more tasks register themselves in ``nnobfuscator.tasks``).
         input_spec: the expected image input; checked on every call.
         model_name: a label for reports, e.g. ``"resnet18"``.
+        call_options: for a diffusion pipeline, the options of every call unless it passes its
+            own (the full tier's ``num_inference_steps``, ``guidance_scale``, ...); saved with it.
     """
 
     tiers: str | list[Any] | dict[str, Any] = "free=60%,pro=85%,premium=full"
@@ -70,6 +73,7 @@ class ObfuscationConfig:
     input_spec: InputSpec | None = None
     model_name: str = "model"
     meta: dict[str, Any] = field(default_factory=dict)
+    call_options: dict[str, Any] | None = None
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -302,15 +306,17 @@ class TieredModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, base_model: nn.Module, *, check_base: bool = True
+        cls, directory: str | Path, base_model: Any, *, check_base: bool = True
     ) -> TieredModel:
-        """Load an artifact onto ``base_model`` (the same trained weights it was calibrated on).
+        """Load an artifact onto ``base_model`` (the same trained weights it was calibrated on:
+        a model, or the diffusers pipeline).
 
         Raises:
             ArtifactError: corrupt files, a different base model (when ``check_base``), or keyed
                 state that does not re-derive identically.
         """
         config, tensors = serialization.read_artifact(directory)
+        base_model = as_module(base_model, config.get("meta", {}).get("call_options"))
         if str(config.get("version", "")).startswith("0.1."):
             raise serialization.ArtifactError(
                 f"{directory} was written by nnobfuscator {config['version']}, whose keyed mixing "
@@ -352,10 +358,9 @@ class TieredModel(nn.Module):
         return model
 
 
-def obfuscate(
-    model: nn.Module, config: ObfuscationConfig | None = None, **overrides: Any
-) -> TieredModel:
-    """Wrap a trained model as a :class:`TieredModel` (tiers still to be calibrated).
+def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: Any) -> TieredModel:
+    """Wrap a trained model, or a diffusers pipeline, as a :class:`TieredModel` (tiers still to
+    be calibrated). The model is wrapped in place, never copied.
 
     Example:
         >>> tiered = obfuscate(model, ObfuscationConfig(tiers="free=60%,premium=full"))
@@ -367,6 +372,10 @@ def obfuscate(
         if not hasattr(config, name):
             raise TypeError(f"unknown obfuscation option {name!r}")
         setattr(config, name, value)
+    model = as_module(model, config.call_options)
+    meta = dict(config.meta)
+    if isinstance(model, PipelineModule):
+        meta["call_options"] = model.call_options
     strategies = []
     for name in config.strategy.split("+"):
         if get_strategy(name.strip()).role == "compute":
@@ -384,7 +393,7 @@ def obfuscate(
         task=config.task,
         model_name=config.model_name,
         input_spec=config.input_spec,
-        meta=config.meta,
+        meta=meta,
     )
 
 
@@ -392,11 +401,14 @@ def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
     """The compute strategy names for ``compute`` (``"auto"``: those the architecture allows).
 
     ``auto`` takes block skip where the model has skippable residual blocks, channel slim where
-    it has slimmable blocks, and input resolution for image models (first layer a ``Conv2d``).
+    it has slimmable blocks, and input resolution for image models (first layer a ``Conv2d``);
+    fewer steps and guidance cut-off for a diffusion pipeline.
     """
     if not compute or compute == "none":
         return []
     if compute == "auto":
+        if isinstance(model, PipelineModule):
+            return list(PIPELINE_COMPUTE)
         names = []
         if skippable_blocks(model):
             names.append("block-skip")

@@ -1,18 +1,21 @@
 """Batches in and out of a model, whatever their type: the one place that reads model outputs.
 
-Inputs are an image batch (a tensor), a dict of equally long tensors (token ids and masks) or a
-list of strings (prompts). Outputs are a tensor, torchvision's ``{"out": ..., "aux": ...}`` dict, a
+Inputs are an image batch (a tensor), a dict of equally long tensors (token ids and masks), a
+list of strings (prompts) or a dict of prompts and per-sample seeds. Outputs are a tensor, torchvision's ``{"out": ..., "aux": ...}`` dict, a
 Hugging Face ``ModelOutput`` (``.logits``, diffusers' ``.sample``) or a tuple of tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 MAIN_OUTPUT_KEYS = ("out", "logits", "sample", "images")
+_PER_SAMPLE_ITEMS = (str, int, torch.Generator)
 
 
 def batch_size(inputs: Any) -> int:
@@ -26,16 +29,24 @@ def batch_size(inputs: Any) -> int:
             raise TypeError("expected a batch with a leading sample dimension, got a scalar")
         return inputs.shape[0]
     if isinstance(inputs, Mapping) and inputs:
-        sizes = {batch_size(v) for v in inputs.values() if isinstance(v, torch.Tensor)}
+        sizes = {batch_size(v) for v in inputs.values() if _per_sample(v)}
         if len(sizes) == 1:
             return sizes.pop()
-        raise TypeError("a dict batch needs tensors that all have the same first dimension")
+        raise TypeError(
+            "a dict batch needs tensors (or lists of prompts) that all have the same first "
+            "dimension"
+        )
     if isinstance(inputs, list | tuple) and all(isinstance(v, str) for v in inputs):
         return len(inputs)
     raise TypeError(
         f"cannot batch inputs of type {type(inputs).__name__}: pass a tensor, a dict of tensors "
-        "(e.g. input_ids, attention_mask) or a list of strings"
+        "(e.g. input_ids, attention_mask), a list of prompts, or a dict of prompts and seeds"
     )
+
+
+def _per_sample(value: Any) -> bool:
+    """Whether a field of a dict batch holds one entry per sample (a tensor or a list)."""
+    return (isinstance(value, torch.Tensor) and value.dim() > 0) or isinstance(value, list | tuple)
 
 
 def select(inputs: Any, index: torch.Tensor) -> Any:
@@ -44,10 +55,7 @@ def select(inputs: Any, index: torch.Tensor) -> Any:
         return inputs.index_select(0, index.to(inputs.device))
     if isinstance(inputs, Mapping):
         return type(inputs)(
-            **{
-                k: select(v, index) if isinstance(v, torch.Tensor) and v.dim() else v
-                for k, v in inputs.items()
-            }
+            **{k: select(v, index) if _per_sample(v) else v for k, v in inputs.items()}
         )
     if isinstance(inputs, list | tuple):
         return [inputs[i] for i in index.tolist()]
@@ -78,6 +86,33 @@ def read_output(output: Any) -> torch.Tensor:
     )
 
 
+def read_images(output: Any) -> torch.Tensor:
+    """Generated images as a float batch ``(N, C, H, W)`` in [0, 1], whatever the output type.
+
+    Reads a pipeline output's ``images`` (diffusers' ``output_type`` ``"pil"``, ``"np"`` or
+    ``"pt"``), or such images given directly.
+
+    Raises:
+        TypeError: no images can be found.
+    """
+    images = output
+    if isinstance(output, Mapping) and "images" in output:
+        images = output["images"]
+    elif hasattr(output, "images"):
+        images = output.images
+    if isinstance(images, torch.Tensor):
+        return images.float()
+    if isinstance(images, np.ndarray):  # (N, H, W, C) floats in [0, 1]
+        return torch.from_numpy(images).float().permute(0, 3, 1, 2)
+    if isinstance(images, list | tuple) and images and hasattr(images[0], "convert"):
+        arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    raise TypeError(
+        f"cannot read images from a model output of type {type(output).__name__}: expected a "
+        "pipeline output with .images (PIL images, a numpy array or a tensor)"
+    )
+
+
 def map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every batch tensor of an output, keeping its type and other fields."""
     if isinstance(output, torch.Tensor):
@@ -94,7 +129,13 @@ def _map_field(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _rebuild(template: Mapping, fields: dict[str, Any]) -> Any:
-    """A mapping of ``template``'s type (dict, OrderedDict, ModelOutput) holding ``fields``."""
+    """A mapping of ``template``'s type (dict, OrderedDict, ModelOutput) holding ``fields``.
+
+    Output dataclasses list only their fields that are not ``None``; the others are given back
+    as ``None`` (diffusers' ``nsfw_content_detected``).
+    """
+    if dataclasses.is_dataclass(template):
+        fields = {f.name: fields.get(f.name) for f in dataclasses.fields(template)}
     try:
         return type(template)(**fields)
     except TypeError:
@@ -114,6 +155,11 @@ def scatter(parts: Sequence[tuple[torch.Tensor, Any]], batch: int) -> Any:
     if isinstance(first, tuple | list) and all(isinstance(v, torch.Tensor) for v in first):
         items = [scatter([(i, p[j]) for i, p in parts], batch) for j in range(len(first))]
         return type(first)(items)
+    if isinstance(first, np.ndarray):  # diffusers' output_type="np" images
+        out_array = np.empty((batch, *first.shape[1:]), dtype=first.dtype)
+        for index, part in parts:
+            out_array[index.numpy()] = part
+        return out_array
     if isinstance(first, list):  # one item per sample (e.g. generated PIL images)
         merged: list[Any] = [None] * batch
         for index, part in parts:
@@ -140,7 +186,8 @@ def select_call(
     """The samples at ``index`` of every per-sample argument of a call.
 
     Per-sample arguments are tensors whose first dimension is the batch size, dicts of them and
-    lists of ``batch`` strings; everything else (a diffusion timestep, flags) passes unchanged.
+    lists of ``batch`` strings, seeds or random generators (one per image); everything else (a
+    diffusion timestep, flags, a single generator) passes unchanged.
     """
 
     def pick(value: Any) -> Any:
@@ -152,7 +199,7 @@ def select_call(
             isinstance(value, list | tuple)
             and len(value) == batch
             and value
-            and isinstance(value[0], str)
+            and all(isinstance(v, _PER_SAMPLE_ITEMS) for v in value)
         ):
             return select(value, index)
         return value

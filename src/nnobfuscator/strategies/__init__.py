@@ -4,6 +4,7 @@ from nnobfuscator.strategies.base import (
     Strategy,
     get_strategy,
     list_strategies,
+    register_default_targets,
     register_strategy,
     resolve_targets,
 )
@@ -11,6 +12,7 @@ from nnobfuscator.strategies.block_skip import BlockSkip
 from nnobfuscator.strategies.blocks import TieredBlock, register_block
 from nnobfuscator.strategies.channel_slim import ChannelSlim
 from nnobfuscator.strategies.compute import ComputeStrategy
+from nnobfuscator.strategies.denoising import FewerSteps, GuidanceCutoff
 from nnobfuscator.strategies.feature_mix import FeatureMix
 from nnobfuscator.strategies.input_resolution import InputResolution
 from nnobfuscator.strategies.logit_noise import LogitNoise
@@ -21,6 +23,8 @@ __all__ = [
     "ChannelSlim",
     "ComputeStrategy",
     "FeatureMix",
+    "FewerSteps",
+    "GuidanceCutoff",
     "InputResolution",
     "LogitNoise",
     "Strategy",
@@ -29,6 +33,7 @@ __all__ = [
     "get_strategy",
     "list_strategies",
     "register_block",
+    "register_default_targets",
     "register_strategy",
     "resolve_targets",
 ]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from nnobfuscator.registry import Registry
+from nnobfuscator.registry import Registry, TypeRegistry
 from nnobfuscator.wrapping import Host, TieredLayer, layer_adapter, unwrapped_name
 
 
@@ -110,6 +111,12 @@ class Strategy:
         """Transform the model's main input at ``tier`` (identity unless a strategy changes it)."""
         return inputs
 
+    def transform_call(
+        self, args: tuple, kwargs: dict[str, Any], tier: str
+    ) -> tuple[tuple, dict[str, Any]]:
+        """Change the call's options at ``tier`` (a pipeline's denoising steps); identity here."""
+        return args, kwargs
+
     def input_signature(self, tier: str) -> Any:
         """What :meth:`transform_input` depends on at ``tier`` (``None``: inputs unchanged)."""
         return None
@@ -180,11 +187,22 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 MAX_DEFAULT_WEIGHTS = 16_000_000
 
+DEFAULT_TARGETS: TypeRegistry[Callable[[nn.Module], list[str]]] = TypeRegistry("default targets")
+
+
+def register_default_targets(
+    model_type: type[nn.Module], rule: Callable[[nn.Module], list[str]]
+) -> None:
+    """Give models of ``model_type`` their own default target layers (``rule(model)`` returns
+    plain module names), in place of the generic middle-of-the-network rule."""
+    DEFAULT_TARGETS.register(model_type, rule)
+
 
 def resolve_targets(
     model: nn.Module, patterns: list[str] | None, default_start: float = 1 / 3
 ) -> list[str]:
-    """Names of the layers matching ``patterns``, or the default: the middle of the network.
+    """Names of the layers matching ``patterns``, or the default: the middle of the network
+    (or what :func:`register_default_targets` says for the model's type).
 
     The default rule is generic: of the candidate layers in order, skip the stem (the first
     ``default_start`` share, at least one layer) and the head (the last layer), and keep the rest,
@@ -196,6 +214,9 @@ def resolve_targets(
     """
     candidates = candidate_layers(model)
     names = list(candidates)
+    rule = DEFAULT_TARGETS.lookup(model) if patterns is None else None
+    if rule is not None and (chosen := rule(model)):
+        return chosen
     if patterns is None:
         if len(names) < 2:
             raise ValueError(

@@ -1,0 +1,479 @@
+"""A demo text-to-image model: a tiny Stable Diffusion pipeline trained on CPU on digits.
+
+The diffusers ``StableDiffusionPipeline`` keeps Stable Diffusion's architecture (a CLIP text
+encoder, a UNet with cross-attention, a KL autoencoder) at toy widths. It draws 16x16 handwritten
+digits from prompts such as ``"a handwritten digit seven"``; nothing is downloaded: the tokenizer
+vocabulary is written here, the components are built from configs and trained on scikit-learn's
+digits (train split only), once, then cached. An independent judge
+(:func:`~nnobfuscator.zoo.judge.load_judge`) scores prompt adherence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import string
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from nnobfuscator.data import Split
+from nnobfuscator.zoo import classifiers
+from nnobfuscator.zoo.cache import cache_dir
+from nnobfuscator.zoo.judge import load_judge, real_digits
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from torch import nn
+    from transformers import CLIPTokenizer
+
+__all__ = [
+    "DEFAULT_CALL",
+    "DIGIT_WORDS",
+    "IMAGE_SIZE",
+    "PHRASINGS",
+    "DiffusionRecipe",
+    "build_pipeline",
+    "build_tokenizer",
+    "generate",
+    "load_zoo_pipeline",
+    "prompt_adherence",
+    "prompt_for",
+    "prompt_splits",
+]
+
+IMAGE_SIZE = 16
+LATENT_SIZE = IMAGE_SIZE // 2  # the autoencoder downsamples once
+MAX_TOKENS = 16  # the tokenizer's model_max_length: prompts are padded (or cut) to it
+TEXT_WIDTH = 64  # the text encoder's hidden size, the UNet's cross-attention width
+DEFAULT_CALL: dict[str, Any] = {
+    "num_inference_steps": 20,
+    "guidance_scale": 4.0,
+    "height": IMAGE_SIZE,
+    "width": IMAGE_SIZE,
+}
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PHRASINGS = (
+    "a handwritten digit {word}",
+    "the number {digit}",
+    "a drawing of the digit {word}",
+    "handwritten {digit}",
+    "an image of the number {word}",
+    "the digit {digit} written by hand",
+)
+_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": TEXT_WIDTH,
+    "intermediate_size": 2 * TEXT_WIDTH,
+    "projection_dim": TEXT_WIDTH,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+_UNET: dict[str, Any] = {
+    "sample_size": LATENT_SIZE,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": TEXT_WIDTH,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+_AUTOENCODER: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": IMAGE_SIZE,
+}
+_START, _END = "<|startoftext|>", "<|endoftext|>"
+_CHARACTERS = string.ascii_lowercase + string.digits + ".,:;!?'\"-()"
+
+
+def prompt_for(digit: int, phrasing_index: int) -> str:
+    """The prompt for ``digit`` in phrasing ``phrasing_index`` (taken modulo the phrasings)."""
+    template = PHRASINGS[phrasing_index % len(PHRASINGS)]
+    return template.format(word=DIGIT_WORDS[digit], digit=digit)
+
+
+def prompt_splits(calibration: int = 300, test: int = 300, seed: int = 0) -> dict[str, Split]:
+    """Calibration and test prompts with their generation seeds, labelled by the prompted digit.
+
+    Sample ``i`` of a split prompts digit ``i % 10`` in phrasing ``(i // 10) % len(PHRASINGS)``,
+    so every prefix of ten samples is balanced over digits. Generation seeds are distinct draws
+    (fixed by ``seed``): calibration takes the even positions of one permutation, test the odd
+    ones, so the two splits never share a (prompt, seed) pair, whatever their sizes.
+
+    Returns:
+        ``{"calibration": Split, "test": Split}`` with ``inputs = {"prompt": list[str],
+        "seed": LongTensor (N,)}`` and ``labels`` the prompted digits.
+    """
+    pool = 1 << 16
+    if max(calibration, test) > pool // 2:
+        raise ValueError(f"at most {pool // 2} prompts per split")
+    order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
+    splits = {}
+    for name, count, offset in (("calibration", calibration, 0), ("test", test, 1)):
+        index = torch.arange(count)
+        digits = index % 10
+        prompts = [prompt_for(int(d), int(i) // 10) for i, d in zip(index, digits, strict=True)]
+        seeds = order[offset::2][:count].long()
+        splits[name] = Split(name, {"prompt": prompts, "seed": seeds}, digits.long())
+    return splits
+
+
+def _prompt_words() -> list[str]:
+    words = {
+        word
+        for template in PHRASINGS
+        for digit in range(10)
+        for word in prompt_for(digit, PHRASINGS.index(template)).split()
+    }
+    return sorted(words)
+
+
+def build_tokenizer(directory: Path | str) -> CLIPTokenizer:
+    """A CLIP tokenizer for the prompt vocabulary, written to ``directory`` (no download).
+
+    ``vocab.json`` holds CLIP's special tokens, single characters (letters, digits, punctuation;
+    plain and word-final ``</w>``) and one whole-word token per prompt word; ``merges.txt`` builds
+    each prompt word left to right. Other words fall back to characters, unknown characters to
+    ``<|endoftext|>`` (CLIP's unknown token), which also pads. ``model_max_length`` is 16.
+    """
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = [_START, _END, *_CHARACTERS, *(c + "</w>" for c in _CHARACTERS)]
+    merges: list[tuple[str, str]] = []
+    for word in _prompt_words():
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
+            current += piece
+            if current not in tokens:
+                tokens.append(current)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (directory / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
+    lines = "".join(f"{left} {right}\n" for left, right in merges)
+    (directory / "merges.txt").write_text("#version: 0.2\n" + lines)
+    return CLIPTokenizer.from_pretrained(
+        str(directory), model_max_length=MAX_TOKENS, local_files_only=True
+    )
+
+
+def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """An untrained tiny Stable Diffusion pipeline for 16x16 images (weights fixed by ``seed``).
+
+    A 2-layer CLIP text encoder (width 64), a UNet on 4x8x8 latents (widths 32 and 64,
+    cross-attention in every block), a KL autoencoder 16x16 -> 8x8 and a DDIM scheduler (Stable
+    Diffusion's betas); no safety checker.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(folder)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **_TEXT_ENCODER,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet2DConditionModel(**_UNET)
+        vae = AutoencoderKL(**_AUTOENCODER)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(frozen=True)
+class DiffusionRecipe:
+    """How the demo pipeline is trained (everything that decides its weights).
+
+    Args:
+        vae_steps: autoencoder steps (reconstruction MSE + ``kl_weight`` x KL per latent value).
+        steps: UNet + text encoder steps (DDPM noise-prediction MSE, 1000 timesteps).
+        prompt_dropout: share of training prompts replaced by ``""`` (classifier-free guidance).
+        ema_decay: the UNet and text encoder keep this exponential moving average of their
+            weights (with warm-up).
+    """
+
+    vae_steps: int = 400
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-3
+    steps: int = 4000
+    lr: float = 1e-3
+    batch_size: int = 64
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    revision: int = 1  # bump when build_pipeline or the training loop changes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "builder": f"sd-tiny/r{self.revision}",
+            "image_size": IMAGE_SIZE,
+            "threads": classifiers.TRAIN_THREADS,
+        }
+
+
+RECIPE = DiffusionRecipe()
+
+
+def _train_pixels() -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-split digits as ``(N, 3, 16, 16)`` pixels in [-1, 1], and their labels."""
+    train = real_digits(IMAGE_SIZE)["train"]
+    return train.images * 2 - 1, train.labels
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _train_autoencoder(
+    vae: nn.Module, pixels: torch.Tensor, recipe: DiffusionRecipe, bar: tqdm
+) -> float:
+    """Train the KL autoencoder in place; returns its latent scaling factor (1 / latent std)."""
+    generator = torch.Generator().manual_seed(recipe.seed)  # random draws on the CPU
+    device = next(vae.parameters()).device
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    schedule = _cosine_lr(optimizer, recipe.vae_steps, warmup=50)
+    vae.train()
+    for _ in range(recipe.vae_steps):
+        index = torch.randint(len(pixels), (recipe.batch_size,), generator=generator)
+        batch = pixels[index].to(device)
+        posterior = vae.encode(batch).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        latents = posterior.mean + posterior.std * noise
+        reconstruction = vae.decode(latents).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.mse_loss(reconstruction, batch) + recipe.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.update(1)
+        bar.set_postfix(stage="autoencoder", loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        means = vae.encode(pixels.to(device)).latent_dist.mean
+    return float(1.0 / means.std())
+
+
+def _train_denoiser(
+    pipe: StableDiffusionPipeline,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: DiffusionRecipe,
+    bar: tqdm,
+) -> None:
+    """Train the UNet and the text encoder in place on the DDPM noise-prediction loss."""
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    device = pipe.unet.device
+    with torch.no_grad():
+        posterior = pipe.vae.encode(pixels.to(device)).latent_dist
+    scale = pipe.vae.config.scaling_factor
+    means, stds = (posterior.mean * scale).cpu(), (posterior.std * scale).cpu()
+    prompts = [prompt_for(d, p) for d in range(10) for p in range(len(PHRASINGS))] + [""]
+    table = pipe.tokenizer(
+        prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    parameters = [p for m in (unet, text_encoder) for p in m.parameters()]
+    average = [p.detach().clone() for p in parameters]
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=1e-2)
+    schedule = _cosine_lr(optimizer, recipe.steps, warmup=200)
+    unet.train()
+    text_encoder.train()
+    size = recipe.batch_size
+    for step in range(recipe.steps):
+        index = torch.randint(len(pixels), (size,), generator=generator)
+        phrasing = torch.randint(len(PHRASINGS), (size,), generator=generator)
+        row = labels[index] * len(PHRASINGS) + phrasing
+        row[torch.rand(size, generator=generator) < recipe.prompt_dropout] = len(prompts) - 1
+        latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(
+            noise_scheduler.config.num_train_timesteps, (size,), generator=generator
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(device)
+        states = text_encoder(table[row].to(device))[0]
+        prediction = unet(noisy, timesteps.to(device), encoder_hidden_states=states).sample
+        loss = F.mse_loss(prediction, noise.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(average, [p.detach() for p in parameters], 1 - decay)
+        bar.update(1)
+        bar.set_postfix(stage="denoiser", loss=f"{loss.item():.4f}")
+    with torch.no_grad():
+        for parameter, value in zip(parameters, average, strict=True):
+            parameter.copy_(value)
+    unet.eval()
+    text_encoder.eval()
+
+
+def train_pipeline(
+    recipe: DiffusionRecipe = RECIPE, *, progress: bool = True, device: str = "cpu"
+) -> tuple[StableDiffusionPipeline, float]:
+    """Build and train the demo pipeline with ``recipe`` (the caller's thread count); returns it
+    and the training seconds."""
+    pixels, labels = _train_pixels()
+    pipe = build_pipeline(recipe.seed).to(device)
+    start = time.perf_counter()
+    total = recipe.vae_steps + recipe.steps
+    description = "training sd-digits (once; cached)"
+    with tqdm(total=total, desc=description, disable=not progress, unit="step") as bar:
+        torch.manual_seed(recipe.seed)
+        scale = _train_autoencoder(pipe.vae, pixels, recipe, bar)
+        pipe.vae.register_to_config(scaling_factor=scale)
+        _train_denoiser(pipe, pixels, labels, recipe, bar)
+    for module in (pipe.vae, pipe.unet, pipe.text_encoder):
+        module.requires_grad_(False)
+    return pipe, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def generate(
+    pipe: StableDiffusionPipeline, prompts: list[str], seeds: torch.Tensor, **call: Any
+) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` in [0, 1] for prompts, one generator per sample seeded by
+    ``seeds``; ``call`` overrides :data:`DEFAULT_CALL`."""
+    options = {**DEFAULT_CALL, **call}
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return pipe(prompts, generator=generators, output_type="pt", **options).images
+
+
+@torch.inference_mode()
+def prompt_adherence(
+    pipe: StableDiffusionPipeline,
+    judge: nn.Module,
+    split: Split,
+    *,
+    batch_size: int = 100,
+    progress: bool = False,
+    **call: Any,
+) -> float:
+    """Share of a prompt split's images that ``judge`` labels as the prompted digit.
+
+    Args:
+        call: pipeline options over :data:`DEFAULT_CALL` (steps, guidance scale, ...).
+    """
+    correct = 0
+    prompts, seeds = split.inputs["prompt"], split.inputs["seed"]
+    for begin in tqdm(range(0, len(split), batch_size), disable=not progress, desc="judging"):
+        end = begin + batch_size
+        images = generate(pipe, prompts[begin:end], seeds[begin:end], **call)
+        correct += int((judge(images).argmax(1) == split.labels[begin:end]).sum())
+    return correct / len(split)
+
+
+def load_zoo_pipeline(
+    progress: bool = True, *, recipe: DiffusionRecipe = RECIPE, retrain: bool = False
+) -> tuple[StableDiffusionPipeline, dict[str, Any]]:
+    """The demo pipeline trained on digits: from the cache, or trained now (minutes) and cached.
+
+    The pipeline is saved with ``save_pretrained`` in ``sd-digits-<digest>`` of
+    :func:`~nnobfuscator.zoo.cache.cache_dir` (the digest of the recipe), its info in
+    ``nnobf_info.json`` inside; it is written to a temporary folder first, then renamed.
+
+    Returns:
+        The pipeline (progress bars off) and its info: recipe, training seconds and the prompt
+        adherence of the test prompts at :data:`DEFAULT_CALL`, as scored by the judge.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    settings = recipe.as_dict()
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    folder = cache_dir() / f"sd-digits-{digest}"
+    info_path = folder / "nnobf_info.json"
+    if info_path.is_file() and not retrain:
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, json.loads(info_path.read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(classifiers.TRAIN_THREADS)
+    try:
+        pipe, seconds = train_pipeline(recipe, progress=progress)
+        judge = load_judge(progress=progress)
+        adherence = prompt_adherence(pipe, judge, prompt_splits()["test"], progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    info = {
+        "model": "sd-digits",
+        "dataset": "digits",
+        "image_size": IMAGE_SIZE,
+        "recipe": settings,
+        "call": DEFAULT_CALL,
+        "torch": torch.__version__,
+        "train_seconds": round(seconds, 1),
+        "test_prompt_adherence": adherence,
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir()))
+    try:
+        pipe.save_pretrained(str(staging), safe_serialization=True)
+        (staging / "nnobf_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return pipe, info

@@ -1,0 +1,187 @@
+"""Tiered diffusers pipelines: determinism, bit-exact full tier, mixed batches, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+
+from tiny_diffusion import CALL, tiny_pipeline  # noqa: E402
+
+from nnobfuscator import TieredModel, calibrate, obfuscate  # noqa: E402
+from nnobfuscator.cost import relative_costs  # noqa: E402
+from nnobfuscator.data import Split  # noqa: E402
+from nnobfuscator.tasks import TextToImageTask  # noqa: E402
+
+PROMPTS = ["a handwritten digit seven", "a red cat", "digit one", "two"]
+SEEDS = torch.tensor([0, 1, 2, 3])
+
+
+def _generators(seeds: torch.Tensor) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _images(model, prompts=PROMPTS, seeds=SEEDS, **kwargs) -> torch.Tensor:
+    return model({"prompt": prompts, "seed": seeds}, output_type="pt", **kwargs).images
+
+
+@pytest.fixture
+def pipe(tmp_path: Path):
+    return tiny_pipeline(tmp_path / "parts")
+
+
+def _tiered(pipe, compute: str | None = "auto") -> TieredModel:
+    tiered = obfuscate(
+        pipe, tiers="free=60%,pro=85%,premium=full", compute=compute, call_options=CALL
+    )
+    for tier, strength in (("free", 0.9), ("pro", 0.4)):
+        tiered.set_strength(tier, "feature-mix", strength)
+        if compute:
+            tiered.set_setting(tier, "fewer-steps", {"share": 0.5})
+            tiered.set_setting(tier, "guidance-cutoff", {"share": 0.5})
+    return tiered
+
+
+def test_pipeline_is_wrapped_in_place_and_full_tier_is_the_plain_pipeline(pipe) -> None:
+    plain = pipe(PROMPTS, generator=_generators(SEEDS), output_type="pt", **CALL).images
+    tiered = _tiered(pipe)
+    assert tiered.base_model.pipeline is pipe  # wrapped, not copied
+    to_k = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    assert type(to_k).__name__ == "TieredLayer"  # the user's pipeline itself is tiered
+    assert torch.equal(_images(tiered, tier="premium"), plain)
+    free = _images(tiered, tier="free")
+    assert (free - plain).abs().mean() > 1e-3
+    tiered.unload()
+    assert isinstance(
+        pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k, nn.Linear
+    )
+    assert torch.equal(
+        pipe(PROMPTS, generator=_generators(SEEDS), output_type="pt", **CALL).images, plain
+    )
+
+
+def test_same_prompt_seed_and_tier_give_the_same_image_in_any_batch(pipe) -> None:
+    tiered = _tiered(pipe)
+    first = _images(tiered, tier="free")
+    again = _images(tiered, tier="free")
+    assert torch.equal(first, again)
+    # the third prompt alone, or in another batch, gives the same image
+    alone = _images(tiered, PROMPTS[2:3], SEEDS[2:3], tier="free")
+    torch.testing.assert_close(alone[0], first[2], atol=1e-5, rtol=0)
+    other = _images(tiered, [PROMPTS[2], "a red cat"], torch.tensor([2, 9]), tier="free")
+    torch.testing.assert_close(other[0], first[2], atol=1e-5, rtol=0)
+    assert not torch.allclose(first[0], _images(tiered, tier="free", seeds=SEEDS + 10)[0])
+
+
+def test_mixed_tiers_in_one_call_equal_per_tier_calls(pipe) -> None:
+    tiered = _tiered(pipe)
+    tiers = ["free", "premium", "pro", "free"]
+    mixed = _images(tiered, tiers=tiers)
+    for row, tier in enumerate(tiers):
+        alone = _images(tiered, tier=tier)
+        torch.testing.assert_close(mixed[row], alone[row], atol=1e-5, rtol=0)
+    # per-image generators split with the batch too; PIL output scatters back in order
+    pil = tiered(PROMPTS, tiers=tiers, generator=_generators(SEEDS))
+    assert len(pil.images) == 4 and pil.images[1].size == (16, 16)
+
+
+def test_compute_strategies_cut_steps_and_guidance(pipe) -> None:
+    tiered = _tiered(pipe)
+    batches: list[int] = []
+    def count(module: nn.Module, args: tuple) -> None:
+        batches.append(args[0].shape[0])  # the UNet's latent batch
+
+    hook = pipe.unet.register_forward_pre_hook(count)
+    _images(tiered, tier="premium")
+    assert batches == [8] * 4  # 4 steps, guidance doubles the batch of 4
+    batches.clear()
+    _images(tiered, tier="free")
+    assert batches == [8, 4]  # half the steps, guidance for the first half of them
+    hook.remove()
+    costs = relative_costs(tiered, {"prompt": PROMPTS[:1], "seed": SEEDS[:1]})
+    assert costs["premium"] == 1.0 and costs["free"] < 0.5
+
+
+def test_tiered_pipeline_saves_and_loads_onto_a_pipeline_from_a_directory(pipe, tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    tiered = _tiered(pipe)
+    expected = {tier: _images(tiered, tier=tier) for tier in tiered.tier_names}
+    tiered.save_pretrained(tmp_path / "artifact")
+    tiered.unload()
+    pipe.save_pretrained(tmp_path / "sd")  # the Stable Diffusion directory layout
+    assert (tmp_path / "sd" / "unet" / "config.json").is_file()
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    loaded = TieredModel.from_pretrained(tmp_path / "artifact", reloaded)
+    assert loaded.base_model.call_options == CALL
+    for tier, images in expected.items():
+        torch.testing.assert_close(_images(loaded, tier=tier), images, atol=1e-5, rtol=0)
+
+
+class _PixelJudge(nn.Module):
+    """A fixed random classifier of 16x16 images into 4 classes (for plumbing tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.project = nn.Linear(3 * 16 * 16, 8)
+        self.classify = nn.Linear(8, 4)
+        for parameter in self.parameters():
+            parameter.data = torch.randn(parameter.shape, generator=generator)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(images.flatten(1) - 0.5)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classify(features)
+
+
+def _labelled(tiered: TieredModel, judge: nn.Module, name: str, seeds: range) -> Split:
+    """Prompts whose label is what the judge says of the full tier's image (adherence 1.0)."""
+    prompts = [PROMPTS[i % 4] for i in range(len(seeds))]
+    inputs = {"prompt": prompts, "seed": torch.tensor(list(seeds))}
+    with torch.no_grad():
+        labels = judge(_images(tiered, prompts, inputs["seed"], tier="premium")).argmax(1)
+    return Split(name, inputs, labels)
+
+
+def test_calibration_lands_tiers_and_makes_the_free_tier_cheaper(pipe) -> None:
+    judge = _PixelJudge().eval()
+    judge.forward = lambda images: judge.head(judge.features(images))  # type: ignore[method-assign]
+    # A random UNet barely reads its prompt, so the plumbing test mixes all its layers.
+    tiered = obfuscate(
+        pipe,
+        tiers="free=0.8,pro=0.9,premium=full",
+        compute="auto",
+        call_options=CALL,
+        targets=["unet.*"],
+    )
+    calibration = _labelled(tiered, judge, "calibration", range(0, 96))
+    test = _labelled(tiered, judge, "test", range(1000, 1064))
+    task = TextToImageTask(judge, reference=torch.rand(32, 3, 16, 16))
+    report = calibrate(tiered, calibration, test, task=task, progress=False)
+    assert report["metric"] == "prompt_adherence" and report["task"] == "text-to-image"
+    rows = {row["name"]: row for row in report["tiers"]}
+    assert rows["premium"]["achieved"]["test"] == 1.0
+    for tier, target in (("free", 0.8), ("pro", 0.9)):
+        assert abs(rows[tier]["achieved"]["calibration"] - target) <= 0.03
+        assert rows[tier]["extra"]["fid_judge"] > 0
+    assert rows["free"]["relative_cost"] < 0.8
+    assert rows["free"]["params"]["fewer-steps"]["share"] < 1.0
+
+
+def test_bad_uses_get_clear_errors(pipe) -> None:
+    with pytest.raises(ValueError, match="needs a judge"):
+        TextToImageTask()
+    tiered = _tiered(pipe)
+    with pytest.raises(ValueError, match="3 seeds for 4 prompts"):
+        _images(tiered, seeds=SEEDS[:3], tier="free")
+    with pytest.raises(ValueError, match="diffusion pipelines"):
+        obfuscate(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), compute="fewer-steps")
+    with pytest.raises(TypeError, match="diffusers pipeline"):
+        obfuscate(object())
