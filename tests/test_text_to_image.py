@@ -92,6 +92,7 @@ def test_mixed_tiers_in_one_call_equal_per_tier_calls(pipe) -> None:
 def test_compute_strategies_cut_steps_and_guidance(pipe) -> None:
     tiered = _tiered(pipe)
     batches: list[int] = []
+
     def count(module: nn.Module, args: tuple) -> None:
         batches.append(args[0].shape[0])  # the UNet's latent batch
 
@@ -185,3 +186,68 @@ def test_bad_uses_get_clear_errors(pipe) -> None:
         obfuscate(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), compute="fewer-steps")
     with pytest.raises(TypeError, match="diffusers pipeline"):
         obfuscate(object())
+
+
+def test_served_pipeline_generates_pngs_per_key_tier(pipe, tmp_path) -> None:
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from nnobfuscator.serving import KeyStore, ServeConfig, create_app
+    from nnobfuscator.serving.testing import serve_in_thread
+
+    tiered = _tiered(pipe)
+    store = KeyStore(tmp_path / "keys.sqlite")
+    free = {"X-API-Key": store.create("free")[1]}
+    premium = {"X-API-Key": store.create("premium")[1]}
+    owner = {"X-API-Key": store.create(None, owner=True)[1]}
+    app = create_app(tiered, keys=store, config=ServeConfig(rate_limits={}, max_prompt_chars=40))
+
+    def png(response: httpx.Response) -> np.ndarray:
+        import base64
+
+        data = response.content
+        if response.headers["content-type"].startswith("application/json"):
+            data = base64.b64decode(response.json()["image"])
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    prompt = {"prompt": "a handwritten digit seven", "seed": 3}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        answers = {
+            name: client.post("/v1/generate", headers=h, json=prompt)
+            for name, h in (("free", free), ("premium", premium))
+        }
+        raw = client.post("/v1/generate", headers={**free, "Accept": "image/png"}, json=prompt)
+        unseeded = [
+            client.post("/v1/generate", headers=free, json={"prompt": "two"}) for _ in range(2)
+        ]
+        compare = client.post("/v1/compare", headers=owner, json=prompt)
+        bad = {
+            "empty": client.post("/v1/generate", headers=free, json={"prompt": " "}),
+            "long": client.post("/v1/generate", headers=free, json={"prompt": "a" * 41}),
+            "number": client.post("/v1/generate", headers=free, json={"prompt": 7}),
+            "seed": client.post("/v1/generate", headers=free, json={"prompt": "two", "seed": -1}),
+        }
+    assert {n: a.headers["X-Tier"] for n, a in answers.items()} == {
+        "free": "free",
+        "premium": "premium",
+    }
+    expected = {
+        tier: _images(tiered, ["a handwritten digit seven"], torch.tensor([3]), tier=tier)[0]
+        for tier in ("free", "premium")
+    }
+    for tier, answer in answers.items():  # the served image is the tier's own image
+        served = torch.tensor(png(answer)).permute(2, 0, 1).float() / 255
+        assert (served - expected[tier]).abs().max() <= 1 / 255 + 1e-6
+    assert not np.array_equal(png(answers["free"]), png(answers["premium"]))
+    assert raw.headers["content-type"] == "image/png" and raw.headers["X-Seed"] == "3"
+    np.testing.assert_array_equal(png(raw), png(answers["free"]))
+    assert unseeded[0].json()["seed"] == unseeded[1].json()["seed"]  # derived from key + prompt
+    np.testing.assert_array_equal(png(unseeded[0]), png(unseeded[1]))
+    tiers = [result["tier"] for result in compare.json()["results"]]
+    assert compare.status_code == 200 and tiers == ["free", "pro", "premium"]
+    assert {name: r.status_code for name, r in bad.items()} == dict.fromkeys(bad, 422)
+    assert bad["empty"].json()["error"] == "empty_prompt"
+    assert bad["long"].json()["error"] == "prompt_too_long"

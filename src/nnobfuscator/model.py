@@ -57,7 +57,9 @@ class ObfuscationConfig:
             architecture) or ``None`` (every tier costs what the full model costs).
         targets: module-name patterns of the layers to act on; ``None`` uses the default.
         key: the secret key (bytes or hex); ``None`` draws a new random one.
-        task: ``"classification"`` (more tasks register themselves in ``nnobfuscator.tasks``).
+        task: ``"classification"``, ``"segmentation"``, ``"text-to-image"`` (tasks register
+            themselves in ``nnobfuscator.tasks``); ``None``: text-to-image for a diffusion
+            pipeline, classification otherwise.
         input_spec: the expected image input; checked on every call.
         model_name: a label for reports, e.g. ``"resnet18"``.
         call_options: for a diffusion pipeline, the options of every call unless it passes its
@@ -69,7 +71,7 @@ class ObfuscationConfig:
     compute: str | None = None
     targets: list[str] | None = None
     key: bytes | str | None = None
-    task: str = "classification"
+    task: str | None = None
     input_spec: InputSpec | None = None
     model_name: str = "model"
     meta: dict[str, Any] = field(default_factory=dict)
@@ -390,7 +392,8 @@ def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: 
         parse_tiers(config.tiers),
         strategies,
         coerce_key(config.key),
-        task=config.task,
+        task=config.task
+        or ("text-to-image" if isinstance(model, PipelineModule) else "classification"),
         model_name=config.model_name,
         input_spec=config.input_spec,
         meta=meta,

@@ -25,7 +25,7 @@ from nnobfuscator.serving.auth import Authenticator, Principal
 from nnobfuscator.serving.batcher import MicroBatcher
 from nnobfuscator.serving.config import ServeConfig
 from nnobfuscator.serving.errors import ApiError, install_error_handlers
-from nnobfuscator.serving.images import decode_image
+from nnobfuscator.serving.images import decode_image, generated_png
 from nnobfuscator.serving.keystore import KeyStore
 from nnobfuscator.serving.loader import ServedModel, load_artifact, serve_model
 from nnobfuscator.serving.metrics import Metrics
@@ -36,6 +36,7 @@ from nnobfuscator.serving.results import (
     SEGMENTATION,
     TEXT_TO_IMAGE,
     classify_answer,
+    derived_seed,
     generate_answer,
     segment_answer,
 )
@@ -160,6 +161,13 @@ def create_app(
             raise ApiError(422, "invalid_request", "top_k must be an integer from 1 to 1000")
         return value
 
+    def prompt_sample(body: GenerateRequest, principal: Principal) -> tuple[Any, int | None]:
+        """The sample the model gets for a prompt, and its seed (models that take one)."""
+        if not served.takes_seed:
+            return body.prompt, None
+        seed = body.seed if body.seed is not None else derived_seed(principal.key.id, body.prompt)
+        return {"prompt": body.prompt, "seed": seed}, seed
+
     def mask_format(query: str | None, options: dict) -> str:
         value = query or options.get("format") or "png"
         if value not in {"png", "rle"}:
@@ -265,11 +273,21 @@ def create_app(
         dependencies=[Depends(serves(*TEXT_TO_IMAGE))],
         tags=["inference"],
     )
-    async def generate(request: Request, principal: Principal = Depends(auth)) -> JSONResponse:
-        """Generate an image from a prompt (JSON `{"prompt": "..."}`); base64 PNG back."""
+    async def generate(request: Request, principal: Principal = Depends(auth)) -> Response:
+        """Generate an image from a prompt (JSON `{"prompt": "...", "seed": 7}`): base64 PNG in
+        JSON, or the PNG itself with `Accept: image/png`. Without a seed, one is derived from
+        the key and the prompt, so a repeated request gives the same image."""
         body = await read_prompt(request, config.max_body_bytes, config.max_prompt_chars)
-        output = await batcher.submit(body.prompt, principal.tier)
-        return _answer(generate_answer(output, principal.tier, body.prompt))
+        sample, seed = prompt_sample(body, principal)
+        output = await batcher.submit(sample, principal.tier)
+        answer = generate_answer(output, principal.tier, body.prompt, seed)
+        if "image/png" in request.headers.get("accept", ""):
+            headers = {
+                TIER_HEADER: answer.tier,
+                **({"X-Seed": str(seed)} if seed is not None else {}),
+            }
+            return Response(generated_png(output), media_type="image/png", headers=headers)
+        return _answer(answer)
 
     @app.post(
         "/v1/compare",
@@ -289,9 +307,11 @@ def create_app(
         auth.require_owner(principal)
         if served.task in TEXT_TO_IMAGE:
             body = await read_prompt(request, config.max_body_bytes, config.max_prompt_chars)
-            outputs = await asyncio.gather(*(batcher.submit(body.prompt, t) for t in tiers))
+            sample, seed = prompt_sample(body, principal)  # one seed: tiers side by side
+            outputs = await asyncio.gather(*(batcher.submit(sample, t) for t in tiers))
             results: list[Any] = [
-                generate_answer(o, t, body.prompt) for o, t in zip(outputs, tiers, strict=True)
+                generate_answer(o, t, body.prompt, seed)
+                for o, t in zip(outputs, tiers, strict=True)
             ]
             return CompareResponse(task=served.task, results=results)
         x, size, options = await image_input(request)

@@ -134,10 +134,23 @@ def _group_by_shape(items: list[_Item]) -> list[list[_Item]]:
 
 
 def _forward_split(forward: Forward, samples: list[Any], tiers: list[str]) -> list[Any]:
-    batch = torch.stack(samples) if isinstance(samples[0], torch.Tensor) else list(samples)
     with torch.inference_mode():
-        output = forward(batch, tiers)
+        output = forward(collate(samples), tiers)
     return split_batch(output, len(samples))
+
+
+def collate(samples: list[Any]) -> Any:
+    """One batch of samples: stacked tensors, a list of prompts, or for dict samples (a prompt
+    and its seed) a dict of lists, numbers becoming a tensor."""
+    if isinstance(samples[0], torch.Tensor):
+        return torch.stack(samples)
+    if isinstance(samples[0], Mapping):
+        columns = {key: [sample[key] for sample in samples] for key in samples[0]}
+        return {
+            key: torch.tensor(values) if isinstance(values[0], int | float) else values
+            for key, values in columns.items()
+        }
+    return list(samples)
 
 
 def split_batch(output: Any, size: int) -> list[Any]:

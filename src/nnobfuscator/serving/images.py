@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +147,9 @@ def mask_rle(mask: np.ndarray) -> dict[str, list[int]]:
 def generated_png(output: Any) -> bytes:
     """PNG bytes of one generated image: a PIL image, a diffusers output, an array or a tensor
     ``(3, H, W)`` with values in [0, 1]."""
-    if hasattr(output, "images"):
+    if isinstance(output, Mapping) and "images" in output:  # one sample of a pipeline output
+        output = output["images"]
+    elif hasattr(output, "images"):
         output = output.images[0]
     if isinstance(output, Image.Image):
         return encode_png(output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ class ServedModel:
     @property
     def task(self) -> str:
         return self.model.task
+
+    @property
+    def takes_seed(self) -> bool:
+        """Whether the model draws from a seed per sample (a diffusion pipeline)."""
+        forward = getattr(self.model.base_model, "forward", None)
+        return forward is not None and "seed" in inspect.signature(forward).parameters
 
     def label(self, index: int) -> str:
         if self.labels is not None and 0 <= index < len(self.labels):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,15 @@ def segment_answer(
     return answer
 
 
-def generate_answer(output: Any, tier: str, prompt: str) -> GenerateResponse:
+def generate_answer(
+    output: Any, tier: str, prompt: str, seed: int | None = None
+) -> GenerateResponse:
     """One generated image as base64 PNG."""
     image = base64.b64encode(generated_png(output)).decode()
-    return GenerateResponse(tier=tier, prompt=prompt, image=image)
+    return GenerateResponse(tier=tier, prompt=prompt, seed=seed, image=image)
+
+
+def derived_seed(key_id: str, prompt: str) -> int:
+    """The seed of a request that sends none: fixed by the key and the prompt."""
+    digest = hashlib.sha256(f"{key_id}\0{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1

@@ -20,6 +20,13 @@ class ImageRequest(BaseModel):
 
 class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, description="What to draw; must not be empty.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="Starting noise; without one it is derived from the key and the prompt, so a "
+        "repeated request gives the same image.",
+    )
 
 
 class ScoredLabel(BaseModel):
@@ -56,6 +63,7 @@ class SegmentResponse(BaseModel):
 class GenerateResponse(BaseModel):
     tier: str
     prompt: str
+    seed: int | None = Field(None, description="The seed the image was drawn with.")
     image: str = Field(description="Base64 PNG.")
 
 

@@ -101,6 +101,15 @@ _AUTOENCODER: dict[str, Any] = {
     "norm_num_groups": 8,
     "sample_size": IMAGE_SIZE,
 }
+_SCHEDULER: dict[str, Any] = {  # Stable Diffusion's betas
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
 _START, _END = "<|startoftext|>", "<|endoftext|>"
 _CHARACTERS = string.ascii_lowercase + string.digits + ".,:;!?'\"-()"
 
@@ -209,15 +218,7 @@ def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         text_encoder = CLIPTextModel(text_config)
         unet = UNet2DConditionModel(**_UNET)
         vae = AutoencoderKL(**_AUTOENCODER)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**_SCHEDULER)
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -252,6 +253,7 @@ class DiffusionRecipe:
     batch_size: int = 64
     prompt_dropout: float = 0.1
     ema_decay: float = 0.999
+    snr_gamma: float | None = None
     seed: int = 0
     revision: int = 1  # bump when build_pipeline or the training loop changes
 
@@ -323,6 +325,7 @@ def _train_denoiser(
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = noise_scheduler.alphas_cumprod
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     device = pipe.unet.device
     with torch.no_grad():
@@ -354,7 +357,11 @@ def _train_denoiser(
         noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(device)
         states = text_encoder(table[row].to(device))[0]
         prediction = unet(noisy, timesteps.to(device), encoder_hidden_states=states).sample
-        loss = F.mse_loss(prediction, noise.to(device))
+        errors = (prediction - noise.to(device)).square().mean(dim=(1, 2, 3))
+        if recipe.snr_gamma is not None:  # min-SNR weighting (Hang et al., 2023)
+            snr = alphas[timesteps] / (1 - alphas[timesteps])
+            errors = errors * (snr.clamp(max=recipe.snr_gamma) / snr).to(device)
+        loss = errors.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
