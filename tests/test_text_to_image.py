@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 pytest.importorskip("diffusers")
@@ -15,6 +16,7 @@ from tiny_diffusion import CALL, tiny_pipeline  # noqa: E402
 from nnobfuscator import TieredModel, calibrate, obfuscate  # noqa: E402
 from nnobfuscator.cost import relative_costs  # noqa: E402
 from nnobfuscator.data import Split  # noqa: E402
+from nnobfuscator.grid import plot_generation_grid  # noqa: E402
 from nnobfuscator.tasks import TextToImageTask  # noqa: E402
 
 PROMPTS = ["a handwritten digit seven", "a red cat", "digit one", "two"]
@@ -151,7 +153,7 @@ def _labelled(tiered: TieredModel, judge: nn.Module, name: str, seeds: range) ->
     return Split(name, inputs, labels)
 
 
-def test_calibration_lands_tiers_and_makes_the_free_tier_cheaper(pipe) -> None:
+def test_calibration_lands_tiers_and_makes_the_free_tier_cheaper(pipe, tmp_path) -> None:
     judge = _PixelJudge().eval()
     judge.forward = lambda images: judge.head(judge.features(images))  # type: ignore[method-assign]
     # A random UNet barely reads its prompt, so the plumbing test mixes all its layers.
@@ -174,6 +176,9 @@ def test_calibration_lands_tiers_and_makes_the_free_tier_cheaper(pipe) -> None:
         assert rows[tier]["extra"]["fid_judge"] > 0
     assert rows["free"]["relative_cost"] < 0.8
     assert rows["free"]["params"]["fewer-steps"]["share"] < 1.0
+    grid = plot_generation_grid(tiered, test, tmp_path / "grid.png")
+    width, height = Image.open(grid).size
+    assert height > 2 * 3 * 40 and width > height  # three tier rows, four prompt columns
 
 
 def test_bad_uses_get_clear_errors(pipe) -> None:

@@ -80,18 +80,21 @@ def _finish(result: Any) -> None:
     console.print(f"plot:     {result.plot_path}")
     if result.masks_path is not None:
         console.print(f"masks:    {result.masks_path}")
+    if result.grid_path is not None:
+        console.print(f"grid:     {result.grid_path}")
 
 
 @app.command()
 def demo(
     task: Annotated[
-        str, typer.Option(help="Task: classification or segmentation.")
+        str, typer.Option(help="Task: classification, segmentation or text-to-image.")
     ] = "classification",
     model: Annotated[
         str | None,
         typer.Option(
             help="Demo model: resnet18, vgg16, mobilenet_v3_small or vit (classification), "
-            "deeplabv3 or fcn (segmentation). Default: resnet18 / deeplabv3."
+            "deeplabv3 or fcn (segmentation), sd-digits (text-to-image). Default: resnet18 / "
+            "deeplabv3 / sd-digits."
         ),
     ] = None,
     tiers: Annotated[
@@ -104,7 +107,8 @@ def demo(
         bool,
         typer.Option(
             help="Make lower tiers cheaper (block skip, channel slim, input resolution where "
-            "the model allows); --no-compute: every tier costs the full model."
+            "the model allows; fewer steps and guidance cut-off for text-to-image); "
+            "--no-compute: every tier costs the full model."
         ),
     ] = True,
     report: Annotated[Path | None, typer.Option(help="Report JSON path.")] = None,
@@ -116,18 +120,29 @@ def demo(
     from nnobfuscator.zoo import list_models
     from nnobfuscator.zoo.classifiers import zoo_entry
 
-    defaults = {"classification": "resnet18", "segmentation": "deeplabv3"}
+    defaults = {
+        "classification": "resnet18",
+        "segmentation": "deeplabv3",
+        "text-to-image": "sd-digits",
+    }
     if task not in defaults:
         _fail(f"task {task!r} has no demo; available: {', '.join(defaults)}")
     model = model or defaults[task]
     if model not in list_models(task):
         _fail(f"unknown {task} demo model {model!r}; choose one of {', '.join(list_models(task))}")
-    entry = zoo_entry(model)
+    task_source = None
+    if task == "text-to-image":
+        data_source: dict[str, Any] = {"zoo": "digit-prompts"}
+        task_source = {"judge": {"zoo": "digits-judge"}}
+    else:
+        entry = zoo_entry(model)
+        data_source = {"zoo": entry.dataset, "image_size": entry.image_size}
     out = out or Path("runs") / f"{model}-{strategy.replace('+', '_')}"
     _run_job(
         task=task,
         model_source={"zoo": model},
-        data_source={"zoo": entry.dataset, "image_size": entry.image_size},
+        data_source=data_source,
+        task_source=task_source,
         tiers=tiers,
         strategy=strategy,
         compute="auto" if compute else None,
@@ -245,7 +260,9 @@ def info(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) 
         )
     for strategy in config["strategies"]:
         layers = strategy["targets"] or []
-        where = "the model input" if layers == ["<input>"] else f"{len(layers)} modules: {layers}"
+        where = {"<input>": "the model input", "<call>": "the pipeline call"}.get(
+            "".join(layers), f"{len(layers)} modules: {layers}"
+        )
         console.print(f"strategy [bold]{strategy['name']}[/] on {where}")
     table = Table()
     for column in ("tier", "target", "params", "calibration", "test", "relative cost"):

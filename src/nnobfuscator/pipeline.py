@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nnobfuscator.calibrate import calibrate, evaluate
 from nnobfuscator.data import Split
+from nnobfuscator.grid import plot_generation_grid
 from nnobfuscator.masks import plot_masks
 from nnobfuscator.model import InputSpec, TieredModel, obfuscate
 from nnobfuscator.report import plot_report, write_report
 from nnobfuscator.serialization import read_config
-from nnobfuscator.sources import class_names, load_base_model, load_split
+from nnobfuscator.sources import class_names, load_base_model, load_split, load_task
 from nnobfuscator.strategies import get_strategy
 from nnobfuscator.tiers import parse_tiers
 
@@ -27,6 +30,7 @@ class JobResult:
     report_path: Path
     plot_path: Path
     masks_path: Path | None = None
+    grid_path: Path | None = None
 
 
 def run_job(
@@ -43,15 +47,20 @@ def run_job(
     plot_path: Path | None = None,
     key: str | None = None,
     progress: bool = True,
+    task_source: dict[str, Any] | None = None,
 ) -> JobResult:
-    """Load the base model and data, calibrate the tiers, then write artifact, report and plot."""
+    """Load the base model and data, calibrate the tiers, then write artifact, report and plot.
+
+    Args:
+        task_source: what the task needs beyond its name (text-to-image: its judge).
+    """
     parse_tiers(tiers)  # fail on a bad tier spec before any model is trained or loaded
     for name in strategy.split("+"):
         get_strategy(name.strip())
+    scorer = load_task(task, task_source, progress=progress)
     base, info = load_base_model(model_source, progress=progress)
     calibration = load_split(data_source, "calibration")
     test = load_split(data_source, "test")
-    _, channels, height, width = calibration.images.shape
     dataset = data_source.get("zoo") or Path(str(data_source.get("calibration", "custom"))).name
     tiered = obfuscate(
         base,
@@ -62,16 +71,28 @@ def run_job(
         key=key,
         task=task,
         model_name=info.get("model", model_source.get("arch", "model")),
-        input_spec=InputSpec(channels, height, width),
+        input_spec=_image_spec(calibration.inputs),
+        call_options=model_source.get("call") or info.get("call"),
         meta={
-            "source": {"model": model_source, "data": data_source},
+            "source": {
+                "model": model_source,
+                "data": data_source,
+                **({"task": task_source} if task_source else {}),
+            },
             "dataset": dataset,
             **({"base_model": info} if "recipe" in info else {}),
             **({"classes": classes} if (classes := class_names(data_source)) else {}),
         },
     )
-    report = calibrate(tiered, calibration, test, dataset=dataset, progress=progress)
+    report = calibrate(tiered, calibration, test, dataset=dataset, progress=progress, task=scorer)
     return _write_outputs(tiered, report, out, report_path, plot_path, test, save=True)
+
+
+def _image_spec(inputs: Any) -> InputSpec | None:
+    """The input check of an image model (none for prompts or token ids)."""
+    if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+        return InputSpec(*inputs.shape[1:])
+    return None
 
 
 def evaluate_artifact(
@@ -92,7 +113,8 @@ def evaluate_artifact(
     base, _ = load_base_model(source["model"], progress=progress)
     tiered = TieredModel.from_pretrained(str(artifact), base)
     test = load_split(source["data"], "test")
-    report = evaluate(tiered, test, dataset=tiered.meta.get("dataset", "custom"))
+    scorer = load_task(tiered.task, source.get("task"), progress=progress)
+    report = evaluate(tiered, test, dataset=tiered.meta.get("dataset", "custom"), task=scorer)
     return _write_outputs(tiered, report, artifact, report_path, plot_path, test, save=False)
 
 
@@ -112,7 +134,9 @@ def _write_outputs(
     report["artifact"] = str(out)
     report_path = write_report(report, report_path or out / "report.json")
     plot_path = plot_report(report, plot_path or out / "tiers.png")
-    masks_path = None
+    masks_path = grid_path = None
     if tiered.task == "segmentation":
         masks_path = plot_masks(tiered, test, Path(plot_path).with_name("masks.png"))
-    return JobResult(tiered, report, out, report_path, plot_path, masks_path)
+    if tiered.task == "text-to-image":
+        grid_path = plot_generation_grid(tiered, test, Path(plot_path).with_name("grid.png"))
+    return JobResult(tiered, report, out, report_path, plot_path, masks_path, grid_path)

@@ -4,11 +4,15 @@ A *source* is a small dict stored in the artifact (``meta``) so that ``nnobf eva
 the base model and reload the data:
 
 - model: ``{"zoo": "resnet18"}`` or ``{"arch": "resnet18", "weights": "w.pt", "num_classes": 10}``
-  (any torchvision classification or segmentation builder, e.g. ``deeplabv3_resnet50``)
+  (any torchvision classification or segmentation builder, e.g. ``deeplabv3_resnet50``), or a
+  diffusers pipeline directory ``{"diffusers": "path/to/stable-diffusion"}`` (loaded offline)
 - data: ``{"zoo": "digits", "image_size": 16}``, ``{"zoo": "digit-scenes", "image_size": 48}`` or
   ``{"calibration": "dir", "test": "dir", "image_size": 224, "mean": [...], "std": [...]}``, where
   each dir is an ImageFolder (classification) or holds ``images/`` and ``masks/`` (segmentation:
-  masks are single-channel PNGs of class indices, matched to images by file stem)
+  masks are single-channel PNGs of class indices, matched to images by file stem), or the
+  zoo's prompts ``{"zoo": "digit-prompts"}``
+- task: how outputs are scored when the task needs more than its name, e.g. the judge of
+  text-to-image ``{"judge": {"zoo": "digits-judge"}, "reference": {"zoo": "digits"}}``
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from nnobfuscator.data import Split
+from nnobfuscator.tasks import Task
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -50,8 +54,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Build the base model a source describes; returns the model (eval mode) and facts about it."""
+def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[Any, dict]:
+    """Build the base model a source describes; returns the model (eval mode, or a diffusers
+    pipeline) and facts about it."""
+    if "diffusers" in source:
+        return load_pipeline_directory(source["diffusers"]), {
+            "model": Path(source["diffusers"]).name
+        }
     if "zoo" in source:
         from nnobfuscator.zoo import load_zoo_model
 
@@ -84,6 +93,39 @@ def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[n
     return model.eval(), {"model": arch}
 
 
+def load_pipeline_directory(path: str | Path) -> Any:
+    """A diffusers pipeline saved with ``save_pretrained`` (Stable Diffusion layout), offline."""
+    if not (Path(path) / "model_index.json").is_file():
+        raise SourceError(
+            f"{path} is not a diffusers pipeline directory (no model_index.json); save one with "
+            "pipeline.save_pretrained(path)"
+        )
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_task(task: str, source: dict[str, Any] | None, *, progress: bool = True) -> Task:
+    """The task that scores a job's outputs (text-to-image: with its judge and real images)."""
+    from nnobfuscator.tasks import TextToImageTask, get_task
+
+    if task != TextToImageTask.name:
+        return get_task(task)
+    judge = (source or {}).get("judge")
+    if judge != {"zoo": "digits-judge"}:
+        raise SourceError(
+            "text-to-image jobs need a judge: the CLI knows the zoo's {'zoo': 'digits-judge'}; "
+            "for your own, calibrate in Python with task=TextToImageTask(judge=...)"
+        )
+    from nnobfuscator.zoo.digits import rgb_digits
+    from nnobfuscator.zoo.judge import load_judge
+    from nnobfuscator.zoo.text_to_image import IMAGE_SIZE
+
+    return TextToImageTask(load_judge(progress=progress), reference=rgb_digits("test", IMAGE_SIZE))
+
+
 def class_names(data: dict[str, Any]) -> list[str] | None:
     """Class names by index of a data source: the zoo dataset's, or an ImageFolder's folders."""
     if "zoo" in data:
@@ -106,8 +148,13 @@ def load_split(data: dict[str, Any], split: str) -> Split:
             return digits_splits(int(data.get("image_size", 16)))[split]
         if data["zoo"] == "digit-scenes":
             return digit_scenes(int(data.get("image_size", 48)))[split]
+        if data["zoo"] == "digit-prompts":
+            from nnobfuscator.zoo.text_to_image import prompt_splits
+
+            return prompt_splits()[split]
         raise SourceError(
-            f"unknown demo dataset {data['zoo']!r}; the zoo has 'digits' and 'digit-scenes'"
+            f"unknown demo dataset {data['zoo']!r}; the zoo has 'digits', 'digit-scenes' and "
+            "'digit-prompts'"
         )
     folder = data.get(split)
     if not folder:

@@ -1,18 +1,21 @@
 """Offline demo data and models: nothing here downloads."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from nnobfuscator.zoo import classifiers
 from nnobfuscator.zoo.cache import cache_dir
-from nnobfuscator.zoo.classifiers import (
-    build_classifier,
-    build_model,
-    list_models,
-    load_zoo_classifier,
-    load_zoo_model,
-)
+from nnobfuscator.zoo.classifiers import build_classifier, build_model, load_zoo_classifier
 from nnobfuscator.zoo.digits import DIGITS_CLASSES, Split, digits_splits
 from nnobfuscator.zoo.scenes import SCENE_CLASSES, digit_scenes
 
+#: the zoo's text-to-image pipelines (diffusers), by name
+PIPELINES = {"sd-digits": "text-to-image"}
+
 __all__ = [
     "DIGITS_CLASSES",
+    "PIPELINES",
     "SCENE_CLASSES",
     "Split",
     "build_classifier",
@@ -24,3 +27,19 @@ __all__ = [
     "load_zoo_classifier",
     "load_zoo_model",
 ]
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Names of the demo models (of one task, when given)."""
+    pipelines = [name for name, kind in PIPELINES.items() if task in (None, kind)]
+    return sorted(classifiers.list_models(task) + pipelines)
+
+
+def load_zoo_model(name: str, *, progress: bool = True, **options: Any) -> tuple[Any, dict]:
+    """A demo model trained once and cached: a torchvision model, or a diffusers pipeline."""
+    if name in PIPELINES:
+        from nnobfuscator.zoo.text_to_image import DEFAULT_CALL, load_zoo_pipeline
+
+        pipeline, info = load_zoo_pipeline(progress=progress)
+        return pipeline, {**info, "call": dict(DEFAULT_CALL)}
+    return classifiers.load_zoo_model(name, progress=progress, **options)
