@@ -119,11 +119,11 @@ def load_task(task: str, source: dict[str, Any] | None, *, progress: bool = True
             "text-to-image jobs need a judge: the CLI knows the zoo's {'zoo': 'digits-judge'}; "
             "for your own, calibrate in Python with task=TextToImageTask(judge=...)"
         )
-    from nnobfuscator.zoo.digits import rgb_digits
-    from nnobfuscator.zoo.judge import load_judge
+    from nnobfuscator.zoo.judge import load_judge, real_digits
     from nnobfuscator.zoo.text_to_image import IMAGE_SIZE
 
-    return TextToImageTask(load_judge(progress=progress), reference=rgb_digits("test", IMAGE_SIZE))
+    reference = real_digits(IMAGE_SIZE)["test"].images
+    return TextToImageTask(load_judge(progress=progress), reference=reference)
 
 
 def class_names(data: dict[str, Any]) -> list[str] | None:

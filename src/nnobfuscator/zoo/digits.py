@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nnobfuscator.data import Split
 
-__all__ = ["DIGITS_CLASSES", "Split", "digit_split_indices", "digits_splits", "rgb_digits"]
+__all__ = ["DIGITS_CLASSES", "Split", "digit_split_indices", "digits_splits"]
 
 DIGITS_CLASSES = [str(i) for i in range(10)]
 _SPLIT_SIZES = {"train": 900, "calibration": 448}  # the rest (449 images) is the test split
@@ -49,8 +49,3 @@ def digits_splits(image_size: int = 16, seed: int = 0) -> dict[str, Split]:
         for name, idx in digit_split_indices(data.target, seed).items()
     }
 
-
-def rgb_digits(split: str, image_size: int = 16, seed: int = 0) -> torch.Tensor:
-    """Real digits of one split as generated images come out: ``(N, 3, H, W)`` in [0, 1]."""
-    images = digits_splits(image_size, seed)[split].images * _STD + _MEAN
-    return images.clamp(0, 1).repeat(1, 3, 1, 1)
