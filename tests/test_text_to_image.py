@@ -256,3 +256,22 @@ def test_served_pipeline_generates_pngs_per_key_tier(pipe, tmp_path) -> None:
     assert {name: r.status_code for name, r in bad.items()} == dict.fromkeys(bad, 422)
     assert bad["empty"].json()["error"] == "empty_prompt"
     assert bad["long"].json()["error"] == "prompt_too_long"
+
+
+def test_artifact_with_a_pipeline_directory_source_serves_the_same_images(pipe, tmp_path) -> None:
+    from nnobfuscator.serving.loader import load_artifact
+
+    pipe.save_pretrained(tmp_path / "sd")
+    source = {"model": {"diffusers": str(tmp_path / "sd")}}
+    tiered = obfuscate(
+        pipe, tiers="free=60%,premium=full", call_options=CALL, meta={"source": source}
+    )
+    tiered.set_strength("free", "feature-mix", 0.7)
+    tiered.save_pretrained(tmp_path / "artifact")
+    served = load_artifact(tmp_path / "artifact")
+    assert served.task == "text-to-image" and served.takes_seed
+    assert served.model.base_model.pipeline is not pipe  # rebuilt from the directory
+    for tier in ("free", "premium"):
+        torch.testing.assert_close(
+            _images(served.model, tier=tier), _images(tiered, tier=tier), atol=1e-5, rtol=0
+        )

@@ -52,6 +52,7 @@ __all__ = [
     "prompt_for",
     "prompt_splits",
     "train_pipeline",
+    "zoo_pipeline_folder",
 ]
 
 IMAGE_SIZE = 16
@@ -431,6 +432,12 @@ def prompt_adherence(
     return correct / len(split)
 
 
+def zoo_pipeline_folder(recipe: DiffusionRecipe = RECIPE) -> Path:
+    """Where the pipeline trained with ``recipe`` is cached (``sd-digits-<recipe digest>``)."""
+    digest = hashlib.sha256(json.dumps(recipe.as_dict(), sort_keys=True).encode()).hexdigest()
+    return cache_dir() / f"sd-digits-{digest[:8]}"
+
+
 def load_zoo_pipeline(
     progress: bool = True, *, recipe: DiffusionRecipe = RECIPE, retrain: bool = False
 ) -> tuple[StableDiffusionPipeline, dict[str, Any]]:
@@ -450,8 +457,7 @@ def load_zoo_pipeline(
     from diffusers import StableDiffusionPipeline
 
     settings = recipe.as_dict()
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    folder = cache_dir() / f"sd-digits-{digest}"
+    folder = zoo_pipeline_folder(recipe)
     info_path = folder / "nnobf_info.json"
     if info_path.is_file() and not retrain:
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
