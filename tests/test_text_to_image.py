@@ -275,3 +275,34 @@ def test_artifact_with_a_pipeline_directory_source_serves_the_same_images(pipe, 
         torch.testing.assert_close(
             _images(served.model, tier=tier), _images(tiered, tier=tier), atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.slow
+def test_cli_text_to_image_demo_lands_tiers_and_writes_the_grid(tmp_path) -> None:
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+    from typer.testing import CliRunner
+
+    from nnobfuscator.cli import app
+    from nnobfuscator.zoo import text_to_image
+
+    if not (text_to_image.zoo_pipeline_folder() / "nnobf_info.json").is_file():
+        pytest.skip("sd-digits is not trained here: `nnobf demo --task text-to-image` trains it")
+    out = tmp_path / "sd"
+    result = CliRunner().invoke(
+        app, ["demo", "--task", "text-to-image", "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    schema = json.loads(files("nnobfuscator").joinpath("contracts/report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    assert report["metric"] == "prompt_adherence" and report["task"] == "text-to-image"
+    rows = {row["name"]: row for row in report["tiers"]}
+    assert rows["premium"]["achieved"]["test"] >= 0.8
+    for tier in ("free", "pro"):
+        gap = rows[tier]["extra"]["target_gap"]
+        assert abs(gap) <= max(0.05, rows[tier]["extra"]["two_se"])
+    assert rows["free"]["relative_cost"] <= 0.5
+    assert (out / "grid.png").is_file() and "grid:" in result.output
