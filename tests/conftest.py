@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -58,10 +61,24 @@ RECIPES = {"resnet": (5, 5e-3), "vgg": (5, 5e-3), "cnn": (8, 1e-2)}  # epochs, l
 STRATEGIES = ["feature-mix", "weight-noise", "logit-noise"]
 
 
+USER_HOME = Path(os.environ.get("NNOBF_HOME") or Path.home() / ".cache" / "nnobfuscator")
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
-    """Tests never read or write the user's model cache."""
+    """Tests never read or write the user's model cache (except through ``trained_sd_digits``)."""
     monkeypatch.setenv("NNOBF_HOME", str(tmp_path_factory.getbasetemp() / "nnobf-home"))
+
+
+@pytest.fixture
+def trained_sd_digits(monkeypatch):
+    """Slow tests of the text-to-image demo read the user's cache, where `nnobf demo --task
+    text-to-image` trained sd-digits (about 9 minutes on 2 cores: too long for a test run)."""
+    from nnobfuscator.zoo import text_to_image
+
+    monkeypatch.setenv("NNOBF_HOME", str(USER_HOME))
+    if not (text_to_image.zoo_pipeline_folder() / "nnobf_info.json").is_file():
+        pytest.skip(f"sd-digits is not trained in {USER_HOME}: `nnobf demo --task text-to-image`")
 
 
 @pytest.fixture(scope="session")

@@ -278,7 +278,9 @@ def test_artifact_with_a_pipeline_directory_source_serves_the_same_images(pipe, 
 
 
 @pytest.mark.slow
-def test_cli_text_to_image_demo_lands_tiers_and_writes_the_grid(tmp_path) -> None:
+def test_cli_text_to_image_demo_lands_tiers_and_writes_the_grid(
+    tmp_path, trained_sd_digits
+) -> None:
     import json
     from importlib.resources import files
 
@@ -286,10 +288,7 @@ def test_cli_text_to_image_demo_lands_tiers_and_writes_the_grid(tmp_path) -> Non
     from typer.testing import CliRunner
 
     from nnobfuscator.cli import app
-    from nnobfuscator.zoo import text_to_image
 
-    if not (text_to_image.zoo_pipeline_folder() / "nnobf_info.json").is_file():
-        pytest.skip("sd-digits is not trained here: `nnobf demo --task text-to-image` trains it")
     out = tmp_path / "sd"
     result = CliRunner().invoke(
         app, ["demo", "--task", "text-to-image", "--out", str(out), "--quiet"]

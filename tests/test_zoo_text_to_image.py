@@ -116,9 +116,7 @@ def test_zoo_pipeline_is_trained_once_then_cached(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_zoo_pipeline_draws_the_prompted_digits():
-    if not (t2i.zoo_pipeline_folder() / "nnobf_info.json").is_file():
-        pytest.skip("sd-digits is not trained here: `nnobf demo --task text-to-image` trains it")
+def test_zoo_pipeline_draws_the_prompted_digits(trained_sd_digits):
     judge = load_judge(progress=False)
     assert evaluate_accuracy(judge, real_digits()["test"]) >= 0.97
     pipe, info = t2i.load_zoo_pipeline(progress=False)
