@@ -95,6 +95,7 @@ class ZooEntry:
 
     ``reestimate_bn``: after training, recompute the BatchNorm running statistics on the
     training split (:func:`recalibrate_batchnorm`) before the model is evaluated and cached.
+    ``train_size``: training scenes to draw (digit scenes; ``None``: the dataset's default).
     """
 
     builder: Callable[[int, int], nn.Module]
@@ -106,6 +107,7 @@ class ZooEntry:
     dataset: str = "digits"
     batch_size: int = 64
     reestimate_bn: bool = False
+    train_size: int | None = None
     revision: int = 1  # bump when the builder changes, so cached weights are retrained
 
     def recipe(self, epochs: int | None = None) -> dict[str, Any]:
@@ -120,6 +122,7 @@ class ZooEntry:
             "reestimate_bn": self.reestimate_bn,
             "seed": 0,
             "threads": TRAIN_THREADS,
+            **({"train_size": self.train_size} if self.train_size else {}),
         }
 
     @property
@@ -128,7 +131,8 @@ class ZooEntry:
 
     def splits(self) -> dict[str, Split]:
         if self.dataset == "digit-scenes":
-            return digit_scenes(self.image_size)
+            counts = {"train": self.train_size} if self.train_size else None
+            return digit_scenes(self.image_size, counts=counts)
         return digits_splits(self.image_size)
 
 
@@ -142,10 +146,28 @@ _ZOO: dict[str, ZooEntry] = {
     ),
     "vit": ZooEntry(_small_vit, _VIT_IMAGE_SIZE, epochs=60, lr=1e-3, optimizer="adamw"),
     "deeplabv3": ZooEntry(
-        small_deeplabv3, 48, 24, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
+        small_deeplabv3,
+        48,
+        24,
+        3e-3,
+        "adamw",
+        "segmentation",
+        "digit-scenes",
+        batch_size=16,
+        train_size=1200,
+        revision=2,
     ),
     "fcn": ZooEntry(
-        small_fcn, 48, 24, 3e-3, "adamw", "segmentation", "digit-scenes", batch_size=32
+        small_fcn,
+        48,
+        20,
+        3e-3,
+        "adamw",
+        "segmentation",
+        "digit-scenes",
+        batch_size=16,
+        train_size=1200,
+        revision=2,
     ),
 }
 
