@@ -48,4 +48,3 @@ def digits_splits(image_size: int = 16, seed: int = 0) -> dict[str, Split]:
         name: Split(name, images[torch.as_tensor(idx)], labels[torch.as_tensor(idx)])
         for name, idx in digit_split_indices(data.target, seed).items()
     }
-
