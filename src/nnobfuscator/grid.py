@@ -10,6 +10,7 @@ import torch
 from nnobfuscator.data import Split
 from nnobfuscator.model import TieredModel
 from nnobfuscator.outputs import read_images, select
+from nnobfuscator.report import save_figure
 
 
 def first_of_each_class(split: Split, columns: int = 10) -> torch.Tensor:
@@ -59,8 +60,4 @@ def plot_generation_grid(model: TieredModel, split: Split, path: str | Path) -> 
         fontsize=9,
     )
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -9,6 +9,7 @@ import torch
 
 from nnobfuscator.data import Split
 from nnobfuscator.model import TieredModel
+from nnobfuscator.report import save_figure
 from nnobfuscator.tasks import get_task
 
 
@@ -66,11 +67,7 @@ def plot_masks(model: TieredModel, split: Split, path: str | Path, scenes: int =
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(classes, 11), fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _scene_iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:

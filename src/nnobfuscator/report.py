@@ -160,8 +160,15 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     ax_cost.set_title("utility vs cost")
     ax_cost.grid(alpha=0.3)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as PNG (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
