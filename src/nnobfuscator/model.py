@@ -17,6 +17,7 @@ from nnobfuscator import serialization
 from nnobfuscator.diffusion import PIPELINE_COMPUTE, PipelineModule, as_module
 from nnobfuscator.executor import TierExecutor
 from nnobfuscator.outputs import main_input
+from nnobfuscator.security.key_storage import find_key, store_key
 from nnobfuscator.security.keys import coerce_key, key_id
 from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, list_strategies
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
@@ -290,8 +291,13 @@ class TieredModel(nn.Module):
         }
 
     # --- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config JSON + safetensors + a README card (see ``nnobfuscator.serialization``)."""
+    def save_pretrained(self, directory: str | Path, *, passphrase: str | None = None) -> Path:
+        """Write config JSON + safetensors + a README card (see ``nnobfuscator.serialization``).
+
+        The secret key is not written in plain: it goes to this machine's key ring, and, with a
+        ``passphrase`` (or ``NNOBF_PASSPHRASE``), encrypted into the artifact as ``key.enc.json``
+        (see ``nnobfuscator.security.key_storage``).
+        """
         config = {
             **{k: v for k, v in self.describe().items() if k != "strategies"},
             "strategies": [
@@ -301,21 +307,34 @@ class TieredModel(nn.Module):
             "tiers": [tier.to_dict() for tier in self.tiers.values()],
             "meta": self.meta,
         }
-        tensors: dict[str, torch.Tensor] = {"key": torch.tensor(list(self.key), dtype=torch.uint8)}
+        tensors: dict[str, torch.Tensor] = {}
         for strategy in self.strategies.values():
             tensors.update(strategy.state_tensors())
-        return serialization.write_artifact(directory, config, tensors)
+        path = serialization.write_artifact(directory, config, tensors)
+        store_key(self.key, path, passphrase)
+        return path
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, base_model: Any, *, check_base: bool = True
+        cls,
+        directory: str | Path,
+        base_model: Any,
+        *,
+        check_base: bool = True,
+        key: bytes | str | None = None,
+        passphrase: str | None = None,
     ) -> TieredModel:
         """Load an artifact onto ``base_model`` (the same trained weights it was calibrated on:
         a model, or the diffusers pipeline).
 
+        Args:
+            key, passphrase: where the secret key comes from when it is not in this machine's key
+                ring or ``NNOBF_MODEL_KEY`` (see ``nnobfuscator.security.key_storage``).
+
         Raises:
             ArtifactError: corrupt files, a different base model (when ``check_base``), or keyed
                 state that does not re-derive identically.
+            KeyNotFoundError: no source holds the artifact's secret key.
         """
         config, tensors = serialization.read_artifact(directory)
         base_model = as_module(base_model, config.get("meta", {}).get("call_options"))
@@ -332,11 +351,14 @@ class TieredModel(nn.Module):
                 "Load the same trained weights (or pass check_base=False if you know what you "
                 "are doing)."
             )
-        key = bytes(tensors["key"].tolist())
-        if key_id(key) != config.get("key_id"):
-            raise serialization.ArtifactError(
-                f"{directory}: the stored key does not match the config's key_id"
-            )
+        legacy = tensors.pop("key", None)
+        key = find_key(
+            Path(directory),
+            str(config.get("key_id")),
+            key=key,
+            passphrase=passphrase,
+            legacy=None if legacy is None else bytes(legacy.tolist()),
+        )
         spec = config.get("input_spec")
         model = cls(
             base_model,

@@ -1,8 +1,8 @@
 """Artifact directories: ``config.json`` + ``tiers.safetensors`` + ``README.md``. Never pickle.
 
 This module knows the file format only; ``TieredModel.save_pretrained`` / ``from_pretrained`` say
-what goes in. The artifact holds the secret key (it is what a server needs to reproduce every
-tier): keep it where the weights are kept.
+what goes in. The secret key is never written here in plain (see
+``nnobfuscator.security.key_storage``).
 """
 
 from __future__ import annotations
@@ -125,7 +125,11 @@ def model_card(config: dict[str, Any]) -> str:
             f"| {tier['name']} | {tier['target']} | {_pct(metrics.get('calibration'))} | "
             f"{_pct(metrics.get('test'))} | {tier.get('relative_cost', 1.0):.3f} | {params} |"
         )
-    return "\n".join(lines) + "\n\nThis directory contains the secret key: keep it private.\n"
+    return "\n".join(lines) + (
+        "\n\nThe secret key is not stored here in plain: it stays in the key ring of the machine "
+        "that calibrated the model, in `NNOBF_MODEL_KEY`, or encrypted in `key.enc.json` under a "
+        "passphrase.\n"
+    )
 
 
 def _pct(value: float | None) -> str:

@@ -1,0 +1,181 @@
+"""Sealed bundles and key storage: no key in plain anywhere, each key restores its tier exactly,
+a lower key never opens a higher tier, and wrong keys or tampered files fail loudly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_cnn
+from safetensors.torch import load_file
+
+from nnobfuscator import TieredModel, obfuscate
+from nnobfuscator.security.key_storage import (
+    ENCRYPTED_KEY_NAME,
+    KEY_ENV,
+    KeyNotFoundError,
+    key_ring,
+)
+from nnobfuscator.security.keys import key_id
+from nnobfuscator.security.sealing import (
+    SEALED_NAME,
+    WEIGHTS_NAME,
+    SealError,
+    TierKey,
+    seal,
+    unseal,
+    unseal_state_dict,
+)
+
+KEY = bytes(range(32))
+STRENGTHS = {"free": 0.9, "basic": 0.6, "pro": 0.3}
+
+
+def calibrated(strategy: str = "feature-mix") -> TieredModel:
+    tiered = obfuscate(
+        tiny_cnn(), tiers="free=0.3,basic=0.5,pro=0.7,premium=full", key=KEY, strategy=strategy
+    )
+    for tier, strength in STRENGTHS.items():
+        tiered.set_strength(tier, strategy, strength)
+    return tiered
+
+
+@pytest.fixture
+def inputs():
+    return torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def sealed(tmp_path):
+    return seal(calibrated(), tmp_path / "bundle")
+
+
+def files_hold_no_key(directory, key: bytes) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert key not in data and key.hex().encode() not in data, path
+
+
+def test_artifact_keeps_its_key_out_of_its_files(tmp_path, inputs):
+    tiered = calibrated()
+    tiered.save_pretrained(tmp_path / "art")
+    files_hold_no_key(tmp_path / "art", KEY)
+    ring_file = key_ring() / f"{key_id(KEY)}.key"
+    assert ring_file.is_file() and (ring_file.stat().st_mode & 0o777) == 0o600
+    loaded = TieredModel.from_pretrained(tmp_path / "art", tiny_cnn())
+    assert torch.equal(loaded(inputs, tier="free"), tiered(inputs, tier="free"))
+
+
+def test_key_sources_passphrase_environment_and_refusals(tmp_path, inputs, monkeypatch):
+    tiered = calibrated()
+    tiered.save_pretrained(tmp_path / "art", passphrase="correct horse")
+    files_hold_no_key(tmp_path / "art", KEY)
+    assert (tmp_path / "art" / ENCRYPTED_KEY_NAME).is_file()
+    (key_ring() / f"{key_id(KEY)}.key").unlink()  # another server: no key ring entry
+    with pytest.raises(KeyNotFoundError, match="NNOBF_PASSPHRASE"):
+        TieredModel.from_pretrained(tmp_path / "art", tiny_cnn())
+    with pytest.raises(KeyNotFoundError, match="wrong passphrase"):
+        TieredModel.from_pretrained(tmp_path / "art", tiny_cnn(), passphrase="wrong")
+    loaded = TieredModel.from_pretrained(tmp_path / "art", tiny_cnn(), passphrase="correct horse")
+    assert torch.equal(loaded(inputs, tier="pro"), tiered(inputs, tier="pro"))
+    monkeypatch.setenv(KEY_ENV, bytes(32).hex())
+    with pytest.raises(KeyNotFoundError, match="key of another model"):
+        TieredModel.from_pretrained(tmp_path / "art", tiny_cnn())
+    monkeypatch.setenv(KEY_ENV, KEY.hex())
+    loaded = TieredModel.from_pretrained(tmp_path / "art", tiny_cnn())
+    assert torch.equal(loaded(inputs, tier="basic"), tiered(inputs, tier="basic"))
+
+
+def test_shipped_weights_are_the_lowest_tier_without_any_key(sealed, inputs):
+    files_hold_no_key(sealed.directory, KEY)
+    plain = tiny_cnn()
+    plain.load_state_dict(load_file(str(sealed.directory / WEIGHTS_NAME)))
+    assert torch.equal(plain(inputs), calibrated()(inputs, tier="free"))
+    assert not torch.allclose(plain(inputs), tiny_cnn()(inputs))
+    assert list(sealed.keys) == ["basic", "pro", "premium"]
+    for key in sealed.keys.values():  # keys are printed once, never written
+        files_hold_no_key(sealed.directory, TierKey.parse(key).secret)
+
+
+def test_each_key_restores_its_tier_and_the_tiers_below_exactly(sealed, inputs):
+    served = calibrated()
+    for tier, key in sealed.keys.items():
+        restored = unseal(sealed.directory, tiny_cnn(), key)
+        assert torch.equal(restored(inputs), served(inputs, tier=tier)), tier
+    premium = sealed.keys["premium"]
+    for lower in ("free", "basic", "pro"):
+        restored = unseal(sealed.directory, tiny_cnn(), premium, tier=lower)
+        assert torch.equal(restored(inputs), served(inputs, tier=lower)), lower
+    assert torch.equal(unseal(sealed.directory, tiny_cnn(), premium)(inputs), tiny_cnn()(inputs))
+
+
+def test_a_lower_key_cannot_open_a_higher_tier(sealed):
+    with pytest.raises(SealError, match="not 'pro'"):
+        unseal_state_dict(sealed.directory, sealed.keys["basic"], tier="pro")
+    # Nor by forging: the basic key's secret, relabelled as pro, fails the check value.
+    forged = TierKey("pro", TierKey.parse(sealed.keys["basic"]).secret)
+    with pytest.raises(SealError, match="does not belong"):
+        unseal_state_dict(sealed.directory, str(forged))
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda k: k[:-5], "truncated or mistyped"),
+        (lambda k: k.replace("nnobftk", "nnobfxx"), "not a tier key"),
+        (lambda k: k[:20] + ("A" if k[20] != "A" else "B") + k[21:], "truncated or mistyped"),
+    ],
+)
+def test_malformed_keys_are_refused(sealed, mangle, message):
+    with pytest.raises(SealError, match=message):
+        unseal_state_dict(sealed.directory, mangle(sealed.keys["pro"]))
+
+
+def test_a_key_of_another_seal_or_model_is_refused(sealed, tmp_path):
+    other = seal(calibrated(), tmp_path / "again")  # same model, new salt: other keys
+    with pytest.raises(SealError, match="does not belong"):
+        unseal_state_dict(sealed.directory, other.keys["pro"])
+    two_tiers = obfuscate(tiny_cnn(), tiers="cheap=0.3,best=full", key=KEY)
+    two_tiers.set_strength("cheap", "feature-mix", 0.9)
+    foreign = seal(two_tiers, tmp_path / "foreign")
+    with pytest.raises(SealError, match="does not have"):
+        unseal_state_dict(sealed.directory, foreign.keys["best"])
+
+
+def test_tampering_is_detected(sealed):
+    directory = sealed.directory
+    manifest = json.loads((directory / "bundle.json").read_text())
+    manifest["tiers"][2]["metrics"] = {"test": 0.99}
+    (directory / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(SealError, match="changed after sealing"):
+        unseal_state_dict(directory, sealed.keys["pro"])
+
+
+def test_tampered_weights_and_sealed_material_are_detected(sealed):
+    directory = sealed.directory
+    blobs = load_file(str(directory / SEALED_NAME))
+    from safetensors.torch import save_file
+
+    blobs["tier.pro"][40] ^= 1
+    save_file(blobs, str(directory / SEALED_NAME))
+    with pytest.raises(SealError, match="changed after sealing"):
+        unseal_state_dict(directory, sealed.keys["pro"])
+    weights = load_file(str(directory / WEIGHTS_NAME))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1e-3
+    from safetensors.torch import save_file as save
+
+    save(weights, str(directory / WEIGHTS_NAME))
+    with pytest.raises(SealError, match="changed after sealing"):
+        unseal_state_dict(directory, sealed.keys["premium"])
+
+
+def test_run_time_strategies_cannot_be_sealed(tmp_path):
+    tiered = obfuscate(tiny_cnn(), tiers="free=0.3,premium=full", key=KEY, strategy="logit-noise")
+    tiered.set_strength("free", "logit-noise", 2.0)
+    with pytest.raises(SealError, match="cannot be folded"):
+        seal(tiered, tmp_path / "b")
+    assert not os.path.exists(tmp_path / "b" / WEIGHTS_NAME)
