@@ -172,3 +172,40 @@ def test_a_users_mobilenet_v3_calibrates_end_to_end_through_a_plan(tmp_path, use
     assert "feature-mix" in free["strategy"] and free["relative_cost"] < 1.0
     result = runner.invoke(app, ["info", str(tmp_path / "artifact")])
     assert result.exit_code == 0 and "block-skip on" in result.output
+
+
+def test_seal_and_unseal_a_users_artifact(user_project, tmp_path):
+    """`nnobf seal` prints one key per higher tier (stdout only); `nnobf unseal` measures each
+    tier as served and refuses a key above its tier."""
+    artifact = user_project / "artifact"
+    if not (artifact / "config.json").is_file():
+        assert (
+            runner.invoke(app, ["calibrate", str(user_project / "plan.yaml"), "--quiet"]).exit_code
+            == 0
+        )
+    bundle = tmp_path / "bundle"
+    result = runner.invoke(app, ["seal", str(artifact), "--out", str(bundle)])
+    assert result.exit_code == 0, result.output
+    keys = dict(line.split("\t") for line in result.stdout.splitlines() if "\t" in line)
+    assert list(keys) == ["pro", "premium"]
+    for key in keys.values():  # printed, never written
+        assert all(key.encode() not in p.read_bytes() for p in bundle.iterdir())
+    served = {
+        t["name"]: t["metrics"]["test"]
+        for t in json.loads((artifact / "config.json").read_text())["tiers"]
+    }
+    for tier, key in [("free", None), *keys.items()]:
+        result = runner.invoke(
+            app, ["unseal", str(bundle), "--evaluate", *(["--key", key] if key else [])]
+        )
+        assert result.exit_code == 0, result.output
+        assert f"{tier}: test accuracy {100 * served[tier]:.1f}%" in result.stdout
+    result = runner.invoke(app, ["unseal", str(bundle), "--key", keys["pro"], "--tier", "premium"])
+    assert result.exit_code == 2 and "not 'premium'" in result.output
+    result = runner.invoke(app, ["unseal", str(bundle), "--key", keys["pro"][:-3]])
+    assert result.exit_code == 2 and "truncated or mistyped" in result.output
+    out = tmp_path / "pro.safetensors"
+    result = runner.invoke(
+        app, ["unseal", str(bundle), "--out", str(out)], env={"NNOBF_TIER_KEY": keys["pro"]}
+    )
+    assert result.exit_code == 0 and out.is_file()

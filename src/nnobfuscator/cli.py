@@ -303,6 +303,12 @@ from nnobfuscator.serving.cli import keys_app, serve  # noqa: E402
 app.add_typer(keys_app, name="keys")
 app.command("serve")(serve)
 
+# Sealed distribution (nnobfuscator.security): `nnobf seal` and `nnobf unseal`.
+from nnobfuscator.security.seal_cli import seal_command, unseal_command  # noqa: E402
+
+app.command("seal")(seal_command)
+app.command("unseal")(unseal_command)
+
 
 if __name__ == "__main__":
     app()

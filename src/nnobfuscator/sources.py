@@ -68,21 +68,8 @@ def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[A
     arch, weights = source.get("arch"), source.get("weights")
     if not arch or not weights:
         raise SourceError("model source needs 'zoo: NAME' or both 'arch' and 'weights'")
-    from torchvision import models
-
     state = load_state_dict_file(weights)
-    options: dict[str, Any] = {"weights": None, "num_classes": int(source.get("num_classes", 1000))}
-    if arch in models.list_models(module=models.segmentation):
-        # Never fetch ImageNet backbone weights; build the aux head only if the file has one.
-        options["weights_backbone"] = None
-        options["aux_loss"] = any(k.startswith("aux_classifier.") for k in state)
-        options["num_classes"] = int(source.get("num_classes", 21))
-    try:
-        model = models.get_model(arch, **options)
-    except ValueError:
-        raise SourceError(
-            f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
-        ) from None
+    model = build_architecture(source, state)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -91,6 +78,35 @@ def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[A
             f"{str(err).splitlines()[0]}"
         ) from None
     return model.eval(), {"model": arch}
+
+
+def build_architecture(source: dict[str, Any], state: dict[str, torch.Tensor]) -> Any:
+    """The untrained architecture a model source describes, shaped to hold ``state``.
+
+    Raises:
+        SourceError: an unknown architecture, or a pipeline source.
+    """
+    if "zoo" in source:
+        from nnobfuscator.zoo.classifiers import build_model
+
+        return build_model(source["zoo"])
+    arch = source.get("arch")
+    if not arch:
+        raise SourceError("model source needs 'zoo: NAME' or 'arch' to build an architecture")
+    from torchvision import models
+
+    options: dict[str, Any] = {"weights": None, "num_classes": int(source.get("num_classes", 1000))}
+    if arch in models.list_models(module=models.segmentation):
+        # Never fetch ImageNet backbone weights; build the aux head only if the state has one.
+        options["weights_backbone"] = None
+        options["aux_loss"] = any(k.startswith("aux_classifier.") for k in state)
+        options["num_classes"] = int(source.get("num_classes", 21))
+    try:
+        return models.get_model(arch, **options)
+    except ValueError:
+        raise SourceError(
+            f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
+        ) from None
 
 
 def load_pipeline_directory(path: str | Path) -> Any:

@@ -28,6 +28,15 @@ class Task(ABC):
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The task metric, a fraction in [0, 1]."""
 
+    @torch.inference_mode()
+    def measure(
+        self, model: Any, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 128
+    ) -> float:
+        """A plain model's metric on ``inputs`` (an image batch), in eval mode."""
+        model.eval()
+        logits = [self.logits(model(batch)) for batch in torch.split(inputs, batch_size)]
+        return self.score(torch.cat(logits), targets)
+
     def extra(
         self, logits: torch.Tensor, targets: torch.Tensor, full_logits: torch.Tensor
     ) -> dict[str, float]:

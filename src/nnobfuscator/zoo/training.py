@@ -127,12 +127,9 @@ def _class_weights(labels: torch.Tensor) -> torch.Tensor:
     return weights * len(weights) / weights.sum()
 
 
-@torch.inference_mode()
 def evaluate_metric(model: nn.Module, split: Split, task: Task, batch_size: int = 128) -> float:
     """A plain model's task metric on a split."""
-    model.eval()
-    logits = [task.logits(model(batch)) for batch in torch.split(split.images, batch_size)]
-    return task.score(torch.cat(logits), split.labels)
+    return task.measure(model, split.images, split.labels, batch_size)
 
 
 @torch.inference_mode()

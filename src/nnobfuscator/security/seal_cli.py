@@ -1,0 +1,137 @@
+"""``nnobf seal`` and ``nnobf unseal``: typer commands registered by ``nnobfuscator.cli``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nnobfuscator.security.sealing import TIER_KEY_ENV
+
+_out = Console(soft_wrap=True)
+_err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    _err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def seal_command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory (from demo/calibrate).")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+) -> None:
+    """Seal an artifact for devices: plain weights at the lowest tier, higher tiers encrypted.
+
+    Prints one key per higher tier, once (stdout): the key of a tier unlocks it and every tier
+    below it. Keys are not stored anywhere; sealing again makes a bundle with new keys.
+    """
+    from nnobfuscator.model import TieredModel
+    from nnobfuscator.security.sealing import SealError, seal
+    from nnobfuscator.serialization import read_config
+    from nnobfuscator.sources import load_base_model
+
+    try:
+        config = read_config(artifact)
+        source = config.get("meta", {}).get("source", {})
+        if "model" not in source:
+            _fail(
+                f"{artifact} does not record its base model; seal it in Python: "
+                "nnobfuscator.security.sealing.seal(TieredModel.from_pretrained(dir, model), out)"
+            )
+        base, _ = load_base_model(source["model"], progress=False)
+        tiered = TieredModel.from_pretrained(artifact, base)
+        model_source = {k: v for k, v in source["model"].items() if k != "weights"}
+        result = seal(
+            tiered,
+            out,
+            extra={
+                "source": {"model": model_source, "data": source.get("data", {})},
+                **({"classes": tiered.meta["classes"]} if "classes" in tiered.meta else {}),
+            },
+        )
+    except (SealError, ValueError) as err:
+        _fail(str(err))
+    table = Table(title=f"sealed {tiered.model_name} into {result.directory}")
+    for column in ("tier", "target", "test", "unlocks"):
+        table.add_column(column)
+    names = tiered.tier_names
+    for index, name in enumerate(names):
+        test = tiered.get_tier(name).metrics.get("test")
+        table.add_row(
+            name,
+            tiered.get_tier(name).target.spec,
+            "-" if test is None else f"{100 * test:.1f}%",
+            "no key (shipped weights)" if index == 0 else ", ".join(names[: index + 1]),
+        )
+    _err.print(table)
+    _err.print(
+        "tier keys follow, one per line (shown once, stored nowhere; give each user the key of "
+        f"their tier; `nnobf unseal {result.directory} --key KEY` or ${TIER_KEY_ENV} restores it):"
+    )
+    for name, key in result.keys.items():
+        print(f"{name}\t{key}", flush=True)
+
+
+def unseal_command(
+    bundle: Annotated[Path, typer.Argument(help="Sealed bundle directory (from nnobf seal).")],
+    key: Annotated[
+        str | None,
+        typer.Option(
+            envvar=TIER_KEY_ENV,
+            help=f"Tier key (or ${TIER_KEY_ENV}); none: the lowest tier.",
+            show_default=False,
+        ),
+    ] = None,
+    tier: Annotated[
+        str | None, typer.Option(help="A tier at or below the key's (default: the key's).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the tier's weights here (.safetensors).")
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Measure the tier on the bundle's test data.")
+    ] = False,
+) -> None:
+    """Restore one tier of a sealed bundle: check the key, decrypt, and write or measure it."""
+    from safetensors.torch import save_file
+
+    from nnobfuscator.security.sealing import SealError, read_manifest, unseal_state_dict
+
+    try:
+        manifest = read_manifest(bundle)
+        state, restored = unseal_state_dict(bundle, key, tier=tier)
+    except SealError as err:
+        _fail(str(err))
+    record = next(t for t in manifest["tiers"] if t["name"] == restored)
+    _err.print(f"unsealed tier [bold]{restored}[/] of {manifest['model']} (bundle {bundle})")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out))
+        _err.print(f"wrote {out}: load it with model.load_state_dict(load_file(...))")
+    if evaluate:
+        value, metric = _measure(manifest, state)
+        expected = record.get("metrics", {}).get("test")
+        served = "" if expected is None else f" (served tier measured {100 * expected:.1f}%)"
+        _out.print(f"{restored}: test {metric} {100 * value:.1f}%{served}")
+
+
+def _measure(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[float, str]:
+    """The bundle's test metric for ``state``, on the data source it records."""
+    from nnobfuscator.sources import SourceError, build_architecture, load_split
+    from nnobfuscator.tasks import get_task
+
+    source = manifest.get("source", {})
+    if "model" not in source or not source.get("data"):
+        _fail("the bundle does not record its architecture and data; measure it in Python")
+    try:
+        model = build_architecture(source["model"], state)
+        model.load_state_dict(state)
+        split = load_split(source["data"], "test")
+    except (SourceError, RuntimeError) as err:
+        _fail(f"cannot rebuild the bundle's model or data: {err}")
+    task = get_task(manifest["task"])
+    return task.measure(model, split.inputs, split.labels), task.metric
