@@ -179,3 +179,62 @@ def test_run_time_strategies_cannot_be_sealed(tmp_path):
     with pytest.raises(SealError, match="cannot be folded"):
         seal(tiered, tmp_path / "b")
     assert not os.path.exists(tmp_path / "b" / WEIGHTS_NAME)
+
+
+def test_clipping_and_outlier_replacement_act_on_each_weight_tensor():
+    from nnobfuscator.security.weight_attacks import clip_weights, replace_outliers
+
+    model = tiny_cnn()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    clip_weights(model, 1e6)  # far bounds change nothing
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    clip_weights(model, 1.0)
+    for name, weight in model.named_parameters():
+        if weight.dim() >= 2:
+            mean, std = before[name].mean(), before[name].std()
+            assert weight.max() <= mean + std + 1e-6 and weight.min() >= mean - std - 1e-6
+        else:  # biases are left alone
+            assert torch.equal(weight, before[name])
+    fresh = tiny_cnn()
+    weight = fresh[0].weight
+    with torch.no_grad():
+        weight[0, 0, 0, 0] = 100.0
+    assert replace_outliers(fresh, 3.0) >= 1
+    assert fresh[0].weight[0, 0, 0, 0] < 1.0
+
+
+def test_weight_attacks_report_every_attack_and_the_scratch_baseline(tmp_path):
+    from nnobfuscator.security.weight_attacks import (
+        WeightAttackRecipe,
+        sample_share,
+        sealed_weight_attacks,
+    )
+    from nnobfuscator.tasks import get_task
+    from nnobfuscator.zoo.digits import digits_splits
+
+    splits = digits_splits(image_size=8)
+    assert len(sample_share(splits["train"], 0.1)) == 90
+    with pytest.raises(ValueError, match="share"):
+        sample_share(splits["train"], 0.0)
+    bundle = seal(calibrated(), tmp_path / "b")
+    shipped = load_file(str(bundle.directory / WEIGHTS_NAME))
+    results = sealed_weight_attacks(
+        tiny_cnn,
+        shipped,
+        splits["train"],
+        splits["test"],
+        get_task("classification"),
+        shares=(0.05, 0.2),
+        clip_sigmas=(3.0,),
+        recipe=WeightAttackRecipe(steps=100, batch_size=32, finetune_lr=1e-2, scratch_lr=1e-2),
+        progress=False,
+    )
+    rows = [(r.attack, r.setting, r.samples) for r in results]
+    assert rows[:2] == [("none", "shipped weights", 0), ("clip", "t=3", 0)]
+    assert ("fine-tune", "20%", 180) in rows and ("scratch", "5%", 45) in rows
+    assert rows[-1][0] == "replace+fine-tune" and rows[-1][2] == 180
+    test = splits["test"]
+    served = calibrated()(test.inputs, tier="free").argmax(1)
+    assert results[0].value == pytest.approx((served == test.labels).float().mean().item())
+    tuned = next(r.value for r in results if r.attack == "fine-tune" and r.samples == 180)
+    assert tuned > results[0].value + 0.2  # 100 steps on 180 labelled digits do teach it
