@@ -250,6 +250,7 @@ def info(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) 
         f"[bold]{config['model']}[/] ({config['task']}), nnobfuscator {config['version']}, "
         f"key id {config['key_id']}"
     )
+    console.print(f"secret key: {_key_location(artifact, config['key_id'])}")
     base = config.get("meta", {}).get("base_model")
     if base:
         metric = next((k for k in base if k.startswith("test_")), None)
@@ -279,6 +280,22 @@ def info(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) 
     console.print(table)
 
 
+def _key_location(artifact: Path, key_id: str) -> str:
+    """Where the artifact's secret key can be found on this machine (never the key itself)."""
+    import os
+
+    from nnobfuscator.security.key_storage import ENCRYPTED_KEY_NAME, KEY_ENV, key_ring
+
+    places = []
+    if (key_ring() / f"{key_id}.key").is_file():
+        places.append(f"this machine's key ring ({key_ring()})")
+    if (artifact / ENCRYPTED_KEY_NAME).is_file():
+        places.append(f"{ENCRYPTED_KEY_NAME} (needs the passphrase)")
+    if os.environ.get(KEY_ENV):
+        places.append(f"${KEY_ENV}")
+    return ", ".join(places) or f"not on this machine: set ${KEY_ENV} or copy {key_id}.key"
+
+
 @app.command()
 def strategies() -> None:
     """List the registered strategies."""
@@ -302,6 +319,9 @@ from nnobfuscator.serving.cli import keys_app, serve  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
 app.command("serve")(serve)
+from nnobfuscator.security.attack_cli import attack  # noqa: E402
+
+app.command("attack")(attack)
 
 # Sealed distribution (nnobfuscator.security): `nnobf seal` and `nnobf unseal`.
 from nnobfuscator.security.seal_cli import seal_command, unseal_command  # noqa: E402
