@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from nnobfuscator.security.sealing import TIER_KEY_ENV
 
-_out = Console(soft_wrap=True)
+_out = Console(width=None if sys.stdout.isatty() else 160)
 _err = Console(stderr=True, soft_wrap=True)
 
 
@@ -135,3 +136,85 @@ def _measure(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[float, st
         _fail(f"cannot rebuild the bundle's model or data: {err}")
     task = get_task(manifest["task"])
     return task.measure(model, split.inputs, split.labels), task.metric
+
+
+def attack_bundle_command(
+    bundle: Path,
+    *,
+    report: Path | None = None,
+    plot: Path | None = None,
+    train_steps: int | None = None,
+    progress: bool = True,
+) -> None:
+    """``nnobf attack BUNDLE``: the attacks on sealed weights, as a table, JSON and plot."""
+    import json
+
+    from nnobfuscator.security.sealing import SealError
+    from nnobfuscator.security.weight_attacks import WeightAttackRecipe, attack_bundle
+
+    recipe = WeightAttackRecipe(**({"steps": train_steps} if train_steps else {}))
+    try:
+        manifest, results = attack_bundle(bundle, progress=progress, recipe=recipe)
+    except (SealError, ValueError) as err:
+        _fail(str(err))
+    metrics = {t["name"]: t.get("metrics", {}).get("test") for t in manifest["tiers"]}
+    scratch = {r.samples: r.value for r in results if r.attack == "scratch"}
+    table = Table(
+        title=f"attacks on the sealed {manifest['model']} (tiers: "
+        + ", ".join(f"{n} {100 * v:.1f}%" for n, v in metrics.items() if v is not None)
+        + ")"
+    )
+    for column in ("attack", "setting", "labelled samples", "after attack", "from scratch"):
+        table.add_column(column, justify="left" if column in {"attack", "setting"} else "right")
+    for result in results:
+        if result.attack == "scratch":
+            continue
+        baseline = scratch.get(result.samples)
+        table.add_row(
+            result.attack,
+            result.setting,
+            str(result.samples),
+            f"{100 * result.value:.1f}%",
+            "-" if baseline is None or not result.samples else f"{100 * baseline:.1f}%",
+        )
+    _out.print(table)
+    payload = {
+        "bundle": str(bundle),
+        "model": manifest["model"],
+        "tiers": metrics,
+        "results": [r.to_dict() for r in results],
+    }
+    report = report or bundle / "attack-report.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(payload, indent=2) + "\n")
+    plot = _plot_sealed_attacks(payload, plot or bundle / "attacks.png")
+    _err.print(f"report: {report}\nplot:   {plot}")
+
+
+def _plot_sealed_attacks(payload: dict[str, Any], path: Path) -> Path:
+    """Accuracy after fine-tuning vs training from scratch per data share, with the tiers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnobfuscator.report import save_figure
+
+    results = payload["results"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for attack, style in (("fine-tune", "o-"), ("scratch", "s--")):
+        rows = sorted((r["samples"], r["value"]) for r in results if r["attack"] == attack)
+        if rows:
+            label = "sealed weights + fine-tuning" if attack == "fine-tune" else "from scratch"
+            ax.plot([s for s, _ in rows], [100 * v for _, v in rows], style, label=label)
+    for name, value in payload["tiers"].items():
+        if value is not None:
+            ax.axhline(100 * value, color="grey", lw=0.8, ls=":")
+            ax.annotate(name, (0.01, 100 * value), xycoords=("axes fraction", "data"), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training samples the attacker has")
+    ax.set_ylabel("test metric (%)")
+    ax.set_title(f"attacks on the sealed {payload['model']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
