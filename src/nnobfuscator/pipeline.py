@@ -17,6 +17,7 @@ from nnobfuscator.report import plot_report, write_report
 from nnobfuscator.serialization import read_config
 from nnobfuscator.sources import class_names, load_base_model, load_split, load_task
 from nnobfuscator.strategies import get_strategy
+from nnobfuscator.tasks import Task
 from nnobfuscator.tiers import parse_tiers
 
 
@@ -95,14 +96,26 @@ def _image_spec(inputs: Any) -> InputSpec | None:
     return None
 
 
-def evaluate_artifact(
-    artifact: Path,
-    *,
-    report_path: Path | None = None,
-    plot_path: Path | None = None,
-    progress: bool = True,
-) -> JobResult:
-    """Rebuild an artifact's base model and data from its stored sources and re-measure it."""
+@dataclass
+class OpenedArtifact:
+    """An artifact rebuilt from its stored sources: the tiered model, where its model and data
+    come from, and the task that scores it."""
+
+    model: TieredModel
+    source: dict[str, Any]
+    task: Task
+
+    def split(self, name: str) -> Split:
+        """One split (``train``, ``calibration``, ``test``) of the artifact's data source."""
+        return load_split(self.source["data"], name)
+
+
+def open_artifact(artifact: Path, *, progress: bool = True) -> OpenedArtifact:
+    """Rebuild an artifact's base model from its stored source and load its tiers onto it.
+
+    Raises:
+        ValueError: the artifact is missing or corrupt, or does not record its sources.
+    """
     config = read_config(artifact)
     source = config.get("meta", {}).get("source")
     if not source:
@@ -112,9 +125,21 @@ def evaluate_artifact(
         )
     base, _ = load_base_model(source["model"], progress=progress)
     tiered = TieredModel.from_pretrained(str(artifact), base)
-    test = load_split(source["data"], "test")
     scorer = load_task(tiered.task, source.get("task"), progress=progress)
-    report = evaluate(tiered, test, dataset=tiered.meta.get("dataset", "custom"), task=scorer)
+    return OpenedArtifact(tiered, source, scorer)
+
+
+def evaluate_artifact(
+    artifact: Path,
+    *,
+    report_path: Path | None = None,
+    plot_path: Path | None = None,
+    progress: bool = True,
+) -> JobResult:
+    """Rebuild an artifact's base model and data from its stored sources and re-measure it."""
+    opened = open_artifact(artifact, progress=progress)
+    tiered, test = opened.model, opened.split("test")
+    report = evaluate(tiered, test, dataset=tiered.meta.get("dataset", "custom"), task=opened.task)
     return _write_outputs(tiered, report, artifact, report_path, plot_path, test, save=False)
 
 

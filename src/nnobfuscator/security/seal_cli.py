@@ -215,6 +215,6 @@ def _plot_sealed_attacks(payload: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("labelled training samples the attacker has")
     ax.set_ylabel("test metric (%)")
     ax.set_title(f"attacks on the sealed {payload['model']}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -120,6 +120,12 @@ def serve(
     ] = "*=600/min",
     ray: Annotated[bool, typer.Option("--ray", help="Deploy with Ray Serve.")] = False,
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray).")] = 1,
+    allow_weak: Annotated[
+        bool,
+        typer.Option(
+            "--allow-weak", help="Serve an artifact whose strategy is known to fall to an attack."
+        ),
+    ] = False,
 ) -> None:
     """Serve an artifact over HTTP: the API key of each request picks its tier."""
     from nnobfuscator.serving.config import ServeConfig, parse_rate_limits
@@ -136,6 +142,19 @@ def serve(
     keys_path = (keys or default_keys_path()).resolve()
     if not (artifact / "config.json").is_file():
         _fail(f"{artifact} is not an artifact directory (no config.json); run `nnobf demo` first")
+    weak = _weak_strategies(artifact)
+    if weak and not allow_weak:
+        _fail(
+            f"{artifact} uses {', '.join(weak)}, a strategy known to be weak on a server: its "
+            "answers change from call to call, so a user who repeats a query and votes gets the "
+            f"full model's accuracy back (measure it: nnobf attack {artifact} --tier all). "
+            "Calibrate with a keyed strategy (feature-mix, logit-noise), or pass --allow-weak to "
+            "serve it anyway."
+        )
+    if weak:
+        _err.print(
+            f"[yellow]warning:[/] serving the weak strategy {', '.join(weak)} (--allow-weak)"
+        )
     if ray:
         from nnobfuscator.serving.ray_app import run_ray
 
@@ -153,3 +172,16 @@ def serve(
         _fail(str(err))
     _err.print(f"serving {artifact} on http://{host}:{port} (keys: {keys_path})")
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _weak_strategies(artifact: Path) -> list[str]:
+    """The artifact's strategies marked ``weak`` (unknown names are left to the loader)."""
+    from nnobfuscator.serialization import read_config
+    from nnobfuscator.strategies.base import STRATEGIES
+
+    try:
+        config = read_config(artifact)
+    except ValueError as err:
+        _fail(str(err))
+    names = [spec.get("name") for spec in config.get("strategies", [])]
+    return [n for n in names if n in STRATEGIES and STRATEGIES.get(n).weak]

@@ -1,5 +1,6 @@
 """Obfuscation strategies and their registry."""
 
+from nnobfuscator.strategies.aim_noise import AimNoise
 from nnobfuscator.strategies.base import (
     Strategy,
     get_strategy,
@@ -19,6 +20,7 @@ from nnobfuscator.strategies.logit_noise import LogitNoise
 from nnobfuscator.strategies.weight_noise import WeightNoise
 
 __all__ = [
+    "AimNoise",
     "BlockSkip",
     "ChannelSlim",
     "ComputeStrategy",

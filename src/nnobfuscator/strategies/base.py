@@ -40,6 +40,9 @@ class Strategy:
     role: ClassVar[str] = "degrade"
     max_strength: ClassVar[float] = 1.0
     description: ClassVar[str] = ""
+    #: known to fall to an attack on served tiers (``nnobf attack``); ``nnobf serve`` refuses it
+    #: unless told ``--allow-weak``
+    weak: ClassVar[bool] = False
     #: where the default targets start, as a share of the model's candidate layers in order
     default_start: ClassVar[float] = 1 / 3
 
