@@ -1,0 +1,421 @@
+"""Attacks by a user who sees only the answers of one tier, and what each of them recovers.
+
+Every attack returns the utility it reached next to the tier's single-query utility, its target
+and the full model's, so a tier's *gain* under attack reads directly:
+
+- *repeat-and-vote* (``repeat``): the same input sent ``budget`` times; majority vote of the
+  answers' argmax (``repeat-vote``) and the average of their scores (``repeat-mean``). Fresh noise
+  per call (AIM) falls to it; keyed deterministic tiers answer the same every time: gain 0.
+- *augment-and-vote* (``augment``): ``budget`` slightly changed copies (the first the original):
+  shifts, small rotations and scalings, noise, flips where the task allows; voted and averaged the
+  same way. Segmentation copies only shift and flip (plus noise), and their per-pixel scores are
+  mapped back before voting. ``jitter`` does the same with faint noise alone.
+- *distillation* (``distill``, :mod:`nnobfuscator.security.distill`): a fresh copy of the
+  architecture trained on the tier's answers for a budget of unlabelled queries, against the same
+  copy trained on as many true labels.
+- *decoding* (``decode``, :mod:`nnobfuscator.security.decode`): a user with a few labelled
+  images learns to map the tier's answers back to the true class.
+
+Scores are what a served tier can answer: softmax probabilities (per pixel for segmentation), all
+of them or only the ``top_k`` best (the server's ``top_k``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nnobfuscator.data import Split
+from nnobfuscator.security.augment import (
+    JITTER,
+    AugmentConfig,
+    Perturbation,
+    random_perturbations,
+)
+from nnobfuscator.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from nnobfuscator.model import TieredModel
+    from nnobfuscator.security.distill import TrainRecipe
+
+ATTACKED_TASKS = ("classification", "segmentation")
+#: vote ties go to the class with the higher average score (a vote is worth more than any score)
+_TIE_BREAK = 1e-3
+
+
+@dataclass
+class AttackResult:
+    """What one attack reached on one tier (metric values are fractions in [0, 1]).
+
+    Args:
+        attack: ``repeat-vote``, ``repeat-mean``, ``jitter-vote``, ``jitter-mean``,
+            ``augment-vote``, ``augment-mean``, ``distill``, ``decode-scores``, ``decode-label``.
+        tier: the attacked tier.
+        budget: queries per input (repeat, jitter, augment), or query images in all (distill:
+            unlabelled; decode: labelled).
+        target: the tier's calibrated target (``None`` for a full tier).
+        single: the tier's utility with one query per input.
+        attacked: the utility the attack reached.
+        full: the full model's utility.
+        reference: distill and decode: the same copy trained on ``budget`` true labels.
+        details: facts an attack adds (e.g. how often the tier's answers were right).
+    """
+
+    attack: str
+    tier: str
+    budget: int
+    target: float | None
+    single: float
+    attacked: float
+    full: float
+    reference: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gain(self) -> float:
+        """Utility the attack added over a single query."""
+        return self.attacked - self.single
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "gain": self.gain}
+
+
+class TierOracle:
+    """What a user of one tier sees: the tier's scores for the inputs they send.
+
+    Args:
+        model: the tiered model.
+        tier: the tier whose answers the user gets.
+        task: reads and scores outputs (default: the model's task).
+        top_k: answers carry only the ``top_k`` best scores (the others read 0); ``None``: all.
+        batch_size: inputs per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: TieredModel,
+        tier: str,
+        task: Task | None = None,
+        *,
+        top_k: int | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        model.get_tier(tier)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or None for every score), got {top_k}")
+        self.model, self.tier, self.top_k, self.batch_size = model, tier, top_k, batch_size
+        self.task = task or get_task(model.task)
+        self.queries = 0
+
+    @torch.inference_mode()
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Softmax scores ``(N, C)`` or ``(N, C, H, W)`` of the tier for ``inputs``."""
+        self.model.eval()
+        scores = torch.cat(
+            [
+                self.task.logits(self.model(batch, tier=self.tier)).float().softmax(dim=1)
+                for batch in torch.split(inputs, self.batch_size)
+            ]
+        )
+        self.queries += len(inputs)
+        if self.top_k is not None and self.top_k < scores.shape[1]:
+            best = scores.topk(self.top_k, dim=1)
+            scores = torch.zeros_like(scores).scatter_(1, best.indices, best.values)
+        return scores
+
+
+@dataclass
+class TierBaseline:
+    """A tier's utility from single queries, its target and the full model's utility."""
+
+    tier: str
+    target: float | None
+    single: float
+    full: float
+
+
+@torch.inference_mode()
+def tier_baseline(
+    model: TieredModel, split: Split, tier: str, task: Task | None = None
+) -> TierBaseline:
+    """Score one query per input at ``tier`` and at the full model."""
+    task = task or get_task(model.task)
+    info = model.get_tier(tier)
+    oracle = TierOracle(model, tier, task)
+    full = torch.cat(
+        [task.logits(model.forward_tier(b, None)).float() for b in torch.split(split.inputs, 256)]
+    )
+    return TierBaseline(
+        tier,
+        info.target_value,
+        task.score(oracle(split.inputs), split.labels),
+        task.score(full, split.labels),
+    )
+
+
+def lowest_tier(model: TieredModel) -> str:
+    """The attacked tier by default: the lowest one."""
+    return model.tier_names[0]
+
+
+def check_attackable(model: TieredModel) -> None:
+    """Raises ValueError for tasks the attacks do not cover (text-to-image)."""
+    if model.task not in ATTACKED_TASKS:
+        raise ValueError(
+            f"attacks cover classification and segmentation; this model's task is {model.task!r}"
+        )
+
+
+def check_budget(budget: int) -> None:
+    if not isinstance(budget, int) or not 2 <= budget <= 1000:
+        raise ValueError(f"the attack budget (queries per input) must be 2..1000, got {budget!r}")
+
+
+def repeat_and_vote(
+    model: TieredModel,
+    split: Split,
+    *,
+    tier: str | None = None,
+    budget: int = 21,
+    top_k: int | None = None,
+    task: Task | None = None,
+    baseline: TierBaseline | None = None,
+    progress: bool = True,
+) -> list[AttackResult]:
+    """Send every input ``budget`` times to ``tier`` and vote (``repeat-vote``) or average the
+    scores (``repeat-mean``).
+
+    Args:
+        top_k: answers carry only the ``top_k`` best scores (``None``: all).
+
+    Returns:
+        Two results: ``repeat-vote`` and ``repeat-mean``.
+    """
+    check_attackable(model)
+    check_budget(budget)
+    tier = tier or lowest_tier(model)
+    task = task or get_task(model.task)
+    baseline = baseline or tier_baseline(model, split, tier, task)
+    oracle = TierOracle(model, tier, task, top_k=top_k)
+    tally = _Tally()
+    for _ in tqdm(range(budget), desc=f"repeat x{budget} at {tier}", disable=not progress):
+        tally.add(oracle(split.inputs))
+    return tally.results("repeat", split, task, baseline, budget)
+
+
+def augment_and_vote(
+    model: TieredModel,
+    split: Split,
+    *,
+    tier: str | None = None,
+    budget: int = 21,
+    augment: AugmentConfig | None = None,
+    name: str = "augment",
+    seed: int = 0,
+    top_k: int | None = None,
+    task: Task | None = None,
+    baseline: TierBaseline | None = None,
+    progress: bool = True,
+) -> list[AttackResult]:
+    """Send ``budget`` slightly changed copies of every input (the first unchanged) to ``tier``
+    and vote (``augment-vote``) or average the scores (``augment-mean``).
+
+    Segmentation copies only shift by whole pixels and flip (plus noise); each copy's per-pixel
+    scores are mapped back to the original pixels, and a pixel gets votes from the copies that
+    still show it.
+
+    Args:
+        augment: how far copies stray (default :class:`AugmentConfig`: flips allowed; pass
+            ``AugmentConfig(flips=False)`` for digits and other data that flips change;
+            :data:`~nnobfuscator.security.augment.JITTER` for faint noise alone).
+        name: the results' prefix (``augment``, ``jitter``).
+        seed: fixes every random change.
+        top_k: answers carry only the ``top_k`` best scores (``None``: all).
+
+    Returns:
+        Two results: ``{name}-vote`` and ``{name}-mean``.
+    """
+    check_attackable(model)
+    check_budget(budget)
+    if not isinstance(split.inputs, torch.Tensor) or split.inputs.dim() != 4:
+        raise ValueError(f"{name}-and-vote needs image inputs (N, C, H, W)")
+    tier = tier or lowest_tier(model)
+    task = task or get_task(model.task)
+    baseline = baseline or tier_baseline(model, split, tier, task)
+    dense = model.task == "segmentation"
+    changes = random_perturbations(
+        budget,
+        tuple(split.inputs.shape[-2:]),
+        augment or AugmentConfig(),
+        invertible=dense,
+        seed=seed,
+    )
+    oracle = TierOracle(model, tier, task, top_k=top_k)
+    tally = _Tally()
+    for change in tqdm(changes, desc=f"{name} x{budget} at {tier}", disable=not progress):
+        scores = oracle(change.apply(split.inputs))
+        tally.add(*_mapped_back(scores, change) if dense else (scores,))
+    return tally.results(name, split, task, baseline, budget)
+
+
+def _mapped_back(scores: torch.Tensor, change: Perturbation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel scores on the original grid, and which pixels the copy saw ``(1, 1, H, W)``."""
+    valid = change.valid(*scores.shape[-2:])
+    return change.invert(scores), valid[None, None]
+
+
+class _Tally:
+    """Running vote counts and score sums over answers (per pixel for dense answers)."""
+
+    def __init__(self) -> None:
+        self.votes: torch.Tensor | None = None
+        self.sums: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+
+    def add(self, scores: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        mask = torch.ones(1) if valid is None else valid.float()
+        votes = torch.zeros_like(scores).scatter_(1, scores.argmax(1, keepdim=True), 1.0) * mask
+        if self.votes is None:
+            self.votes, self.sums, self.seen = votes, scores * mask, mask.clone()
+        else:
+            self.votes += votes
+            self.sums += scores * mask
+            self.seen = self.seen + mask
+
+    def results(
+        self, attack: str, split: Split, task: Task, baseline: TierBaseline, budget: int
+    ) -> list[AttackResult]:
+        assert self.votes is not None and self.sums is not None and self.seen is not None
+        mean = self.sums / self.seen.clamp_min(1.0)
+        voted = self.votes + _TIE_BREAK * mean
+        return [
+            attack_result(f"{attack}-vote", baseline, budget, task.score(voted, split.labels)),
+            attack_result(f"{attack}-mean", baseline, budget, task.score(mean, split.labels)),
+        ]
+
+
+def attack_result(
+    attack: str, baseline: TierBaseline, budget: int, attacked: float, **extra: Any
+) -> AttackResult:
+    return AttackResult(
+        attack,
+        baseline.tier,
+        budget,
+        baseline.target,
+        baseline.single,
+        attacked,
+        baseline.full,
+        **extra,
+    )
+
+
+#: attack names, cheapest first
+ATTACKS = ("repeat", "jitter", "augment", "decode", "distill")
+#: the attacks that need labelled or unlabelled query images and cover classification only
+CLASSIFICATION_ONLY = ("decode", "distill")
+
+
+def default_attacks(task: str) -> list[str]:
+    """Every attack that covers ``task``."""
+    return [a for a in ATTACKS if task == "classification" or a not in CLASSIFICATION_ONLY]
+
+
+def run_attacks(
+    model: TieredModel,
+    test: Split,
+    *,
+    attacks: Sequence[str] | None = None,
+    tiers: Sequence[str] | None = None,
+    budget: int = 21,
+    queries: Sequence[int] = (300, 1000),
+    pool: Split | None = None,
+    build_copy: Callable[[], torch.nn.Module] | None = None,
+    recipe: TrainRecipe | None = None,
+    augment: AugmentConfig | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[AttackResult]:
+    """Run the named attacks against each tier in ``tiers`` (default: the lowest).
+
+    Random draws of the attacks (and of tiers that draw fresh noise on every call) are seeded
+    with ``seed``; the global random state is restored afterwards.
+
+    Args:
+        test: where utility is measured (never a source of queries for distill and decode).
+        attacks: names from :data:`ATTACKS`; default: every attack that covers the task.
+        pool: query images for ``distill`` and ``decode`` (train and calibration data).
+        build_copy: an untrained copy of the architecture, for ``distill``.
+        recipe: how the copy trains (:class:`~nnobfuscator.security.distill.TrainRecipe`).
+        augment: the ``augment`` attack's changes (``jitter`` always uses faint noise alone).
+        top_k: answers carry only the ``top_k`` best scores (``None``: all).
+
+    Raises:
+        ValueError: an unknown attack or tier, a bad budget, an uncovered task, or ``distill``
+            without ``pool`` and ``build_copy``.
+    """
+    check_attackable(model)
+    check_budget(budget)
+    attacks = list(attacks) if attacks is not None else default_attacks(model.task)
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown or not attacks:
+        raise ValueError(
+            f"unknown attacks {unknown or '(none given)'}; choose from {', '.join(ATTACKS)}"
+        )
+    tiers = list(tiers or [lowest_tier(model)])
+    for tier in tiers:
+        model.get_tier(tier)
+    task = get_task(model.task)
+    from nnobfuscator.security import decode, distill
+
+    if "decode" in attacks:
+        decode.check_decodable(model, pool, queries)
+    if "distill" in attacks:
+        distill.check_distillable(model, pool, build_copy, queries)
+    options = {"budget": budget, "task": task, "progress": progress, "top_k": top_k}
+    results: list[AttackResult] = []
+    references: dict[int, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        for tier in tiers:
+            torch.manual_seed(seed)
+            baseline = tier_baseline(model, test, tier, task)
+            common = {"tier": tier, "baseline": baseline, **options}
+            if "repeat" in attacks:
+                results += repeat_and_vote(model, test, **common)
+            for name, config in (("jitter", JITTER), ("augment", augment)):
+                if name in attacks:
+                    results += augment_and_vote(
+                        model, test, augment=config, name=name, seed=seed, **common
+                    )
+            common.pop("budget")
+            if "distill" in attacks:
+                assert pool is not None and build_copy is not None
+                results += distill.distill(
+                    model,
+                    pool,
+                    test,
+                    queries=queries,
+                    build_copy=build_copy,
+                    recipe=recipe,
+                    augment=augment,
+                    seed=seed,
+                    references=references,
+                    **common,
+                )
+            if "decode" in attacks:
+                assert pool is not None
+                results += decode.decode(
+                    model,
+                    pool,
+                    test,
+                    queries=queries,
+                    augment=augment,
+                    seed=seed,
+                    references=references,
+                    **common,
+                )
+    return results
