@@ -138,7 +138,8 @@ def _attack_names(value: str | None, task: str) -> list[str]:
         _fail(f"unknown attacks {unknown or '(none given)'}; choose from {', '.join(ATTACKS)}")
     uncovered = [name for name in names if name in CLASSIFICATION_ONLY and task != "classification"]
     if uncovered:
-        _fail(f"{', '.join(uncovered)} cover classification only; this model's task is {task}")
+        verb = "covers" if len(uncovered) == 1 else "cover"
+        _fail(f"{', '.join(uncovered)} {verb} classification only; this model's task is {task}")
     return list(dict.fromkeys(names))
 
 

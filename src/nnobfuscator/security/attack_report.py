@@ -69,7 +69,7 @@ def attack_rows(report: dict[str, Any]) -> list[list[str]]:
             "full" if row["target"] is None else _percent(row["target"]),
             _percent(row["single"]),
             _percent(row["attacked"]),
-            f"{100 * row['gain']:+.1f}",
+            f"{round(100 * row['gain'], 1) + 0.0:+.1f}",  # no "-0.0"
             _percent(row["full"]),
             _percent(row.get("reference")),
         ]

@@ -8,13 +8,15 @@ mistakes look like the model's natural confusions.
 
 The noise depends only on the clean top two classes, never on the exact input: repeating a query
 returns the same answer, and so does a slightly shifted, rotated or noisy copy whose clean top two
-are unchanged. On the demo ResNet-18 without compute saving (``free=60%,pro=85%``, 21 queries per
-input) neither repeating, nor faint noise, nor changed copies gained more than 1.3 points, and a
-user with 1,000 labelled images who maps answered labels back to true classes gained nothing.
-Measured alternatives: noise from a digest of the exact input (the first version) fell to faint
-noise (free tier 58.6% -> 97.3% by majority vote); keyed noise chosen by the predicted class alone,
-``T[c]``, resisted voting but its systematic flips mapped back (free tier 61.7% -> 71.5% from
-labels alone). See ``benchmarks/RESULTS.md``, "Attacks on served tiers".
+are unchanged. On the demo ResNet-18 (``free=60%,pro=85%``, 21 queries per input) voting over
+repeats gained 0 points, over faintly noisy copies at most 1.3 and over changed copies at most 3.1
+(pro tier, no compute saving), and a user with 1,000 labelled images who maps answered labels back
+to true classes gained nothing. Measured alternatives: noise from a digest of the exact input (the
+first version) fell to faintly noisy copies (free tier 58.6% -> 97.3%); keyed noise chosen by the
+predicted class alone, ``T[c]``, resisted voting but its systematic flips mapped back from labels
+alone (61.7% -> 71.5%). Like every deterministic tier, it keeps what tells classes apart: answers
+with scores can be decoded (``nnobf attack``; ``benchmarks/RESULTS.md``, "Attacks on served
+tiers").
 """
 
 from __future__ import annotations
