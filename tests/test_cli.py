@@ -49,7 +49,7 @@ def user_project(tmp_path_factory):
     torch.save(model.state_dict(), root / "resnet18-digits.pt")
     plan = {
         "model": {"arch": "resnet18", "weights": "resnet18-digits.pt", "num_classes": 10},
-        "data": {"calibration": "cal", "test": "test", **DATA},
+        "data": {"calibration": "cal", "test": "test", "train": "train", **DATA},
         "tiers": "free=60%,pro=85%,premium=full",
         "strategy": "feature-mix",
         "out": "artifact",
@@ -209,3 +209,21 @@ def test_seal_and_unseal_a_users_artifact(user_project, tmp_path):
         app, ["unseal", str(bundle), "--out", str(out)], env={"NNOBF_TIER_KEY": keys["pro"]}
     )
     assert result.exit_code == 0 and out.is_file()
+
+
+def test_attack_on_a_sealed_bundle_reports_fine_tuning_against_scratch(user_project, tmp_path):
+    artifact = user_project / "artifact"
+    if not (artifact / "config.json").is_file():
+        assert (
+            runner.invoke(app, ["calibrate", str(user_project / "plan.yaml"), "--quiet"]).exit_code
+            == 0
+        )
+    bundle = tmp_path / "bundle"
+    assert runner.invoke(app, ["seal", str(artifact), "--out", str(bundle)]).exit_code == 0
+    result = runner.invoke(app, ["attack", str(bundle), "--train-steps", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((bundle / "attack-report.json").read_text())
+    attacks = [(r["attack"], r["setting"]) for r in report["results"]]
+    assert ("fine-tune", "10%") in attacks and ("scratch", "10%") in attacks
+    assert ("clip", "t=2") in attacks and attacks[-1][0] == "replace+fine-tune"
+    assert (bundle / "attacks.png").read_bytes()[:4] == b"\x89PNG"

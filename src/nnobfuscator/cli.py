@@ -101,7 +101,10 @@ def demo(
         str, typer.Option(help="Tiers, lowest first: name=target,...")
     ] = DEFAULT_TIERS,
     strategy: Annotated[
-        str, typer.Option(help="feature-mix, weight-noise, logit-noise, or a+b.")
+        str,
+        typer.Option(
+            help="feature-mix, weight-noise, logit-noise, aim-noise (weak baseline), or a+b."
+        ),
     ] = "feature-mix",
     compute: Annotated[
         bool,
@@ -184,7 +187,7 @@ def calibrate_plan(
     if "weights" in model_source:
         model_source["weights"] = resolve(model_source["weights"])
     data_source = dict(spec["data"])
-    for split in ("calibration", "test"):
+    for split in ("calibration", "test", "train"):
         if split in data_source:
             data_source[split] = resolve(data_source[split])
     out = Path(resolve(spec.get("out") or f"runs/{plan.stem}"))

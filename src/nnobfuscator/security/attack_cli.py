@@ -80,9 +80,17 @@ def attack(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Attack an artifact's served tiers as a user of one tier would, and report what each
-    attack recovers (repeat and vote, changed copies and vote, decoding, distillation)."""
+    attack recovers (repeat and vote, changed copies and vote, decoding, distillation); on a
+    sealed bundle, attack the shipped weights (fine-tuning, clipping, outlier replacement)."""
     from nnobfuscator.security.attacks import ATTACKED_TASKS, check_budget
 
+    if (artifact / "bundle.json").is_file():  # a sealed bundle: attacks on the shipped weights
+        from nnobfuscator.security.seal_cli import attack_bundle_command
+
+        attack_bundle_command(
+            artifact, report=report, plot=plot, train_steps=train_steps, progress=not quiet
+        )
+        return
     if not (artifact / "config.json").is_file():
         _fail(f"{artifact} is not an artifact directory (no config.json); run `nnobf demo` first")
     config = _read_config(artifact)
