@@ -375,6 +375,13 @@ class TieredModel(nn.Module):
             strategy = model.strategies[saved["name"]]
             strategy.load_state_tensors(tensors)
             if strategy.fingerprint() != saved["fingerprint"]:
+                if saved["name"] == "logit-noise" and str(config["version"]).startswith("0.2."):
+                    raise serialization.ArtifactError(
+                        f"{directory} was written by nnobfuscator {config['version']}, whose "
+                        "logit-noise drew noise from a digest of each input (voting over "
+                        "changed copies undid it); this version derives it from the top two "
+                        "classes: calibrate the model again (nnobf calibrate)"
+                    )
                 raise serialization.ArtifactError(
                     f"{directory}: strategy {saved['name']!r} re-derives different keyed state "
                     "(corrupt tensors, or a torch version with another random generator)"
