@@ -154,7 +154,7 @@ _ZOO: dict[str, ZooEntry] = {
         "segmentation",
         "digit-scenes",
         batch_size=16,
-        train_size=1200,
+        train_size=1600,
         revision=2,
     ),
     "fcn": ZooEntry(
