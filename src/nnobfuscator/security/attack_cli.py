@@ -82,7 +82,7 @@ def attack(
     """Attack an artifact's served tiers as a user of one tier would, and report what each
     attack recovers (repeat and vote, changed copies and vote, decoding, distillation); on a
     sealed bundle, attack the shipped weights (fine-tuning, clipping, outlier replacement)."""
-    from nnobfuscator.security.attacks import ATTACKED_TASKS, check_budget
+    from nnobfuscator.security.oracle import ATTACKED_TASKS, check_budget
 
     if (artifact / "bundle.json").is_file():  # a sealed bundle: attacks on the shipped weights
         from nnobfuscator.security.seal_cli import attack_bundle_command

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnobfuscator.security.attacks import AttackResult
+from nnobfuscator.security.oracle import AttackResult
 from nnobfuscator.version import __version__
 
 if TYPE_CHECKING:

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from nnobfuscator.data import Split
-from nnobfuscator.security.attacks import (
+from nnobfuscator.security.augment import AugmentConfig
+from nnobfuscator.security.distill import MIN_QUERIES, draw_queries
+from nnobfuscator.security.oracle import (
     AttackResult,
     TierBaseline,
     TierOracle,
@@ -31,8 +33,6 @@ from nnobfuscator.security.attacks import (
     lowest_tier,
     tier_baseline,
 )
-from nnobfuscator.security.augment import AugmentConfig
-from nnobfuscator.security.distill import MIN_QUERIES, draw_queries
 from nnobfuscator.tasks import Task, get_task
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from nnobfuscator.data import Split
-from nnobfuscator.security.attacks import (
+from nnobfuscator.security.augment import AugmentConfig, random_perturbations
+from nnobfuscator.security.oracle import (
     AttackResult,
     TierBaseline,
     TierOracle,
@@ -27,7 +28,6 @@ from nnobfuscator.security.attacks import (
     lowest_tier,
     tier_baseline,
 )
-from nnobfuscator.security.augment import AugmentConfig, random_perturbations
 from nnobfuscator.tasks import Task, get_task
 from nnobfuscator.training import train_model
 
