@@ -166,9 +166,7 @@ def test_tampered_weights_and_sealed_material_are_detected(sealed):
     weights = load_file(str(directory / WEIGHTS_NAME))
     first = next(iter(weights))
     weights[first] = weights[first] + 1e-3
-    from safetensors.torch import save_file as save
-
-    save(weights, str(directory / WEIGHTS_NAME))
+    save_file(weights, str(directory / WEIGHTS_NAME))
     with pytest.raises(SealError, match="changed after sealing"):
         unseal_state_dict(directory, sealed.keys["premium"])
 

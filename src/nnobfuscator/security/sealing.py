@@ -285,8 +285,12 @@ def unseal_state_dict(
     directory = Path(directory)
     manifest = read_manifest(directory)
     tiers = [t["name"] for t in manifest["tiers"]]
-    state = shipped_weights(directory)
-    if _digest(directory / WEIGHTS_NAME) != manifest["weights_sha256"]:
+    try:
+        shipped = (directory / WEIGHTS_NAME).read_bytes()
+        state = load(shipped)  # one read: the bytes checked are the bytes loaded
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise SealError(f"{directory}/{WEIGHTS_NAME} is missing or corrupt: {err}") from None
+    if hashlib.sha256(shipped).hexdigest() != manifest["weights_sha256"]:
         raise SealError(
             f"{directory}/{WEIGHTS_NAME} was changed after sealing (its digest differs from "
             f"{MANIFEST_NAME}): the bundle is tampered with or damaged; get a fresh copy"
