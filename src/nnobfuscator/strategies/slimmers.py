@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from nnobfuscator.strategies.norms import batch_norm_at
 from nnobfuscator.wrapping import TieredLayer
 
 ActivationStats = list[tuple[torch.Tensor, torch.Tensor]]
@@ -167,21 +168,15 @@ class ResidualConvSlimmer(Slimmer):
             mean.to(sources[0].device).index_select(0, d)
             for (mean, _), d in zip(self.activation_stats(), dropped, strict=True)
         ]
-        convs, norms = [], []
+        convs = []
         for i, weight in enumerate(sources):
             if i < len(kept):
                 weight = weight.index_select(0, kept[i])
             if i > 0:
                 weight = weight.index_select(1, kept[i - 1])
             convs.append(weight.contiguous())
-        for i, bn in enumerate(self.norms()):
-            stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-            if i < len(kept):
-                stats = tuple(t.index_select(0, kept[i]) for t in stats)
-            norms.append(tuple(t.contiguous() for t in stats))
         return {
             "convs": convs,
-            "norms": norms,
             "kept": kept,
             "dropped": dropped,
             "fills": fills,
@@ -207,15 +202,12 @@ class ResidualConvSlimmer(Slimmer):
         parts = self.sliced(tier, keep)
         out = x
         convs, norms = self.convs(), self.norms()
-        for i, (conv, weight, bn, stats) in enumerate(
-            zip(convs, parts["convs"], norms, parts["norms"], strict=True)
-        ):
+        for i, (conv, weight, bn) in enumerate(zip(convs, parts["convs"], norms, strict=True)):
             size = (out.shape[-2], out.shape[-1])
             out = _plain(conv)._conv_forward(out, weight, None)
             if i > 0 and len(parts["dropped"][i - 1]):
                 out = out + self._constant(parts, i - 1, size)
-            mean, var, scale, shift = stats
-            out = F.batch_norm(out, mean, var, scale, shift, False, 0.0, bn.eps)
+            out = batch_norm_at(bn, out, parts["kept"][i] if i < len(parts["kept"]) else None)
             if i < len(convs) - 1:
                 out = block.relu(out)
         identity = x if block.downsample is None else block.downsample(x)

@@ -1,0 +1,23 @@
+"""Batch normalisation inside blocks that compute strategies run differently (slimmed blocks).
+
+:func:`batch_norm_at` is the one place a slimmed block normalises a hidden activation; it reads the
+statistics the active tier uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def batch_norm_at(
+    norm: nn.Module, x: torch.Tensor, channels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``norm`` (a BatchNorm in eval mode) applied to ``x``, which holds only ``channels`` of its
+    features (all of them when ``None``)."""
+    stats = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    if channels is not None:
+        stats = tuple(None if t is None else t.index_select(0, channels) for t in stats)
+    mean, var, scale, shift = stats
+    return F.batch_norm(x, mean, var, scale, shift, False, 0.0, norm.eps)
