@@ -110,8 +110,11 @@ class ZooEntry:
     train_size: int | None = None
     revision: int = 1  # bump when the builder changes, so cached weights are retrained
 
-    def recipe(self, epochs: int | None = None) -> dict[str, Any]:
-        """Everything that decides the trained weights (stored with them, and in artifacts)."""
+    def recipe(self, epochs: int | None = None, seed: int = 0) -> dict[str, Any]:
+        """Everything that decides the trained weights (stored with them, and in artifacts).
+
+        ``seed`` fixes the initial weights and the training order (0: the demo models).
+        """
         return {
             "builder": f"{self.builder.__name__}/r{self.revision}",
             "image_size": self.image_size,
@@ -120,7 +123,7 @@ class ZooEntry:
             "optimizer": self.optimizer,
             "batch_size": self.batch_size,
             "reestimate_bn": self.reestimate_bn,
-            "seed": 0,
+            "seed": seed,
             "threads": TRAIN_THREADS,
             **({"train_size": self.train_size} if self.train_size else {}),
         }
@@ -194,9 +197,17 @@ build_classifier = build_model
 
 
 def load_zoo_model(
-    name: str, *, progress: bool = True, epochs: int | None = None, retrain: bool = False
+    name: str,
+    *,
+    progress: bool = True,
+    epochs: int | None = None,
+    retrain: bool = False,
+    seed: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The demo model trained on its dataset: from the cache, or trained now and cached.
+
+    ``seed``: another seed trains another model of the same recipe (cached apart; 0 is the
+    demo's).
 
     Returns:
         The model in eval mode and its info (image size, test metric, training time).
@@ -204,7 +215,7 @@ def load_zoo_model(
     from nnobfuscator.tasks import get_task
 
     entry = zoo_entry(name)
-    recipe = entry.recipe(epochs)
+    recipe = entry.recipe(epochs, seed)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     stem = cache_dir() / f"{name}-{entry.dataset}-{digest}"
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
