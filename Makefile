@@ -27,9 +27,10 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# Every benchmark section (benchmarks/run_all.py): RESULTS.md and SUMMARY.md under benchmarks/.
+# BENCH_QUICK=1 for a smoke test; ARGS="--only memory" for one section.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_forward.py
-	$(BIN)/python benchmarks/bench_compute.py
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info runs

@@ -1,7 +1,8 @@
 """HTTP serving: our server at the full tier vs a plain FastAPI server of the bare model.
 
-Run: ``python benchmarks/bench_serving.py [--seconds 4 --rounds 8 --clients 16]``. Updates its own
-section of ``benchmarks/RESULTS.md`` (other sections are kept).
+Run: ``python benchmarks/bench_serving.py [--seconds 4 --rounds 8 --clients 16]`` (``make bench``
+runs a shorter :func:`run_section`). Updates its own section of ``benchmarks/RESULTS.md`` (other
+sections are kept).
 
 Both servers run in their own process on loopback with the same model (the zoo's resnet18
 architecture, untrained: time does not depend on the weights), the same image decoding and the
@@ -225,6 +226,29 @@ def write_section(
         f"{tiered['p50'] / plain['p50']:.3f} | {tiered['p99'] / plain['p99']:.3f} | |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def run_section(quick: bool = False):
+    """The ``make bench`` section: a shortened run (3 rounds of 3 s; quick: 1 round of 1 s)."""
+    from _common import Section
+
+    args = argparse.Namespace(
+        seconds=1.0 if quick else 3.0,
+        rounds=1 if quick else 3,
+        clients=16,
+        max_batch_size=32,
+        max_wait_ms=2.0,
+    )
+    load_average = os.getloadavg()[0]
+    results = run(args)
+    ratio = results["tiered"]["rps"] / results["plain"]["rps"]
+    summary = [
+        (
+            "HTTP serving, full tier vs a plain FastAPI endpoint (requests/s)",
+            f"{ratio:.2f}× ({results['tiered']['rps']:.0f} vs {results['plain']['rps']:.0f})",
+        )
+    ]
+    return Section("serving", write_section(results, args, load_average), summary, results)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -196,6 +197,17 @@ def build_model(name: str, *, num_classes: int | None = None, in_channels: int =
 build_classifier = build_model
 
 
+def _cache_stem(name: str, recipe: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return cache_dir() / f"{name}-{zoo_entry(name).dataset}-{digest}"
+
+
+def is_cached(name: str, *, epochs: int | None = None, seed: int = 0) -> bool:
+    """Whether the demo model is trained and cached (:func:`load_zoo_model` will not train)."""
+    stem = _cache_stem(name, zoo_entry(name).recipe(epochs, seed))
+    return stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
+
+
 def load_zoo_model(
     name: str,
     *,
@@ -216,8 +228,7 @@ def load_zoo_model(
 
     entry = zoo_entry(name)
     recipe = entry.recipe(epochs, seed)
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-    stem = cache_dir() / f"{name}-{entry.dataset}-{digest}"
+    stem = _cache_stem(name, recipe)
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights_path.is_file() and info_path.is_file() and not retrain:
         model = build_model(name)
