@@ -10,6 +10,7 @@ safeguarded regula-falsi bisection on a split whose unchanging prefix is cached
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -23,9 +24,11 @@ from nnobfuscator.cost import relative_costs, tier_latency_ms
 from nnobfuscator.data import DataLike, as_split
 from nnobfuscator.model import TieredModel
 from nnobfuscator.report import build_report
-from nnobfuscator.runner import SplitRunner
+from nnobfuscator.runner import SettingRunner, SplitRunner
 from nnobfuscator.tasks import Task, get_task
 from nnobfuscator.tiers import Tier
+
+logger = logging.getLogger(__name__)
 
 
 class CalibrationError(ValueError):
@@ -125,7 +128,7 @@ def calibrate(
     batch_size: int = 256,
     max_evals: int = 16,
     headroom: float | None = None,
-    beam: int = 2,
+    beam: int = 1,
     progress: bool = True,
     task: Task | None = None,
 ) -> dict[str, Any]:
@@ -136,7 +139,7 @@ def calibrate(
     Args:
         headroom: with compute strategies, how far above its target a tier's compute setting must
             keep the calibration metric (default: one standard error of the target).
-        beam: beam width of the compute search (1: greedy).
+        beam: beam width of the compute search (1: a lazily evaluated greedy descent).
         task: the task that scores outputs; by default the model's task with default options
             (text-to-image needs one with its judge: ``TextToImageTask(judge=...)``).
 
@@ -163,8 +166,18 @@ def calibrate(
         )
     for strategy in model.compute.values():
         strategy.fit(lambda batch: model.forward_tier(batch, None), runner.batches)
-    search = ComputeSearch(model, runner, cal.labels, task, beam=beam) if model.compute else None
     bar = tqdm(tiers, desc="calibrating", disable=not progress, unit="tier")
+    search = None
+    if model.compute:
+        bar.set_postfix_str("measuring the full model for the compute search")
+        search = ComputeSearch(
+            model,
+            SettingRunner(model, cal.inputs, task.logits, batch_size),
+            cal.labels,
+            task,
+            beam=beam,
+            report=bar.set_postfix_str,
+        )
     for tier in bar:
         target = tier.target.resolve(base)
         assert target is not None
@@ -179,6 +192,7 @@ def calibrate(
             required = min(target + _headroom(target, len(cal), headroom), base)
             utility = _choose_compute(search, tier, target, required, task.metric)
             curve.start(tier.name, utility)
+        bar.set_postfix_str(f"{tier.name}: bisecting the degrading strength")
         floor = curve(tier.name, 1.0)
         if target < floor - tolerance:
             raise CalibrationError(
@@ -204,6 +218,13 @@ def calibrate(
             tier.target_value = None
             tier.metrics["calibration"] = base
     calibration_s = time.perf_counter() - started
+    if search is not None:
+        passes = search.runner.stage_samples / (len(cal) * len(search.runner.stages))
+        logger.info(
+            "compute search: %s, %.1f equivalent passes over the calibration split",
+            search.counts,
+            passes,
+        )
     return evaluate(
         model,
         test if test is not None else cal,

@@ -1,36 +1,62 @@
 """The cheapest compute setting of a tier whose utility still clears its target.
 
 A beam search over the steps the compute strategies offer (skip one more block, keep fewer
-channels in one more stage, shrink the input once more). Each candidate is scored on the cached
-calibration split and costed in FLOPs with ``torch.utils.flop_counter``; among the candidates that
-keep utility at or above the requirement, the beam keeps those that lose the least utility per unit
-of cost saved. Evaluations are memoised across tiers (they do not depend on the tier's name).
+channels in one more stage, shrink the input once more). Each candidate runs on the calibration
+split with its BatchNorm statistics re-estimated for it (:class:`~nnobfuscator.runner.
+SettingRunner`: the first batch measures them, its activations are reused by every candidate
+that shares a prefix of the network) and is costed in FLOPs with ``torch.utils.flop_counter``.
+Among the candidates that keep utility at or above the requirement, the beam keeps those that
+lose the least utility per unit of cost saved.
+
+Work is saved three ways: evaluations are memoised across tiers; a candidate whose measuring batch
+already falls far below the requirement is not run on the rest (*screened*); a candidate that saves
+everything a failed setting saves, and more, is not run at all (*pruned*: utility falls as more is
+saved).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from nnobfuscator.cost import tier_flops
 from nnobfuscator.model import TieredModel
-from nnobfuscator.outputs import select
-from nnobfuscator.runner import SplitRunner
+from nnobfuscator.runner import SettingRunner
+from nnobfuscator.strategies.bn_reestimate import Stats
 from nnobfuscator.strategies.compute import Setting
 from nnobfuscator.tasks import Task
 
 Settings = dict[str, Setting]
+#: a candidate whose measuring batch is this many standard errors below the requirement is dropped
+SCREEN_SE = 2.5
 
 
 @dataclass
 class ComputePoint:
-    """One evaluated compute setting: per-strategy settings, utility and relative FLOPs."""
+    """One evaluated compute setting: per-strategy settings, utility and relative FLOPs.
+
+    ``screened_at`` is set when only the measuring batch ran: ``utility`` is then that batch's,
+    and the point is known to fail any requirement at or above ``screened_at``.
+    """
 
     settings: Settings
     utility: float
     cost: float
+    stats: Stats = field(default_factory=dict, repr=False)
+    screened_at: float | None = None
+
+
+@dataclass
+class SearchCounts:
+    """What the search did (load-independent): candidates run in full, screened, pruned."""
+
+    evaluated: int = 0
+    screened: int = 0
+    pruned: int = 0
+    memo_hits: int = 0
 
 
 class ComputeSearch:
@@ -38,61 +64,193 @@ class ComputeSearch:
 
     Args:
         model: the tiered model (with compute strategies).
-        runner: a :class:`SplitRunner` over the calibration images.
+        runner: a :class:`SettingRunner` over the calibration inputs.
         labels: the calibration labels.
         task: the task (metric).
-        beam: how many candidates survive each step (1: greedy).
+        beam: how many candidates survive each step (1: lazy greedy, see :meth:`_lazy`).
+        screen: drop candidates whose measuring batch is far below the requirement.
+        report: called with a short line after each candidate (progress).
     """
 
     def __init__(
         self,
         model: TieredModel,
-        runner: SplitRunner,
+        runner: SettingRunner,
         labels: torch.Tensor,
         task: Task,
         *,
-        beam: int = 2,
+        beam: int = 1,
+        screen: bool = True,
+        report: Callable[[str], None] | None = None,
     ) -> None:
         self.model, self.runner, self.labels, self.task = model, runner, labels, task
         self.beam = max(1, beam)
-        self.sample = select(runner.batches[0], torch.arange(1))
-        self.full_flops = max(tier_flops(model, self.sample, None), 1)
+        self.screen = screen
+        self.report = report
+        self.full_flops = max(runner.flops(None, runner.signatures({})), 1)
         self.memo: dict[str, ComputePoint | None] = {}
         self.failures: dict[str, str] = {}
+        self.counts = SearchCounts()
+        #: per move, its last known utility lost per unit of cost saved (lazy greedy)
+        self.ratios: dict[str, float] = {}
         #: per compute strategy, why one of its steps could not run (e.g. a ViT's fixed size)
         self.refused: dict[str, str] = {}
 
-    def apply(self, tier: str, settings: Settings) -> None:
+    def apply(self, tier: str, settings: Settings, stats: Stats | None = None) -> None:
+        """Set ``tier``'s compute settings, with the BatchNorm statistics measured for them."""
         for name, setting in settings.items():
             self.model.set_setting(tier, name, setting)
+        if self.runner.store is not None:
+            if stats:
+                self.runner.store.install(tier, stats)
+            else:
+                self.runner.store.clear(tier)
 
-    def evaluate(self, tier: str, settings: Settings) -> ComputePoint | None:
-        """Utility and cost of ``settings`` (``None`` when the model cannot run with them)."""
+    def changes(self, settings: Settings) -> dict[str, object]:
+        found: dict[str, object] = {}
+        for name, strategy in self.model.compute.items():
+            for module, change in strategy.changes(settings[name]).items():
+                found[module] = [found[module], change] if module in found else change
+        return found
+
+    def evaluate(self, tier: str, settings: Settings, required: float = 0.0) -> ComputePoint | None:
+        """Utility and cost of ``settings`` (``None`` when the model cannot run with them).
+
+        A candidate may be screened: see :class:`ComputePoint`.
+        """
         key = json.dumps(settings, sort_keys=True)
-        if key not in self.memo:
-            self.apply(tier, settings)
-            try:
-                utility = self.task.score(self.runner.logits(tier), self.labels)
-                cost = tier_flops(self.model, self.sample, tier) / self.full_flops
-                self.memo[key] = ComputePoint(settings, utility, cost)
-            # e.g. an input shrunk below what the model takes (ViT asserts its image size)
-            except (RuntimeError, ValueError, AssertionError) as error:
-                self.failures[key] = str(error).splitlines()[0]
-                self.memo[key] = None
+        known = self.memo.get(key, False)
+        if known is not False and (
+            known is None or known.screened_at is None or required >= known.screened_at
+        ):
+            self.counts.memo_hits += 1
+            return known
+        self.apply(tier, settings)
+        signatures = self.runner.signatures(self.changes(settings))
+        try:
+            logits, stats = self.runner.measure(tier, signatures)
+            self.apply(tier, settings, stats)
+            cost = self.runner.flops(tier, signatures) / self.full_flops
+            labels = self.labels[: len(logits)]
+            utility = self.task.score(logits, labels)
+            point = ComputePoint(settings, utility, cost, stats)
+            if len(logits) < len(self.labels) and self._hopeless(utility, required, len(logits)):
+                point.screened_at = required
+                self.counts.screened += 1
+            else:
+                logits = torch.cat([logits, *self.runner.rest(tier, signatures)])
+                point.utility = self.task.score(logits, self.labels)
+                self.counts.evaluated += 1
+            self.memo[key] = point
+        # e.g. an input shrunk below what the model takes (ViT asserts its image size)
+        except (RuntimeError, ValueError, AssertionError) as error:
+            self.failures[key] = str(error).splitlines()[0]
+            self.memo[key] = None
         return self.memo[key]
+
+    def _hopeless(self, utility: float, required: float, n: int) -> bool:
+        if not self.screen:
+            return False
+        spread = math.sqrt(max(required * (1 - required), 0.01) / n)
+        return utility < required - SCREEN_SE * spread
 
     def start(self) -> Settings:
         return {name: s.default_setting() for name, s in self.model.compute.items()}
 
+    def _covers_failure(self, settings: Settings, failed: list[Settings]) -> bool:
+        strategies = self.model.compute
+        return any(
+            all(strategies[name].covers(settings[name], other[name]) for name in strategies)
+            for other in failed
+        )
+
+    def _say(self, tier: str, best: ComputePoint) -> None:
+        if self.report is not None:
+            c = self.counts
+            self.report(
+                f"{tier}: compute search, {c.evaluated} run, {c.screened} screened, "
+                f"{c.pruned} pruned; cheapest so far {best.cost:.2f} of full FLOPs"
+            )
+
     def cheapest(self, tier: str, required: float) -> ComputePoint:
         """The cheapest setting found whose calibration utility is at least ``required``.
 
-        Leaves ``tier`` set to it. The default setting (saving nothing) is the fallback.
+        Leaves ``tier`` set to it (with its BatchNorm statistics). The default setting (saving
+        nothing) is the fallback.
         """
         best = self.evaluate(tier, self.start())
         if best is None:
             raise RuntimeError("the model does not run with its default compute setting")
+        best = (
+            self._beam(tier, required, best) if self.beam > 1 else self._lazy(tier, required, best)
+        )
+        self.apply(tier, best.settings, best.stats)
+        return best
+
+    def _moves(self, point: ComputePoint) -> list[tuple[str, str, Settings]]:
+        """The settings one step cheaper than ``point``'s, each with a key naming its move (what
+        it changes further), stable from one point to the next."""
+        before = {
+            k: json.dumps(v, sort_keys=True, default=str)
+            for k, v in self.changes(point.settings).items()
+        }
+        moves = []
+        for name, strategy in self.model.compute.items():
+            for option in strategy.cheaper(point.settings[name]):
+                settings = {**point.settings, name: option}
+                after = self.changes(settings)
+                diff = sorted(
+                    (k, json.dumps(v, sort_keys=True, default=str))
+                    for k, v in after.items()
+                    if before.get(k) != json.dumps(v, sort_keys=True, default=str)
+                )
+                moves.append((json.dumps([name, diff]), name, settings))
+        return moves
+
+    def _lazy(self, tier: str, required: float, best: ComputePoint) -> ComputePoint:
+        """Greedy descent, evaluated lazily: each step takes the move losing the least utility per
+        unit of cost saved, re-evaluating moves in the order of their last known ratio and
+        stopping once no stale ratio can beat the best fresh one (ratios grow as more is saved)."""
+        failed: list[Settings] = []
+        point = best
+        while True:
+            moves = self._moves(point)
+            moves.sort(key=lambda move: self.ratios.get(move[0], -math.inf))
+            chosen: tuple[float, ComputePoint] | None = None
+            for key, name, settings in moves:
+                if chosen is not None and chosen[0] <= self.ratios.get(key, -math.inf):
+                    break
+                if self._covers_failure(settings, failed):
+                    self.counts.pruned += 1
+                    continue
+                found = self.evaluate(tier, settings, required)
+                if found is None or found.screened_at is not None or found.utility < required:
+                    self._refusal(found, name, settings)
+                    failed.append(settings)
+                    continue
+                saved = point.cost - found.cost
+                if saved <= 1e-9:
+                    continue
+                ratio = (point.utility - found.utility) / saved
+                self.ratios[key] = ratio
+                if chosen is None or (ratio, found.cost) < (chosen[0], chosen[1].cost):
+                    chosen = (ratio, found)
+                self._say(tier, best)
+            if chosen is None:
+                return best
+            point = chosen[1]
+            if (point.cost, -point.utility) < (best.cost, -best.utility):
+                best = point
+
+    def _refusal(self, found: ComputePoint | None, name: str, settings: Settings) -> None:
+        key = json.dumps(settings, sort_keys=True)
+        if found is None and key in self.failures:
+            self.refused.setdefault(name, self.failures[key])
+
+    def _beam(self, tier: str, required: float, best: ComputePoint) -> ComputePoint:
+        """Beam search: every move from each of the ``beam`` best points so far, each step."""
         frontier = [best]
+        failed: list[Settings] = []
         while frontier:
             candidates: dict[str, tuple[float, ComputePoint]] = {}
             for point in frontier:
@@ -102,20 +260,27 @@ class ComputeSearch:
                         key = json.dumps(settings, sort_keys=True)
                         if key in candidates:
                             continue
-                        found = self.evaluate(tier, settings)
+                        if self._covers_failure(settings, failed):
+                            self.counts.pruned += 1
+                            continue
+                        found = self.evaluate(tier, settings, required)
                         if found is None and key in self.failures:
                             self.refused.setdefault(name, self.failures[key])
-                        if found is None or found.utility < required:
+                        if found is None or found.screened_at is not None:
+                            failed.append(settings)
+                            continue
+                        if found.utility < required:
+                            failed.append(settings)
                             continue
                         saved = point.cost - found.cost
                         if saved <= 1e-9:
                             continue
-                        candidate = ComputePoint(settings, found.utility, found.cost)
-                        candidates[key] = ((point.utility - found.utility) / saved, candidate)
+                        candidates[key] = ((point.utility - found.utility) / saved, found)
+                        self._say(tier, best)
             ranked = sorted(candidates.values(), key=lambda item: (item[0], item[1].cost))
             frontier = [point for _, point in ranked[: self.beam]]
             for point in frontier:
                 if (point.cost, -point.utility) < (best.cost, -best.utility):
                     best = point
-        self.apply(tier, best.settings)
+            self._say(tier, best)
         return best

@@ -9,13 +9,16 @@ Every run goes through the model's :class:`~nnobfuscator.executor.TierExecutor`.
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import (
     VGG,
     ConvNeXt,
@@ -30,6 +33,7 @@ from nnobfuscator.executor import invoke
 from nnobfuscator.outputs import batch_size as count_samples
 from nnobfuscator.outputs import read_output, select
 from nnobfuscator.registry import TypeRegistry
+from nnobfuscator.strategies.bn_reestimate import Stats, find_store
 
 Stage = tuple[str, Callable[[Any], Any] | None]
 RESIZE_TO_INPUT = "resize-to-input"  # a stage that scales dense logits to the input's size
@@ -101,6 +105,14 @@ def model_stages(model: nn.Module) -> list[Stage] | None:
     return stages(model) if type(model).forward is cls.forward else None
 
 
+def wrapped_names(model: Any) -> list[str]:
+    """Plain names of every module the tiered model wraps (strategies' layers and blocks, the
+    BatchNorm layers compute tiers re-estimate): what a tier may run differently."""
+    names = [n for s in model.strategies.values() for n in s.layers]
+    host = getattr(model, "host", None)
+    return names + list(getattr(host, "wrappers", {}))
+
+
 def _first_stage(stages: list[Stage], layer_names: list[str]) -> int:
     for index, (stage, _) in enumerate(stages):
         if any(name == stage or name.startswith(stage + ".") for name in layer_names):
@@ -146,7 +158,7 @@ class SplitRunner:
             select(inputs, torch.arange(start, min(start + batch_size, count)))
             for start in range(0, count, batch_size)
         ]
-        layer_names = [n for s in model.strategies.values() for n in s.layers]
+        layer_names = wrapped_names(model)
         stages = model_stages(model.base_model) if isinstance(inputs, torch.Tensor) else None
         self.prefix: list[Stage] | None = None
         self.suffix: list[Stage] = []
@@ -198,3 +210,190 @@ class SplitRunner:
             output = self.executor.run(active, batch, body=body)
             outputs.append(self.read_logits(output).float())
         return torch.cat(outputs)
+
+
+class _Entry(NamedTuple):
+    output: Any
+    stats: Stats  # re-estimated BatchNorm statistics up to and including this stage
+    flops: int  # FLOPs up to and including this stage (the FLOP-counting sample only)
+
+
+FLOPS = "flops"  # the batch index of the one-sample input whose FLOPs are counted
+
+
+class SettingRunner:
+    """Outputs of fixed inputs at many compute settings, BatchNorm re-estimated per setting.
+
+    Made for the compute search: a setting's activations after each stage of the model are
+    cached under what the setting changes up to that stage, so a candidate one step from its
+    parent reruns only the stages from its change on. The first batch is the *measuring* batch:
+    it runs with every changed BatchNorm normalising by the batch's own statistics, which are
+    recorded (:mod:`nnobfuscator.strategies.bn_reestimate`) and so reproduce that batch's outputs
+    exactly in eval mode; the other batches then run in eval mode with them.
+
+    Args:
+        model: the tiered model.
+        inputs: the calibration inputs.
+        read_logits: turns a model output into the tensor that is scored.
+        batch_size: the measuring batch's size (and the others').
+        budget_bytes: the most bytes of cached activations.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        inputs: Any,
+        read_logits: Callable[[Any], torch.Tensor] = read_output,
+        batch_size: int = 256,
+        budget_bytes: int = 1 << 30,
+    ) -> None:
+        self.model, self.executor, self.read_logits = model, model.executor, read_logits
+        count = count_samples(inputs)
+        self.batches = [
+            select(inputs, torch.arange(start, min(start + batch_size, count)))
+            for start in range(0, count, batch_size)
+        ]
+        self.sample = select(inputs, torch.arange(1))
+        stages = model_stages(model.base_model) if isinstance(inputs, torch.Tensor) else None
+        self.staged = stages is not None
+        self.stages: list[Stage] = stages or [("model", None)]
+        self.store = find_store(getattr(model, "host", None))
+        self.budget = budget_bytes
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._reference: Stats | None = None
+        #: samples run through one stage, over all calls (divide by the split's size times the
+        #: number of stages for equivalent full passes): a load-independent measure of work
+        self.stage_samples = 0
+
+    # --- signatures ------------------------------------------------------------------------
+    def _stage_of(self, name: str) -> int | None:
+        for index, (stage, _) in enumerate(self.stages):
+            if self.staged and (name == stage or name.startswith(stage + ".")):
+                return index
+        return None  # the input, or a module no stage names: it changes everything
+
+    def signatures(self, changes: dict[str, Any]) -> list[tuple]:
+        """Per stage, what ``changes`` (module name -> change) alter up to that stage."""
+        head: list[tuple[str, str]] = []
+        per_stage: list[list[tuple[str, str]]] = [[] for _ in self.stages]
+        for name, value in sorted(changes.items()):
+            index = self._stage_of(name)
+            entry = (name, json.dumps(value, sort_keys=True, default=str))
+            (head if index is None else per_stage[index]).append(entry)
+        prefix: list[tuple] = [tuple(head)]
+        signatures = []
+        for changed in per_stage:
+            prefix.append(tuple(changed))
+            signatures.append(tuple(prefix))
+        return signatures
+
+    # --- running ---------------------------------------------------------------------------
+    def reference(self) -> Stats:
+        """The untouched model's BatchNorm batch statistics on the measuring batch."""
+        if self._reference is None:
+            self._reference = {}
+            if self.store is not None and self.store.norms:
+                with torch.inference_mode(), self.store.measuring(None) as measurement:
+                    self.executor.run(None, self.batches[0])
+                self._reference = measurement.seen
+        return self._reference
+
+    def _keep(self, key: tuple, entry: _Entry) -> None:
+        size = _nbytes(entry.output)
+        self._cache[key] = entry
+        self._bytes += size
+        while self._bytes > self.budget and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= _nbytes(old.output)
+
+    @torch.inference_mode()
+    def _run(
+        self, tier: str | None, signatures: list[tuple], index: int | str, measure: bool = False
+    ) -> _Entry:
+        batch = self.sample if index == FLOPS else self.batches[index]
+        start = len(self.stages)
+        while start > 0 and (index, signatures[start - 1]) not in self._cache:
+            start -= 1
+        previous = self._cache.get((index, signatures[start - 1])) if start else None
+        if previous is not None:
+            self._cache.move_to_end((index, signatures[start - 1]))
+        base_stats = previous.stats if previous is not None else {}
+        base_flops = previous.flops if previous is not None else 0
+        result: list[_Entry] = []
+
+        def body(*args: Any, **kwargs: Any) -> Any:
+            if not self.staged:
+                if previous is not None:
+                    return previous.output
+                x, flops = self._stage(
+                    lambda: invoke(self.model.base_model, *args, **kwargs), index
+                )
+                entry = _Entry(x, self._found(base_stats, measurement), flops)
+                self._keep((index, signatures[0]), entry)
+                result.append(entry)
+                return x
+            inputs = args[0]
+            x = inputs if previous is None else previous.output
+            flops = base_flops
+            stats = base_stats
+            for position in range(start, len(self.stages)):
+                name, stage = self.stages[position]
+                x, spent = self._stage(partial(_run, [(name, stage)], x, inputs), index)
+                flops += spent
+                stats = self._found(stats, measurement)
+                self.stage_samples += count_samples(inputs)
+                self._keep((index, signatures[position]), _Entry(x, stats, flops))
+            result.append(_Entry(x, stats, flops))
+            return x
+
+        measurement = None
+        if measure and self.store is not None and self.store.norms:
+            reference = self.reference()
+            with self.store.measuring(reference) as measurement:
+                output = self.executor.run(tier, batch, body=body)
+        else:
+            output = self.executor.run(tier, batch, body=body)
+        entry = result[0] if result else _Entry(previous.output, base_stats, base_flops)
+        return _Entry(output, entry.stats, entry.flops)
+
+    @staticmethod
+    def _found(stats: Stats, measurement: Any) -> Stats:
+        if measurement is None or not measurement.found:
+            return stats
+        return {**stats, **measurement.found}
+
+    @staticmethod
+    def _stage(run: Callable[[], Any], index: int | str) -> tuple[Any, int]:
+        if index != FLOPS:
+            return run(), 0
+        counter = FlopCounterMode(display=False)
+        with counter:
+            output = run()
+        return output, int(counter.get_total_flops())
+
+    def measure(self, tier: str | None, signatures: list[tuple]) -> tuple[torch.Tensor, Stats]:
+        """Scored outputs of the measuring batch at ``tier``, and the statistics it measured."""
+        entry = self._run(tier, signatures, 0, measure=True)
+        return self.read_logits(entry.output).float(), entry.stats
+
+    def rest(self, tier: str | None, signatures: list[tuple]) -> list[torch.Tensor]:
+        """Scored outputs of the other batches (run with the tier's installed statistics)."""
+        return [
+            self.read_logits(self._run(tier, signatures, index).output).float()
+            for index in range(1, len(self.batches))
+        ]
+
+    def flops(self, tier: str | None, signatures: list[tuple]) -> int:
+        """FLOPs of one input at ``tier`` (stages shared with other settings counted once)."""
+        return self._run(tier, signatures, FLOPS).flops
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0

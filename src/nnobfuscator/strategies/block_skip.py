@@ -69,6 +69,12 @@ class BlockSkip(ComputeStrategy):
         skipped = set(setting["skip"])
         return [{"skip": sorted(skipped | {name})} for name in self.layers if name not in skipped]
 
+    def changes(self, setting: Setting) -> dict[str, Any]:
+        return {name: "skip" for name in setting["skip"]}
+
+    def covers(self, setting: Setting, other: Setting) -> bool:
+        return set(setting["skip"]) >= set(other["skip"])
+
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         skip = params.get("skip", [])
         unknown = set(skip) - set(self.layers) if isinstance(skip, list) else {repr(skip)}

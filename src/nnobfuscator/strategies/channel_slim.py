@@ -21,7 +21,7 @@ from nnobfuscator.strategies.blocks import (
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
 from nnobfuscator.wrapping import Host
 
-KEEP_STEPS = (1.0, 0.75, 0.5, 0.25, 0.125)
+KEEP_STEPS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 
 
 @register_strategy
@@ -60,7 +60,7 @@ class ChannelSlim(ComputeStrategy):
         collect_statistics(run_clean, self.slimmers(), batches)
 
     def state_tensors(self) -> dict[str, Any]:
-        tensors = {}
+        tensors = super().state_tensors()
         for name, slimmer in self.slimmers().items():
             for space, (mean, std) in enumerate(slimmer.stats or []):
                 tensors[f"{self.name}/{name}/{space}/mean"] = mean
@@ -68,6 +68,7 @@ class ChannelSlim(ComputeStrategy):
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, Any]) -> None:
+        super().load_state_tensors(tensors)
         for name, slimmer in self.slimmers().items():
             stats = []
             while f"{self.name}/{name}/{len(stats)}/mean" in tensors:
@@ -92,6 +93,14 @@ class ChannelSlim(ComputeStrategy):
             if lower:
                 options.append({"keep": {**setting["keep"], stage: max(lower)}})
         return options
+
+    def changes(self, setting: Setting) -> dict[str, Any]:
+        keep = setting["keep"]
+        return {n: keep[s] for n, s in self.stage.items() if keep.get(s, 1.0) < 1.0}
+
+    def covers(self, setting: Setting, other: Setting) -> bool:
+        mine, theirs = setting["keep"], other["keep"]
+        return all(mine.get(s, 1.0) <= theirs.get(s, 1.0) for s in self.stages)
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         keep = params.get("keep", {})

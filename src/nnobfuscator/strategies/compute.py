@@ -7,7 +7,11 @@ still clears the tier's target (``nnobfuscator.compute_search``), then a degradi
 the utility on the target.
 
 To add one (say, fewer denoising steps for a diffusion pipeline), subclass :class:`ComputeStrategy`,
-implement :meth:`default_setting`, :meth:`cheaper` and :meth:`check_params`, and register it.
+implement :meth:`default_setting`, :meth:`cheaper` and :meth:`check_params`, and register it;
+:meth:`changes` and :meth:`covers` let the search reuse activations and prune (optional).
+
+Every compute strategy shares the model's :class:`~nnobfuscator.strategies.bn_reestimate.NormStore`:
+the BatchNorm statistics re-estimated for a tier's compute setting, saved with its state tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
+import torch
+
 from nnobfuscator.strategies.base import Strategy
+from nnobfuscator.strategies.bn_reestimate import NormStore, norm_store
 from nnobfuscator.wrapping import Host
 
 Setting = dict[str, Any]
@@ -28,8 +35,12 @@ class ComputeStrategy(Strategy):
     role: ClassVar[str] = "compute"
 
     def attach(self, host: Host) -> None:
-        """Prepare the model (wrap blocks and so on); compute strategies override this."""
+        """Prepare the model (wrap blocks and so on); compute strategies override this.
+
+        The first compute strategy of a model wraps its BatchNorm layers (see :attr:`norms`).
+        """
         self.host = host
+        self.norms: NormStore = norm_store(host, self.name)
 
     def fit(self, run_clean: Any, batches: list[Any]) -> None:
         """Learn what the strategy needs from calibration inputs (run by ``calibrate``).
@@ -47,6 +58,19 @@ class ComputeStrategy(Strategy):
         """Settings one step cheaper than ``setting`` (empty when nothing more can be saved)."""
         raise NotImplementedError
 
+    def changes(self, setting: Setting) -> dict[str, Any]:
+        """What ``setting`` changes, by module name (``"<input>"``: the input, so everything).
+
+        The compute search reuses activations of the modules before the first change; the
+        default (the whole setting at the input) reuses nothing.
+        """
+        return {} if setting == self.default_setting() else {"<input>": setting}
+
+    def covers(self, setting: Setting, other: Setting) -> bool:
+        """Whether ``setting`` saves at least everything ``other`` saves (then, when ``other``
+        loses too much utility, so does ``setting``). Only equality is known by default."""
+        return setting == other
+
     def setting(self, tier: str) -> Setting:
         """The setting in force at ``tier`` (the default when it has none)."""
         return copy.deepcopy(self.params(tier) or self.default_setting())
@@ -56,6 +80,14 @@ class ComputeStrategy(Strategy):
 
     def signature(self, tier: str) -> Any:
         return None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The re-estimated BatchNorm statistics of every tier (shared by compute strategies)."""
+        return self.norms.state_tensors() if hasattr(self, "norms") else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if hasattr(self, "norms"):
+            self.norms.load_state_tensors(tensors)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "targets": sorted(self.layers)}

@@ -18,7 +18,7 @@ from nnobfuscator.outputs import map_output
 from nnobfuscator.strategies.base import register_strategy
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
 
-SCALE_STEPS = (1.0, 0.875, 0.75, 0.625, 0.5)
+SCALE_STEPS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)
 
 
 @register_strategy
@@ -30,8 +30,12 @@ class InputResolution(ComputeStrategy):
         return {"scale": 1.0}
 
     def cheaper(self, setting: Setting) -> list[Setting]:
-        lower = [step for step in SCALE_STEPS if step < setting["scale"]]
-        return [{"scale": max(lower)}] if lower else []
+        """Every smaller scale: one jump can reach a resolution that loses nothing (an input
+        upscaled from a smaller native size), which small steps through worse ones would miss."""
+        return [{"scale": step} for step in SCALE_STEPS if step < setting["scale"]]
+
+    def covers(self, setting: Setting, other: Setting) -> bool:
+        return setting["scale"] <= other["scale"]
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         scale = params.get("scale")
