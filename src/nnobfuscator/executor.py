@@ -2,8 +2,9 @@
 output.
 
 Every path that runs a tiered model goes through :class:`TierExecutor`: ``TieredModel.forward``,
-mixed-tier batches (grouped by tier once, here, and scattered back), the calibration runner, cost
-accounting and serving.
+mixed-tier batches (grouped once, here: tiers that share a compute setting run in one pass, each
+sample at its own strength; the others one pass each, scattered back), the calibration runner,
+cost accounting and serving.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnobfuscator.outputs import batch_size, main_input, scatter, select_call
+from nnobfuscator.outputs import batch_size, main_input, scatter, select, select_call
 from nnobfuscator.strategies import Strategy
 from nnobfuscator.tiers import Tier
-from nnobfuscator.wrapping import TierContext
+from nnobfuscator.wrapping import MixedPassUnsupported, TierContext
 
 Body = Callable[..., Any]
 
@@ -37,7 +38,7 @@ def as_call(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]
     return args, kwargs
 
 
-def group_by_tier(tiers: Sequence[str], known: Mapping[str, Tier]) -> dict[str, torch.Tensor]:
+def group_by_tier(tiers: Sequence[Any], known: Mapping[Any, Any]) -> dict[Any, torch.Tensor]:
     """Row indices per tier, in order of first appearance.
 
     Raises:
@@ -69,6 +70,8 @@ class TierExecutor:
         strategies: Mapping[str, Strategy],
     ) -> None:
         self.model, self.context, self.tiers, self.strategies = model, context, tiers, strategies
+        #: whether tiers that share a pass key may run in one pass (``None``: not checked yet)
+        self.one_pass: bool | None = None
 
     def active(self, tier: str | None) -> str | None:
         """The tier the wrapped layers see: ``None`` for the untouched model (or a ``full`` tier).
@@ -96,26 +99,23 @@ class TierExecutor:
             body: what runs the (transformed) inputs; the model itself by default. The calibration
                 runner passes one that continues from cached activations.
         """
+        return self._pass(self.active(tier), None, args, kwargs, body)
+
+    def pass_key(self, tier: str) -> tuple:
+        """What a forward pass must share to serve ``tier``: tiers with equal keys (the same
+        compute setting, the same folded weights) run in one pass, each sample at its own tier."""
         active = self.active(tier)
-        args, kwargs = as_call(args, kwargs)
-        inputs = main_input(args, kwargs)
-        transformed = self.transform_input(inputs, active)
-        if args:
-            args = (transformed, *args[1:])
-        else:  # keyword-only call: the first keyword carries the batch
-            kwargs = {**kwargs, next(iter(kwargs)): transformed}
-        if active is not None:
-            for strategy in self.strategies.values():
-                args, kwargs = strategy.transform_call(args, kwargs, active)
-        with self.context.activate(active):
-            output = (body or partial(invoke, self.model))(*args, **kwargs)
-        if active is not None:
-            for strategy in self.strategies.values():
-                output = strategy.transform_output(output, inputs, active)
-        return output
+        return tuple(
+            None if active is None else s.pass_key(active) for s in self.strategies.values()
+        )
 
     def run_mixed(self, tiers: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-        """Run a batch with a tier per sample: one run per tier present, scattered back in order.
+        """Run a batch with a tier per sample.
+
+        Tiers that share a pass key run in one forward pass (each sample at its own strength);
+        the rest run one pass per key, back to back, scattered back in order. Whether the model
+        can serve several tiers in one pass is checked on its first mixed batch (against one pass
+        per tier) and remembered.
 
         Raises:
             ValueError: ``tiers`` does not name one known tier per sample.
@@ -129,8 +129,119 @@ class TierExecutor:
         groups = group_by_tier(tiers, self.tiers)
         if len(groups) == 1:
             return self.run(next(iter(groups)), *args, **kwargs)
+        by_tier = {name: [name] for name in groups}
+        if self.one_pass is False:
+            return self._run_passes(by_tier, groups, tiers, args, kwargs, count)
+        shared: dict[tuple, list[str]] = {}
+        for name in groups:
+            shared.setdefault(self.pass_key(name), []).append(name)
+        if len(shared) == len(groups):
+            return self._run_passes(by_tier, groups, tiers, args, kwargs, count)
+        if self.one_pass:
+            return self._run_passes(shared, groups, tiers, args, kwargs, count)
+        separate = self._run_passes(by_tier, groups, tiers, args, kwargs, count)
+        try:
+            merged = self._run_passes(shared, groups, tiers, args, kwargs, count)
+            self.one_pass = outputs_close(merged, separate)
+        except MixedPassUnsupported:
+            self.one_pass = False
+        return separate
+
+    def _run_passes(
+        self,
+        passes: Mapping[Any, list[str]],
+        groups: Mapping[str, torch.Tensor],
+        tiers: Sequence[str],
+        args: tuple,
+        kwargs: dict[str, Any],
+        count: int,
+    ) -> Any:
+        """One forward pass per entry of ``passes`` (tier names sharing it), scattered back."""
+        if len(passes) == 1:
+            return self._run_rows(tuple(tiers), args, kwargs)
         parts = []
-        for name, rows in groups.items():
+        for names in passes.values():
+            rows = torch.cat([groups[name] for name in names])
             part_args, part_kwargs = select_call(args, kwargs, rows, count)
-            parts.append((rows, self.run(name, *part_args, **part_kwargs)))
+            row_tiers = tuple(name for name in names for _ in range(len(groups[name])))
+            parts.append((rows, self._run_rows(row_tiers, part_args, part_kwargs)))
         return scatter(parts, count)
+
+    def _run_rows(self, tiers: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> Any:
+        """One pass serving each sample at its own tier (all sharing one pass key)."""
+        actives = tuple(self.active(name) for name in tiers)
+        if len(set(actives)) == 1:
+            return self._pass(actives[0], None, args, kwargs)
+        lead = next(name for name in actives if name is not None)
+        return self._pass(lead, actives, args, kwargs)
+
+    def _pass(
+        self,
+        lead: str | None,
+        rows: tuple[str | None, ...] | None,
+        args: tuple,
+        kwargs: dict[str, Any],
+        body: Body | None = None,
+    ) -> Any:
+        """The one forward pass: transform the input and the call (``lead``'s setting, shared by
+        every sample), run with the samples' tiers active, transform each tier's outputs."""
+        args, kwargs = as_call(args, kwargs)
+        inputs = main_input(args, kwargs)
+        transformed = self.transform_input(inputs, lead)
+        if args:
+            args = (transformed, *args[1:])
+        else:  # keyword-only call: the first keyword carries the batch
+            kwargs = {**kwargs, next(iter(kwargs)): transformed}
+        if lead is not None:
+            for strategy in self.strategies.values():
+                args, kwargs = strategy.transform_call(args, kwargs, lead)
+        with self.context.activate(lead, rows):
+            output = (body or partial(invoke, self.model))(*args, **kwargs)
+        changing = [s for s in self.strategies.values() if changes_output(s)]
+        if lead is None or not changing:
+            return output
+        if rows is None:
+            for strategy in changing:
+                output = strategy.transform_output(output, inputs, lead)
+            return output
+        parts = []
+        count = len(rows)
+        for tier, index in group_by_tier(rows, {**self.tiers, None: None}).items():  # type: ignore[dict-item]
+            part = select(output, index)
+            if tier is not None:
+                part_inputs = select(inputs, index)
+                for strategy in changing:
+                    part = strategy.transform_output(part, part_inputs, tier)
+            parts.append((index, part))
+        return scatter(parts, count)
+
+
+def changes_output(strategy: Strategy) -> bool:
+    """Whether ``strategy`` transforms the model's output (its class overrides the hook)."""
+    return type(strategy).transform_output is not Strategy.transform_output
+
+
+def outputs_close(first: Any, second: Any) -> bool:
+    """Whether two model outputs hold the same tensors up to float rounding (``False`` when they
+    hold none to compare)."""
+    left, right = _tensors(first), _tensors(second)
+    if not left or len(left) != len(right):
+        return False
+    for a, b in zip(left, right, strict=True):
+        if a.shape != b.shape:
+            return False
+        a, b = a.float(), b.float()
+        scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * scale):
+            return False
+    return True
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for value in output.values() for t in _tensors(value)]
+    if isinstance(output, tuple | list):
+        return [t for value in output for t in _tensors(value)]
+    return []

@@ -21,6 +21,7 @@ from nnobfuscator.security.key_storage import find_key, store_key
 from nnobfuscator.security.keys import coerce_key, key_id
 from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, list_strategies
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
+from nnobfuscator.strategies.feature_mix import LEGACY_BLOCK
 from nnobfuscator.tiers import Tier, parse_tiers
 from nnobfuscator.wrapping import Host, TierContext, unwrapped_name
 
@@ -290,6 +291,30 @@ class TieredModel(nn.Module):
             "strategies": {n: s.config()["targets"] or [] for n, s in self.strategies.items()},
         }
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this tiered model holds, each tensor counted once.
+
+        ``model``: the user's parameters and buffers; ``keyed``: strategy state (mixers, noise,
+        per-tier statistics); ``caches``: derived tensors kept for speed (bounded); ``total``.
+        """
+        seen: set[int] = set()
+
+        def count(tensors: Any) -> int:
+            total = 0
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and tensor.data_ptr() not in seen:
+                    seen.add(tensor.data_ptr())
+                    total += tensor.numel() * tensor.element_size()
+            return total
+
+        model = count(self.base_model.state_dict(keep_vars=True).values())
+        keyed = sum(
+            count([*s.derived_tensors().values(), *s.state_tensors().values()])
+            for s in self.strategies.values()
+        )
+        caches = self.host.cache.nbytes
+        return {"model": model, "keyed": keyed, "caches": caches, "total": model + keyed + caches}
+
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, passphrase: str | None = None) -> Path:
         """Write config JSON + safetensors + a README card (see ``nnobfuscator.serialization``).
@@ -363,7 +388,10 @@ class TieredModel(nn.Module):
         model = cls(
             base_model,
             [Tier.from_dict(t) for t in config["tiers"]],
-            [{"name": s["name"], "targets": s["targets"]} for s in config["strategies"]],
+            [
+                _strategy_spec(saved, str(config.get("version", "")))
+                for saved in config["strategies"]
+            ],
             key,
             task=config["task"],
             model_name=config.get("model", "model"),
@@ -387,6 +415,15 @@ class TieredModel(nn.Module):
                     "(corrupt tensors, or a torch version with another random generator)"
                 )
         return model
+
+
+def _strategy_spec(saved: dict[str, Any], version: str) -> dict[str, Any]:
+    """What rebuilds a saved strategy: its config without the fingerprint (older artifacts'
+    feature-mix mixed 256 features together)."""
+    spec = {k: v for k, v in saved.items() if k != "fingerprint"}
+    if spec["name"] == "feature-mix" and "block" not in spec:
+        spec["block"] = LEGACY_BLOCK
+    return spec
 
 
 def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: Any) -> TieredModel:

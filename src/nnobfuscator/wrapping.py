@@ -10,10 +10,11 @@ registry of :class:`LayerAdapter` keyed by module type (``Conv1d/2d/3d``, ``Line
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -26,45 +27,161 @@ from nnobfuscator.tiers import Tier
 _contexts = itertools.count()
 
 
+class MixedPassUnsupported(RuntimeError):
+    """A forward pass that serves samples at different tiers reached a place that cannot tell
+    samples apart (a layer whose weight is read directly, an activation without a batch axis);
+    the executor then runs the tiers one group at a time."""
+
+
+@dataclass
+class TierPass:
+    """The tiers of one forward pass.
+
+    Args:
+        lead: the tier whose compute setting (and weight-folding strategies) is in force; ``None``
+            runs the untouched model.
+        rows: for a pass that serves a batch mixing tiers, the tier of each sample (``None`` for a
+            sample at the untouched model); ``None`` when every sample is at ``lead``.
+    """
+
+    lead: str | None
+    rows: tuple[str | None, ...] | None = None
+    _strengths: dict[int, float | torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def strength(self, transform: Any) -> float | torch.Tensor:
+        """``transform``'s strength in this pass: a number, or one per sample for mixed rows."""
+        memo = self._strengths.get(id(transform))
+        if memo is None:
+            if self.rows is None:
+                memo = transform.strength(self.lead) if self.lead is not None else 0.0
+            else:
+                values = [transform.strength(t) if t is not None else 0.0 for t in self.rows]
+                memo = torch.tensor(values) if len(set(values)) > 1 else values[0]
+            self._strengths[id(transform)] = memo
+        return memo
+
+
 class TierContext:
-    """Carries the tier of the forward pass in flight down to the wrapped modules.
+    """Carries the tier(s) of the forward pass in flight down to the wrapped modules.
 
     Backed by a ``ContextVar``: concurrent forwards in other threads or asyncio tasks each see
-    their own tier, so no request ever sees another's.
+    their own pass, so no request ever sees another's.
     """
 
     def __init__(self) -> None:
-        self._var: ContextVar[str | None] = ContextVar(
+        self._var: ContextVar[TierPass | None] = ContextVar(
             f"nnobf_tier_{next(_contexts)}", default=None
         )
 
     @property
-    def current(self) -> str | None:
+    def state(self) -> TierPass | None:
+        """The pass in flight (``None``: the untouched model)."""
         return self._var.get()
 
+    @property
+    def current(self) -> str | None:
+        """The tier whose compute setting is in force (``None``: the untouched model)."""
+        state = self._var.get()
+        return None if state is None else state.lead
+
     @contextmanager
-    def activate(self, tier: str | None) -> Iterator[None]:
-        token = self._var.set(tier)
+    def activate(
+        self, tier: str | None, rows: tuple[str | None, ...] | None = None
+    ) -> Iterator[None]:
+        """Run at ``tier``; ``rows`` gives each sample its own tier (sharing ``tier``'s compute
+        setting)."""
+        token = self._var.set(None if tier is None and rows is None else TierPass(tier, rows))
         try:
             yield
         finally:
             self._var.reset(token)
 
 
+class DerivedCache:
+    """Tensors derived from the user's weights (folded or sliced per tier), bounded in bytes.
+
+    The least recently used entries leave first; a miss recomputes. The bound keeps a tiered model
+    near the size of one model however many tiers it has.
+
+    Args:
+        budget: the most bytes held, or a function giving it (evaluated on first use).
+    """
+
+    def __init__(self, budget: int | Callable[[], int]) -> None:
+        self._budget = budget
+        self._entries: OrderedDict[Any, tuple[int, Any]] = OrderedDict()
+        self.nbytes = 0
+
+    @property
+    def budget(self) -> int:
+        if callable(self._budget):
+            self._budget = int(self._budget())
+        return self._budget
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The entry for ``key``, made with ``make()`` on a miss (kept while the budget allows)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[1]
+        value = make()
+        size = tensor_bytes(value)
+        if size <= self.budget:
+            while self._entries and self.nbytes + size > self.budget:
+                _, (freed, _) = self._entries.popitem(last=False)
+                self.nbytes -= freed
+            self._entries[key] = (size, value)
+            self.nbytes += size
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+def tensor_identity(tensor: torch.Tensor) -> tuple:
+    """Storage, device and in-place version of ``tensor``: what a derived tensor depends on."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # inference tensors keep no version (they cannot change in place)
+        version = -1
+    return tensor.data_ptr(), tensor.device, version
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or nested tuples, lists and dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, tuple | list):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
 # --- layer adapters ------------------------------------------------------------------------------
+#: ``fn(tensor, feature_axis, batch_axis)``: what a strategy does to a layer's input activation
+#: (``batch_axis`` is ``None`` for an unbatched input)
+ActivationFn = Callable[[torch.Tensor, int, int | None], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class LayerAdapter:
-    """How a layer type runs with another weight.
+    """How a layer type runs with another weight, or with transformed inputs.
 
     Args:
         weight: name of the parameter strategies transform; its axis 1 holds the input features.
         forward: ``forward(module, weight, *args, **kwargs)``: the module's forward with ``weight``
             in place of its own.
+        map_inputs: ``map_inputs(module, fn, args, kwargs) -> (args, kwargs)``: the call with
+            ``fn`` applied to every input the weight's axis 1 reads. Without it, strategies that
+            act on activations are folded into the weight (and tiers do not share a pass).
         accepts: whether a given instance can be wrapped (e.g. not a depthwise convolution).
     """
 
     weight: str
     forward: Callable[..., Any]
+    map_inputs: Callable[..., tuple[tuple, dict[str, Any]]] | None = None
     accepts: Callable[[nn.Module], bool] = lambda module: True
 
 
@@ -88,6 +205,43 @@ def _conv(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 def _linear(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, module.bias)  # type: ignore[arg-type]
+
+
+def _map_first(
+    module: nn.Module, fn: ActivationFn, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """Conv and Linear: the one input; features on axis 1 (conv) or last (linear), batch first."""
+    if args:
+        x, rest = args[0], args[1:]
+    else:
+        name = "input" if "input" in kwargs else next(iter(kwargs))
+        x, rest = kwargs[name], ()
+    if isinstance(module, nn.Linear):
+        feature, batch = -1, (0 if x.dim() > 1 else None)
+    else:  # a batched conv input has one more axis than the kernel's spatial dims + channels
+        batched = x.dim() == module.weight.dim()  # type: ignore[union-attr]
+        feature, batch = (1, 0) if batched else (0, None)
+    mapped = fn(x, feature, batch)
+    return ((mapped, *rest), kwargs) if args else ((), {**kwargs, name: mapped})
+
+
+def _map_attention(
+    module: nn.MultiheadAttention, fn: ActivationFn, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """Query, key and value (one activation mapped once when they are the same tensor)."""
+    names = ("query", "key", "value")
+    values = dict(zip(names, args[:3], strict=False))
+    values.update({n: kwargs[n] for n in names if n in kwargs})
+    done: dict[int, torch.Tensor] = {}
+    for name in names:
+        x = values[name]
+        if id(x) not in done:
+            batch = (0 if module.batch_first else 1) if x.dim() == 3 else None
+            done[id(x)] = fn(x, -1, batch)
+        values[name] = done[id(x)]
+    positional = min(len(args), 3)
+    new_args = tuple(values[n] for n in names[:positional]) + args[3:]
+    return new_args, {**kwargs, **{n: values[n] for n in names[positional:]}}
 
 
 def _attention(
@@ -139,17 +293,29 @@ def _not_depthwise(module: nn.Module) -> bool:
 
 
 for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer_adapter(_type, LayerAdapter("weight", _conv, _not_depthwise))
-register_layer_adapter(nn.Linear, LayerAdapter("weight", _linear))
+    register_layer_adapter(_type, LayerAdapter("weight", _conv, _map_first, _not_depthwise))
+register_layer_adapter(nn.Linear, LayerAdapter("weight", _linear, _map_first))
 register_layer_adapter(
     nn.MultiheadAttention,
-    LayerAdapter("in_proj_weight", _attention, lambda m: bool(m._qkv_same_embed_dim)),
+    LayerAdapter(
+        "in_proj_weight",
+        _attention,
+        _map_attention,
+        lambda m: bool(m._qkv_same_embed_dim),
+    ),
 )
 
 
 # --- tiered layer --------------------------------------------------------------------------------
 class WeightTransform(Protocol):
-    """What a layer strategy gives a :class:`TieredLayer`."""
+    """What a layer strategy gives a :class:`TieredLayer`.
+
+    A strategy that can also act on the layer's input activation (``transform_activation``) is
+    applied there, per sample, with no weight copy; one that cannot is folded into the weight.
+    """
+
+    def strength(self, tier: str) -> float:
+        """The strength at ``tier`` (0: unchanged)."""
 
     def signature(self, tier: str) -> Any:
         """What the transformed weight depends on at ``tier`` (``None``: unchanged)."""
@@ -158,14 +324,27 @@ class WeightTransform(Protocol):
         """The weight of ``layer`` at ``tier``."""
 
 
-class TieredLayer(nn.Module):
-    """A layer whose weight depends on the active tier; the original is ``base_layer``.
+def acts_on_activations(transform: Any) -> bool:
+    """Whether ``transform`` changes a layer's input activation rather than its weight."""
+    return callable(getattr(transform, "transform_activation", None))
 
-    Per-tier weights are computed on first use and cached with the signature of the parameters
-    they were built from, so a changed strength is picked up without manual invalidation.
+
+class TieredLayer(nn.Module):
+    """A layer whose input or weight depends on the tier of each sample; the original is
+    ``base_layer``.
+
+    Strategies that act on activations (feature mixing) transform the layer's input with one
+    strength per sample, so one pass serves a batch mixing tiers and no per-tier weight exists.
+    Others are folded into a weight per tier, kept in the model's bounded :class:`DerivedCache`.
     """
 
-    def __init__(self, base_layer: nn.Module, context: TierContext, name: str) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        context: TierContext,
+        name: str,
+        cache: DerivedCache | None = None,
+    ) -> None:
         super().__init__()
         adapter = layer_adapter(base_layer)
         if adapter is None:
@@ -177,61 +356,125 @@ class TieredLayer(nn.Module):
         self.layer_name = name
         self.adapter = adapter
         self._context = context
+        self._cache = cache if cache is not None else DerivedCache(0)
         self.transforms: dict[str, WeightTransform] = {}
-        self._weights: dict[str, tuple[Any, torch.Tensor | None]] = {}
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the wrapped layer; its weight reads as the active tier's.
 
         Modules that read a child's weight directly (Swin's attention calls ``F.linear`` with
-        ``self.qkv.weight``) then see the tier's weight, exactly as a call would.
+        ``self.qkv.weight``) then see the tier's weight, exactly as a call would; such a read in a
+        pass mixing tiers raises :class:`MixedPassUnsupported` (the executor then groups by tier).
         """
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in {"base_layer", "adapter", "_context"}:
+            if name in {"base_layer", "adapter", "_context", "_cache"}:
                 raise
         if name == self.adapter.weight:
-            tier = self._context.current
-            weight = None if tier is None else self.tier_weight(tier)
-            if weight is not None:
-                return weight
+            state = self._context.state
+            if state is not None:
+                self._refuse_mixed(state)
+                weight = None if state.lead is None else self.tier_weight(state.lead, fold_all=True)
+                if weight is not None:
+                    return weight
         return getattr(self.base_layer, name)
 
     @property
     def base_weight(self) -> torch.Tensor:
         return getattr(self.base_layer, self.adapter.weight)
 
-    def tier_weight(self, tier: str) -> torch.Tensor | None:
-        """The weight this layer uses at ``tier``, or ``None`` when it is the original one."""
+    def tier_weight(self, tier: str, *, fold_all: bool = False) -> torch.Tensor | None:
+        """The weight this layer uses at ``tier``, or ``None`` when it is the original one.
+
+        Args:
+            fold_all: fold in the strategies that act on activations too (for sealed weights and
+                direct weight reads); by default only those that cannot act on activations.
+        """
+        transforms = [t for t in self.transforms.values() if fold_all or not acts_on_activations(t)]
+        signature = tuple(t.signature(tier) for t in transforms)
+        if all(s is None for s in signature):
+            return None
         base = self.base_weight
-        signature = tuple(t.signature(tier) for t in self.transforms.values())
-        cached = self._weights.get(tier)
-        if (
-            cached is not None
-            and cached[0] == signature
-            and (cached[1] is None or cached[1].device == base.device)
-        ):
-            return cached[1]
-        result = None
-        if any(s is not None for s in signature):
-            # Cached weights must be ordinary tensors even when first built under inference_mode
+
+        def fold() -> torch.Tensor:
+            # Weights must be ordinary tensors even when first built under inference_mode
             # (calibration), or later forwards with autograd enabled would refuse them.
             with torch.inference_mode(False), torch.no_grad():
                 weight = base.detach().float()
-                for sig, transform in zip(signature, self.transforms.values(), strict=True):
+                for sig, transform in zip(signature, transforms, strict=True):
                     if sig is not None:
                         weight = transform.transform_weight(self.layer_name, weight, tier)
-                result = weight.to(base.dtype).contiguous()
-        self._weights[tier] = (signature, result)
-        return result
+                return weight.to(base.dtype).contiguous()
+
+        key = ("weight", id(self), tier, signature, tensor_identity(base))
+        return self._cache.get(key, fold)
+
+    def transform_activation(
+        self,
+        x: torch.Tensor,
+        feature_axis: int,
+        batch_axis: int | None,
+        channels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x``, an input of this layer, as the samples' tiers in the pass in flight see it.
+
+        Args:
+            channels: the input features ``x`` holds, when a slimmed block runs with a subset.
+
+        Raises:
+            MixedPassUnsupported: per-sample strengths but no batch axis of the pass's size.
+        """
+        state = self._context.state
+        if state is None:
+            return x
+        for transform in self.transforms.values():
+            if not acts_on_activations(transform):
+                continue
+            strength = state.strength(transform)
+            if isinstance(strength, torch.Tensor):
+                if batch_axis is None or x.shape[batch_axis] != len(strength):
+                    raise MixedPassUnsupported(
+                        f"{self.layer_name}: input {tuple(x.shape)} has no batch axis of "
+                        f"{len(strength)} samples"
+                    )
+                shape = [1] * x.dim()
+                shape[batch_axis] = -1
+                strength = strength.to(x.device, x.dtype).view(shape)
+            elif strength == 0.0:
+                continue
+            x = transform.transform_activation(  # type: ignore[attr-defined]
+                self.layer_name, x, strength, feature_axis, channels
+            )
+        return x
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        tier = self._context.current
-        weight = None if tier is None else self.tier_weight(tier)
+        state = self._context.state
+        if state is None:
+            return self.base_layer(*args, **kwargs)
+        fold_all = self.adapter.map_inputs is None
+        if fold_all:
+            self._refuse_mixed(state)
+        elif any(acts_on_activations(t) for t in self.transforms.values()):
+            args, kwargs = self.adapter.map_inputs(
+                self.base_layer,
+                lambda x, feature, batch: self.transform_activation(x, feature, batch),
+                args,
+                kwargs,
+            )
+        weight = None if state.lead is None else self.tier_weight(state.lead, fold_all=fold_all)
         if weight is None:
             return self.base_layer(*args, **kwargs)
         return self.adapter.forward(self.base_layer, weight, *args, **kwargs)
+
+    def _refuse_mixed(self, state: TierPass) -> None:
+        """Raise :class:`MixedPassUnsupported` when samples of ``state`` need different weights."""
+        if state.rows is not None and any(
+            isinstance(state.strength(t), torch.Tensor) for t in self.transforms.values()
+        ):
+            raise MixedPassUnsupported(
+                f"{self.layer_name}: its weight would differ per sample in a mixed-tier pass"
+            )
 
 
 # --- the host: in-place replacement and its undo ------------------------------------------------
@@ -242,10 +485,14 @@ class Host:
     tiers (the one owner of calibrated parameters).
     """
 
+    #: derived tensors (folded, sliced) a host keeps, as a share of the model's own bytes
+    CACHE_SHARE = 0.03
+
     def __init__(self, root: nn.Module, context: TierContext, tiers: Mapping[str, Tier]) -> None:
         self.root = root
         self.context = context
         self.tiers = tiers
+        self.cache = DerivedCache(lambda: int(self.CACHE_SHARE * module_bytes(self.root)))
         self.wrappers: dict[str, nn.Module] = {}
         self._restore: list[tuple[nn.Module, str, nn.Module]] = []
 
@@ -277,7 +524,7 @@ class Host:
 
     def wrap_layer(self, name: str) -> TieredLayer:
         """Wrap the layer called ``name`` as a :class:`TieredLayer` (once) and return it."""
-        wrapper = self.wrap(name, lambda child: TieredLayer(child, self.context, name))
+        wrapper = self.wrap(name, lambda child: TieredLayer(child, self.context, name, self.cache))
         if not isinstance(wrapper, TieredLayer):
             raise ValueError(f"{name!r} is wrapped as a {type(wrapper).__name__}, not a layer")
         return wrapper
@@ -288,6 +535,7 @@ class Host:
             setattr(parent, child_name, original)
         self._restore.clear()
         self.wrappers.clear()
+        self.cache.clear()
         return self.root
 
 
@@ -302,3 +550,11 @@ def unwrap(module: nn.Module) -> nn.Module:
 def unwrapped_name(name: str) -> str:
     """A module name without the wrappers' ``base_layer`` / ``base_block`` steps."""
     return name.replace(".base_layer", "").replace(".base_block", "")
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once)."""
+    seen: dict[int, int] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())

@@ -164,7 +164,7 @@ def tier_state_dicts(tiered: Any) -> tuple[dict[str, torch.Tensor], dict[str, di
     for tier in tiered.tier_names:
         changed[tier] = {}
         for name, layer in layers.items():
-            weight = layer.tier_weight(tier)
+            weight = layer.tier_weight(tier, fold_all=True)
             if weight is not None:
                 changed[tier][f"{name}.{layer.adapter.weight}"] = weight.detach().cpu().contiguous()
     return plain, changed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -20,7 +21,13 @@ import torch
 from torch import nn
 
 from nnobfuscator.registry import Registry, TypeRegistry
-from nnobfuscator.wrapping import Host, TieredLayer, layer_adapter, unwrapped_name
+from nnobfuscator.wrapping import (
+    Host,
+    TieredLayer,
+    acts_on_activations,
+    layer_adapter,
+    unwrapped_name,
+)
 
 
 class Strategy:
@@ -105,6 +112,18 @@ class Strategy:
         """What this strategy's weights depend on at ``tier`` (``None``: unchanged)."""
         strength = self.strength(tier)
         return strength if strength > 0.0 else None
+
+    def pass_key(self, tier: str) -> Any:
+        """What a forward pass must share to serve ``tier`` together with other tiers.
+
+        ``None`` when this strategy can serve each sample of a pass at its own tier: output
+        strategies (applied per tier after the pass), strategies that act on activations with a
+        strength per sample, or a tier it leaves unchanged. Otherwise the tier's parameters (a
+        folded weight, a compute setting), so only tiers with equal ones share a pass.
+        """
+        if self.kind == "output" or acts_on_activations(self) or not self.is_active(tier):
+            return None
+        return json.dumps(self.params(tier), sort_keys=True, default=str)
 
     # --- transforms ------------------------------------------------------------------------
     def transform_weight(self, layer: str, weight: torch.Tensor, tier: str) -> torch.Tensor:

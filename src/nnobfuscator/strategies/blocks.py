@@ -33,7 +33,7 @@ from torchvision.models import (
 
 from nnobfuscator.registry import TypeRegistry
 from nnobfuscator.strategies.slimmers import Slimmer, slimmer_for
-from nnobfuscator.wrapping import Host, TierContext, unwrapped_name
+from nnobfuscator.wrapping import DerivedCache, Host, TierContext, unwrapped_name
 
 
 @dataclass(frozen=True)
@@ -126,13 +126,16 @@ class TieredBlock(nn.Module):
     Args:
         base_block: the user's block, kept as ``base_block``.
         context: the tiered model's tier context.
+        cache: the tiered model's bounded cache of derived tensors (slimmed weights).
     """
 
-    def __init__(self, base_block: nn.Module, context: TierContext) -> None:
+    def __init__(
+        self, base_block: nn.Module, context: TierContext, cache: DerivedCache | None = None
+    ) -> None:
         super().__init__()
         self.base_block = base_block
         self._context = context
-        self.slimmer: Slimmer | None = slimmer_for(base_block)
+        self.slimmer: Slimmer | None = slimmer_for(base_block, cache)
         self.skip_rules: dict[str, Callable[[str], bool]] = {}
         self.keep_rules: dict[str, Callable[[str], float]] = {}
 
@@ -153,7 +156,7 @@ class TieredBlock(nn.Module):
 
 def wrap_block(host: Host, name: str) -> TieredBlock:
     """Wrap the block called ``name`` as a :class:`TieredBlock` (once) and return it."""
-    wrapper = host.wrap(name, lambda child: TieredBlock(child, host.context))
+    wrapper = host.wrap(name, lambda child: TieredBlock(child, host.context, host.cache))
     if not isinstance(wrapper, TieredBlock):
         raise ValueError(f"{name!r} is wrapped as a {type(wrapper).__name__}, not a block")
     return wrapper

@@ -3,62 +3,162 @@
 At strength ``s`` a target layer sees ``h' = h + s * (Q h - h)`` instead of ``h``, with ``Q`` a keyed
 orthogonal map over the layer's input features (within each group of a grouped convolution; over
 the embedding of an attention's packed q/k/v projection). ``Q`` permutes the features and mixes
-them in groups of up to 256 (:func:`~nnobfuscator.security.keys.keyed_block_orthogonal`), so it is
-cheap at any width. The mix is linear, so it is folded into the layer's weight (``W' = W M``,
-contracting the weight's input axis 1): a tier costs exactly what the plain layer costs.
-Deterministic and smooth in ``s``; re-derived from the key, never stored.
+them in groups of up to ``block`` (:func:`~nnobfuscator.security.keys.keyed_block_orthogonal`).
+
+The mix is applied to the layer's input activation, with one strength per sample: no per-tier
+weight exists (the model stays one model), a batch mixing tiers runs in one pass, and the cost is
+``block`` multiply-adds per input feature (a few percent of a 3x3 convolution). Being linear, it
+can also be folded into the weight (``W' = W M``): sealed bundles ship it that way. Deterministic
+and smooth in ``s``; re-derived from the key, never stored.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from nnobfuscator.security.keys import keyed_block_orthogonal
 from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.wrapping import TieredLayer
 
-Mixer = tuple[torch.Tensor, list[torch.Tensor]]
+#: features mixed together (artifacts of nnobfuscator 0.3 and earlier used 256)
+DEFAULT_BLOCK = 32
+LEGACY_BLOCK = 256
+
+
+class Mixer:
+    """A keyed block-orthogonal map ``Q`` on ``size`` features: a permutation, then blocks."""
+
+    def __init__(self, permutation: torch.Tensor, blocks: list[torch.Tensor]) -> None:
+        self.permutation, self.blocks = permutation, blocks
+        self.inverse = permutation.argsort()
+        # Consecutive blocks of one size, stacked: ``Q h`` is one batched product per size.
+        self.groups: list[tuple[int, torch.Tensor]] = []
+        start = 0
+        for size in dict.fromkeys(b.shape[0] for b in blocks):
+            same = [b for b in blocks if b.shape[0] == size]
+            self.groups.append((start, torch.stack([b.T for b in same])))
+            start += size * len(same)
+        self._on: dict[torch.device, Mixer] = {}
+
+    def to(self, device: torch.device) -> Mixer:
+        if self.permutation.device == device:
+            return self
+        if device not in self._on:
+            self._on[device] = Mixer(
+                self.permutation.to(device), [b.to(device) for b in self.blocks]
+            )
+        return self._on[device]
+
+    def apply(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """``Q x`` along ``axis``."""
+        mixer = self.to(x.device)
+        permuted = x.index_select(axis, mixer.permutation)
+        parts = []
+        for start, stack in mixer.groups:
+            count, size = stack.shape[0], stack.shape[1]
+            part = permuted.narrow(axis, start, count * size)
+            parts.append(_block_product(part, stack.to(x.dtype), axis))
+        mixed = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+        return mixed.index_select(axis, mixer.inverse)
+
+
+def _block_product(x: torch.Tensor, stack: torch.Tensor, axis: int) -> torch.Tensor:
+    """Each consecutive group of ``stack.shape[1]`` features along ``axis`` times its matrix."""
+    count, size = stack.shape[0], stack.shape[1]
+    axis = axis % x.dim()
+    if axis == 1 and x.dim() in (3, 4, 5):  # channels of a conv input: a grouped 1x1 conv
+        weight = stack.reshape(count * size, size, *([1] * (x.dim() - 2)))
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+        return conv(x, weight, groups=count)
+    moved = x.movedim(axis, -1)
+    grouped = moved.reshape(*moved.shape[:-1], count, size)
+    mixed = torch.einsum("...gi,gji->...gj", grouped, stack)
+    return mixed.reshape(moved.shape).movedim(-1, axis)
 
 
 def mix_weight(weight: torch.Tensor, mixer: Mixer, strength: float) -> torch.Tensor:
-    """``W (I + s (Q - I))`` for ``Q h = blocks(h[perm])``, contracting ``weight``'s axis 1."""
-    permutation, blocks = mixer
-    permutation = permutation.to(weight.device)
-    permuted = weight.index_select(1, permutation)  # W[:, perm]: the features Q's blocks read
+    """``W (I + s (Q - I))``, contracting ``weight``'s input axis 1: ``W' h == W (h + s(Qh - h))``."""
+    mixer = mixer.to(weight.device)
+    permuted = weight.index_select(1, mixer.permutation)  # W[:, perm]: the features Q's blocks read
     mixed = torch.empty_like(weight)
     start = 0
-    for block in blocks:
+    for block in mixer.blocks:
         end = start + block.shape[0]
-        part = permuted[:, start:end]
-        # (W Q)[:, perm[start:end]] = W[:, perm[start:end]] B: W Q h == W (Q h)
-        mixed[:, start:end] = torch.einsum("oj...,ij->oi...", part, block.to(weight.device))
+        # (Q h)[perm[start + j]] = sum_i B[i, j] h[perm[start + i]], so W Q takes B on its side
+        mixed[:, start:end] = torch.einsum("oj...,ij->oi...", permuted[:, start:end], block)
         start = end
     folded = torch.empty_like(weight)
-    folded.index_copy_(1, permutation, mixed)
+    folded.index_copy_(1, mixer.permutation, mixed)
     return weight + strength * (folded - weight)
 
 
 @register_strategy
 class FeatureMix(Strategy):
     name = "feature-mix"
-    description = (
-        "keyed orthogonal feature mixing folded into chosen layers' weights (free at run time)"
-    )
+    description = "keyed orthogonal feature mixing at chosen layers' inputs (a few % of their cost)"
 
-    def __init__(self, key: bytes, targets: list[str] | None = None, **options) -> None:
+    def __init__(
+        self, key: bytes, targets: list[str] | None = None, block: int = DEFAULT_BLOCK, **options
+    ) -> None:
         super().__init__(key, targets, **options)
+        if not isinstance(block, int) or block < 2:
+            raise ValueError(f"feature-mix block must be an integer >= 2, got {block!r}")
+        self.block = block
         self.mixers: dict[str, Mixer] = {}
+        self._subset_mixers: dict[tuple[str, int], Mixer] = {}
 
     def prepare_layer(self, name: str, layer: TieredLayer) -> None:
         features = layer.base_weight.shape[1]
-        self.mixers[name] = keyed_block_orthogonal(self.key, features, self.name, name)
+        self.mixers[name] = self._mixer(features, name)
+
+    def _mixer(self, size: int, *labels: str) -> Mixer:
+        return Mixer(*keyed_block_orthogonal(self.key, size, self.name, *labels, block=self.block))
+
+    def mixer(self, layer: str, size: int) -> Mixer:
+        """The mix of ``layer``'s input at ``size`` features (fewer in a slimmed block: the kept
+        channels get their own keyed mix)."""
+        full = self.mixers[layer]
+        if size == len(full.permutation):
+            return full
+        if (layer, size) not in self._subset_mixers:
+            self._subset_mixers[(layer, size)] = self._mixer(size, layer, "kept")
+        return self._subset_mixers[(layer, size)]
+
+    def transform_activation(
+        self,
+        layer: str,
+        x: torch.Tensor,
+        strength: float | torch.Tensor,
+        axis: int,
+        channels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x + s (Q x - x)`` along the feature ``axis`` (``s`` a number or per sample).
+
+        The input of a grouped convolution holds ``groups`` runs of the weight's input features:
+        each is mixed alike, as folding ``Q`` into the weight would.
+        """
+        full = len(self.mixers[layer].permutation)
+        size = x.shape[axis]
+        if channels is None and size != full and size % full == 0 and axis == 1:
+            groups = size // full
+            flat = x.reshape(x.shape[0] * groups, full, *x.shape[2:])
+            mixed = self.mixers[layer].apply(flat, 1).reshape(x.shape)
+        else:
+            mixed = self.mixer(layer, size).apply(x, axis)
+        return torch.lerp(x, mixed, strength)
 
     def transform_weight(self, layer: str, weight: torch.Tensor, tier: str) -> torch.Tensor:
         return mix_weight(weight, self.mixers[layer], self.strength(tier))
 
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "block": self.block}
+
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
-        for name, (permutation, blocks) in self.mixers.items():
-            tensors[f"{name}/permutation"] = permutation
-            tensors.update({f"{name}/block{i}": block for i, block in enumerate(blocks)})
+        for name, mixer in self.mixers.items():
+            tensors[f"{name}/permutation"] = mixer.permutation
+            tensors.update({f"{name}/block{i}": block for i, block in enumerate(mixer.blocks)})
         return tensors

@@ -22,7 +22,12 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nnobfuscator.strategies.norms import batch_norm_at
-from nnobfuscator.wrapping import TieredLayer
+from nnobfuscator.wrapping import (
+    DerivedCache,
+    TieredLayer,
+    acts_on_activations,
+    tensor_identity,
+)
 
 ActivationStats = list[tuple[torch.Tensor, torch.Tensor]]
 Space = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
@@ -43,25 +48,46 @@ def _plain(module: nn.Module) -> nn.Module:
 
 
 def _weight(module: nn.Module, tier: str) -> torch.Tensor:
-    """A layer's weight at ``tier``, including what degrading strategies folded into it."""
+    """A layer's weight at ``tier``, with what weight-folding strategies folded into it
+    (strategies that act on activations are applied to the slimmed input instead)."""
     if isinstance(module, TieredLayer):
         weight = module.tier_weight(tier)
         return module.base_weight if weight is None else weight
     return module.weight  # type: ignore[return-value]
 
 
-def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+def _weight_key(module: nn.Module, tier: str) -> Any:
+    """What :func:`_weight` depends on: the folded strategies' signatures and the base weight."""
+    plain = _plain(module)
+    base = plain.weight
+    folded = (
+        tuple(t.signature(tier) for t in module.transforms.values() if not acts_on_activations(t))
+        if isinstance(module, TieredLayer)
+        else ()
+    )
+    return folded, tensor_identity(base)
+
+
+def _mix_input(
+    module: nn.Module, x: torch.Tensor, feature_axis: int, channels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` as ``module`` sees it in the pass in flight (feature mixing, per sample)."""
+    if not isinstance(module, TieredLayer):
+        return x
+    return module.transform_activation(x, feature_axis, 0 if x.dim() > 1 else None, channels)
 
 
 class Slimmer:
     """Runs one block with a share of its hidden channels; subclasses know the block's layout."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, cache: DerivedCache | None = None) -> None:
         self.block = block
         self.stats: ActivationStats | None = None
         self._order: list[torch.Tensor] | None = None
-        self._cache: dict[str, tuple[float, tuple[torch.Tensor, ...], Any]] = {}
+        #: the tiered model's bounded cache of derived tensors (slices are shared by every tier
+        #: with the same share of channels; a miss slices again)
+        self.cache = cache if cache is not None else DerivedCache(0)
+        self._version = 0
 
     def spaces(self) -> list[Space]:
         """Per hidden space: the module whose output it is, the activation applied, channel axis."""
@@ -82,7 +108,7 @@ class Slimmer:
         """Use measured hidden activation (mean, std) per space (``None``: estimate)."""
         self.stats = stats
         self._order = None
-        self._cache.clear()
+        self._version += 1
 
     def activation_stats(self) -> ActivationStats:
         return self.stats if self.stats is not None else self.estimated_stats()
@@ -106,23 +132,29 @@ class Slimmer:
             dropped.append(order[n:].sort().values.to(device))
         return kept, dropped
 
+    def layers(self) -> list[nn.Module]:
+        """The layers whose weights are sliced."""
+        raise NotImplementedError
+
     def sources(self, tier: str) -> tuple[torch.Tensor, ...]:
         """The weights slices are cut from at ``tier``."""
-        raise NotImplementedError
+        return tuple(_weight(layer, tier) for layer in self.layers())
 
     def cut(self, tier: str, keep: float, sources: tuple[torch.Tensor, ...]) -> Any:
-        """Sliced parameters for ``keep`` (built once per tier, share and source weights)."""
+        """Sliced parameters for ``keep`` from ``sources``."""
         raise NotImplementedError
 
+    def slice_key(self, tier: str, keep: float) -> tuple:
+        """What the slices at ``tier`` depend on (tiers with equal keys share them)."""
+        weights = tuple(_weight_key(layer, tier) for layer in self.layers())
+        return ("slice", id(self), self._version, keep, weights)
+
     def sliced(self, tier: str, keep: float) -> Any:
-        sources = self.sources(tier)
-        cached = self._cache.get(tier)
-        if cached is not None and cached[0] == keep and _same(cached[1], sources):
-            return cached[2]
-        with torch.inference_mode(False), torch.no_grad():
-            parts = self.cut(tier, keep, sources)
-        self._cache[tier] = (keep, sources, parts)
-        return parts
+        def cut() -> Any:
+            with torch.inference_mode(False), torch.no_grad():
+                return self.cut(tier, keep, self.sources(tier))
+
+        return self.cache.get(self.slice_key(tier, keep), cut)
 
     def forward(self, x: torch.Tensor, tier: str, keep: float) -> torch.Tensor:
         raise NotImplementedError
@@ -159,8 +191,8 @@ class ResidualConvSlimmer(Slimmer):
             stats.append((mean, (second - mean * mean).clamp_min(0).sqrt()))
         return stats
 
-    def sources(self, tier: str) -> tuple[torch.Tensor, ...]:
-        return tuple(_weight(conv, tier) for conv in self.convs())
+    def layers(self) -> list[nn.Module]:
+        return self.convs()
 
     def cut(self, tier: str, keep: float, sources: tuple[torch.Tensor, ...]) -> Any:
         kept, dropped = self.split(keep, sources[0].device)
@@ -175,27 +207,23 @@ class ResidualConvSlimmer(Slimmer):
             if i > 0:
                 weight = weight.index_select(1, kept[i - 1])
             convs.append(weight.contiguous())
-        return {
-            "convs": convs,
-            "kept": kept,
-            "dropped": dropped,
-            "fills": fills,
-            "sources": sources,
-            "constants": {},
-        }
+        return {"convs": convs, "kept": kept, "dropped": dropped, "fills": fills}
 
-    def _constant(self, parts: dict, space: int, size: tuple[int, int]) -> torch.Tensor:
+    def _constant(
+        self, tier: str, keep: float, parts: dict, space: int, size: tuple[int, int]
+    ) -> torch.Tensor:
         """What the dropped channels of ``space``, held at their mean, add to its reader."""
-        key = (space, *size)
-        if key not in parts["constants"]:
+
+        def compute() -> torch.Tensor:
             with torch.inference_mode(False), torch.no_grad():
-                weight = parts["sources"][space + 1].index_select(1, parts["dropped"][space])
+                weight = self.sources(tier)[space + 1].index_select(1, parts["dropped"][space])
                 if space + 1 < len(parts["kept"]):  # the reader's outputs are sliced too
                     weight = weight.index_select(0, parts["kept"][space + 1])
                 fill = parts["fills"][space].to(weight.dtype).view(1, -1, 1, 1).expand(1, -1, *size)
                 conv = _plain(self.convs()[space + 1])
-                parts["constants"][key] = conv._conv_forward(fill, weight, None)
-        return parts["constants"][key]
+                return conv._conv_forward(fill, weight, None)
+
+        return self.cache.get((*self.slice_key(tier, keep), "constant", space, size), compute)
 
     def forward(self, x: torch.Tensor, tier: str, keep: float) -> torch.Tensor:
         block = self.block
@@ -204,9 +232,10 @@ class ResidualConvSlimmer(Slimmer):
         convs, norms = self.convs(), self.norms()
         for i, (conv, weight, bn) in enumerate(zip(convs, parts["convs"], norms, strict=True)):
             size = (out.shape[-2], out.shape[-1])
+            out = _mix_input(conv, out, 1, parts["kept"][i - 1] if i > 0 else None)
             out = _plain(conv)._conv_forward(out, weight, None)
             if i > 0 and len(parts["dropped"][i - 1]):
-                out = out + self._constant(parts, i - 1, size)
+                out = out + self._constant(tier, keep, parts, i - 1, size)
             out = batch_norm_at(bn, out, parts["kept"][i] if i < len(parts["kept"]) else None)
             if i < len(convs) - 1:
                 out = block.relu(out)
@@ -217,8 +246,8 @@ class ResidualConvSlimmer(Slimmer):
 class MLPSlimmer(Slimmer):
     """An ``nn.Sequential`` of ``Linear``, element-wise layers, ``Linear``, element-wise layers."""
 
-    def __init__(self, block: nn.Sequential) -> None:
-        super().__init__(block)
+    def __init__(self, block: nn.Sequential, cache: DerivedCache | None = None) -> None:
+        super().__init__(block, cache)
         layers = list(block)
         second = max(i for i, m in enumerate(layers) if isinstance(_plain(m), nn.Linear))
         self.first, self.second = layers[0], layers[second]
@@ -231,8 +260,8 @@ class MLPSlimmer(Slimmer):
     def readers(self) -> list[nn.Module]:
         return [self.second]
 
-    def sources(self, tier: str) -> tuple[torch.Tensor, ...]:
-        return (_weight(self.first, tier), _weight(self.second, tier))
+    def layers(self) -> list[nn.Module]:
+        return [self.first, self.second]
 
     def cut(self, tier: str, keep: float, sources: tuple[torch.Tensor, ...]) -> Any:
         first, second = sources
@@ -245,14 +274,15 @@ class MLPSlimmer(Slimmer):
             None if bias1 is None else bias1.index_select(0, kept).contiguous(),
             second.index_select(1, kept).contiguous(),
             constant if bias2 is None else bias2 + constant,
+            kept,
         )
 
     def forward(self, x: torch.Tensor, tier: str, keep: float) -> torch.Tensor:
-        weight1, bias1, weight2, bias2 = self.sliced(tier, keep)
-        hidden = F.linear(x, weight1, bias1)
+        weight1, bias1, weight2, bias2, kept = self.sliced(tier, keep)
+        hidden = F.linear(_mix_input(self.first, x, -1), weight1, bias1)
         for module in self.middle:
             hidden = module(hidden)
-        out = F.linear(hidden, weight2, bias2)
+        out = F.linear(_mix_input(self.second, hidden, -1, kept), weight2, bias2)
         for module in self.tail:
             out = module(out)
         return out
@@ -272,10 +302,10 @@ def _is_mlp(module: nn.Module) -> bool:
     )
 
 
-def slimmer_for(block: nn.Module) -> Slimmer | None:
+def slimmer_for(block: nn.Module, cache: DerivedCache | None = None) -> Slimmer | None:
     """A slimmer for ``block`` when it has a known layout, else ``None``."""
     if isinstance(block, BasicBlock | Bottleneck):
-        return ResidualConvSlimmer(block)
+        return ResidualConvSlimmer(block, cache)
     if _is_mlp(block):
-        return MLPSlimmer(block)  # type: ignore[arg-type]
+        return MLPSlimmer(block, cache)  # type: ignore[arg-type]
     return None
