@@ -47,7 +47,10 @@ def test_tiers_hit_targets_on_calibration_and_are_monotone(
     assert tests == sorted(tests)
     assert rows["premium"]["achieved"]["test"] == report["base"]["test"]
     assert rows["premium"]["target"] is None and rows["premium"]["strategy"] == "none"
-    assert rows["free"]["relative_cost"] == pytest.approx(1.0, abs=1e-6)
+    if strategy == "feature-mix":  # mixing a wide layer's input costs a few percent more
+        assert 1.0 <= rows["free"]["relative_cost"] <= 1.10
+    else:
+        assert rows["free"]["relative_cost"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_relative_targets_resolve_against_the_full_model(trained_weights, digits8):

@@ -34,7 +34,8 @@ def _count_forwards(model: nn.Module) -> list[int]:
 
 @torch.inference_mode()
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_activation_mixing_equals_the_mix_folded_into_the_weights(name, digits8):
+def test_activation_mixing_equals_the_mix_folded_into_the_weights(name, digits8, monkeypatch):
+    monkeypatch.setattr(TieredLayer, "FOLD_ABOVE", float("inf"))  # narrow layers act on inputs too
     tiered = _tiered(BUILDERS[name])
     x = digits8["test"].images[:8]
     served = tiered(x, tier="free")
@@ -50,6 +51,19 @@ def test_activation_mixing_equals_the_mix_folded_into_the_weights(name, digits8)
             layer.base_layer.weight.data.copy_(weight)
     torch.testing.assert_close(served, refolded, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(served, tiered(x, tier="premium"))
+
+
+def test_narrow_layers_fold_the_mix_at_one_tier_and_wide_ones_act_on_inputs():
+    tiered = _tiered(lambda: resnet18(num_classes=10))
+    layers = {n: m for n, m in tiered.base_model.named_modules() if isinstance(m, TieredLayer)}
+    folded = {n.replace(".base_layer", "") for n, m in layers.items() if m.folding_is_cheaper}
+    assert "layer2.0.downsample.0" in folded  # 1x1 stride 2: mixing would cost 100% of it
+    assert "layer4.1.conv2" not in folded  # 3x3, 512 wide: mixing costs 32 / (512 * 9)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        tiered(x, tier="free")
+    memory = tiered.memory_bytes()
+    assert 0 < memory["caches"] <= tiered.host.cache.budget
 
 
 @torch.inference_mode()
@@ -122,7 +136,11 @@ def test_a_model_that_reads_weights_directly_falls_back_to_one_pass_per_tier(dig
 def test_memory_stays_near_one_model_however_many_tiers(count):
     names = [f"t{i}" for i in range(count - 1)]
     spec = ",".join(f"{n}={0.3 + 0.05 * i:.2f}" for i, n in enumerate(names)) + ",top=full"
-    tiered = _tiered(lambda: resnet18(num_classes=10), tiers=spec, compute="auto")
+    tiered = _tiered(
+        lambda: resnet18(num_classes=10),
+        tiers=spec,
+        compute="block-skip+channel-slim+input-resolution",
+    )
     blocks = sorted(tiered.compute["block-skip"].layers)
     stages = tiered.compute["channel-slim"].stages
     for i, name in enumerate(names):  # every tier its own compute setting

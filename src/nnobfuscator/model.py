@@ -470,8 +470,10 @@ def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
     """The compute strategy names for ``compute`` (``"auto"``: those the architecture allows).
 
     ``auto`` takes block skip where the model has skippable residual blocks, channel slim where
-    it has slimmable blocks, and input resolution for image models (first layer a ``Conv2d``);
-    fewer steps and guidance cut-off for a diffusion pipeline.
+    it has slimmable blocks but none to skip (channel slimming cuts weight slices, which a model
+    cannot keep for every tier within about one model's memory, so it pays at large batches
+    only), and input resolution for image models (first layer a ``Conv2d``); fewer steps and
+    guidance cut-off for a diffusion pipeline.
     """
     if not compute or compute == "none":
         return []
@@ -481,7 +483,7 @@ def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
         names = []
         if skippable_blocks(model):
             names.append("block-skip")
-        if slimmable_blocks(model):
+        elif slimmable_blocks(model):
             names.append("channel-slim")
         first = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)), None)
         if isinstance(first, nn.Conv2d):

@@ -10,6 +10,7 @@ registry of :class:`LayerAdapter` keyed by module type (``Conv1d/2d/3d``, ``Line
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -177,12 +178,15 @@ class LayerAdapter:
             ``fn`` applied to every input the weight's axis 1 reads. Without it, strategies that
             act on activations are folded into the weight (and tiers do not share a pass).
         accepts: whether a given instance can be wrapped (e.g. not a depthwise convolution).
+        macs_per_input: multiply-adds the layer spends per element of its input (to weigh what
+            acting on the input costs against folding into the weight).
     """
 
     weight: str
     forward: Callable[..., Any]
     map_inputs: Callable[..., tuple[tuple, dict[str, Any]]] | None = None
     accepts: Callable[[nn.Module], bool] = lambda module: True
+    macs_per_input: Callable[[nn.Module], float] | None = None
 
 
 _LAYER_ADAPTERS: TypeRegistry[LayerAdapter] = TypeRegistry("layer adapter")
@@ -292,9 +296,21 @@ def _not_depthwise(module: nn.Module) -> bool:
     return not (module.groups > 1 and module.weight.shape[1] == 1)  # type: ignore[union-attr]
 
 
+def _conv_macs(module: nn.Module) -> float:
+    """A convolution's multiply-adds per input element: ``out * kernel / (groups * stride)``."""
+    kernel = math.prod(module.kernel_size)  # type: ignore[arg-type]
+    stride = math.prod(module.stride)  # type: ignore[arg-type]
+    return module.out_channels * kernel / (module.groups * stride)  # type: ignore[operator]
+
+
 for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer_adapter(_type, LayerAdapter("weight", _conv, _map_first, _not_depthwise))
-register_layer_adapter(nn.Linear, LayerAdapter("weight", _linear, _map_first))
+    register_layer_adapter(
+        _type, LayerAdapter("weight", _conv, _map_first, _not_depthwise, _conv_macs)
+    )
+register_layer_adapter(
+    nn.Linear,
+    LayerAdapter("weight", _linear, _map_first, macs_per_input=lambda m: float(m.out_features)),
+)
 register_layer_adapter(
     nn.MultiheadAttention,
     LayerAdapter(
@@ -302,6 +318,7 @@ register_layer_adapter(
         _attention,
         _map_attention,
         lambda m: bool(m._qkv_same_embed_dim),
+        lambda m: float(m.in_proj_weight.shape[0]),
     ),
 )
 
@@ -336,7 +353,11 @@ class TieredLayer(nn.Module):
     Strategies that act on activations (feature mixing) transform the layer's input with one
     strength per sample, so one pass serves a batch mixing tiers and no per-tier weight exists.
     Others are folded into a weight per tier, kept in the model's bounded :class:`DerivedCache`.
+    Where acting on the input would cost over ``FOLD_ABOVE`` of the layer's own work (a narrow
+    layer: a small weight), a pass at one tier folds it into the weight instead.
     """
+
+    FOLD_ABOVE = 0.25
 
     def __init__(
         self,
@@ -358,6 +379,24 @@ class TieredLayer(nn.Module):
         self._context = context
         self._cache = cache if cache is not None else DerivedCache(0)
         self.transforms: dict[str, WeightTransform] = {}
+        self._fold_cheaper: bool | None = None
+
+    @property
+    def folding_is_cheaper(self) -> bool:
+        """Whether the strategies that act on inputs would cost over ``FOLD_ABOVE`` of this
+        layer's work there (then a one-tier pass uses a folded weight)."""
+        if self._fold_cheaper is None:
+            layer = self.adapter.macs_per_input
+            acting = [t for t in self.transforms.values() if acts_on_activations(t)]
+            extra = sum(
+                t.activation_macs(self.layer_name)  # type: ignore[attr-defined]
+                for t in acting
+                if callable(getattr(t, "activation_macs", None))
+            )
+            self._fold_cheaper = bool(
+                acting and layer is not None and extra > self.FOLD_ABOVE * layer(self.base_layer)
+            )
+        return self._fold_cheaper
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the wrapped layer; its weight reads as the active tier's.
@@ -455,6 +494,8 @@ class TieredLayer(nn.Module):
         fold_all = self.adapter.map_inputs is None
         if fold_all:
             self._refuse_mixed(state)
+        elif state.rows is None and self.folding_is_cheaper:
+            fold_all = True
         elif any(acts_on_activations(t) for t in self.transforms.values()):
             args, kwargs = self.adapter.map_inputs(
                 self.base_layer,

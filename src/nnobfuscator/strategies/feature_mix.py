@@ -150,6 +150,10 @@ class FeatureMix(Strategy):
             mixed = self.mixer(layer, size).apply(x, axis)
         return torch.lerp(x, mixed, strength)
 
+    def activation_macs(self, layer: str) -> float:
+        """Multiply-adds per input element of mixing ``layer``'s input (its block width)."""
+        return float(max(block.shape[0] for block in self.mixers[layer].blocks))
+
     def transform_weight(self, layer: str, weight: torch.Tensor, tier: str) -> torch.Tensor:
         return mix_weight(weight, self.mixers[layer], self.strength(tier))
 
