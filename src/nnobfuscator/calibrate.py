@@ -101,14 +101,20 @@ def _headroom(target: float, n: int, headroom: float | None) -> float:
 
 
 def _choose_compute(
-    search: ComputeSearch, tier: Tier, target: float, required: float, metric: str
-) -> float:
-    """Set ``tier``'s cheapest compute setting; its calibration utility is returned.
+    search: ComputeSearch,
+    tier: Tier,
+    target: float,
+    required: float,
+    metric: str,
+    start: dict[str, Any] | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """Set ``tier``'s cheapest compute setting, descending from ``start`` (a stricter tier's);
+    its calibration utility and settings are returned.
 
     Raises:
         CalibrationError: the tier's cost budget cannot be met at its target.
     """
-    point = search.cheapest(tier.name, required)
+    point = search.cheapest(tier.name, required, start)
     if tier.max_cost is not None and point.cost > tier.max_cost + 1e-9:
         raise CalibrationError(
             f"tier {tier.name!r}: target {metric} {target:.3f} and budget max_cost="
@@ -116,7 +122,7 @@ def _choose_compute(
             f"{required:.3f} costs {point.cost:.3f} of the full model. Lower the target, raise "
             "max_cost, or add compute strategies"
         )
-    return point.utility
+    return point.utility, point.settings
 
 
 def calibrate(
@@ -178,7 +184,7 @@ def calibrate(
             beam=beam,
             report=bar.set_postfix_str,
         )
-    for tier in bar:
+    for tier in tiers:
         target = tier.target.resolve(base)
         assert target is not None
         tier.target_value = target
@@ -188,10 +194,23 @@ def calibrate(
                 f"{task.metric} {base:.3f} on the calibration split; use 'full' or a lower target"
             )
         _set_knob(model, tier.name, 0.0)
-        if search is not None:
-            required = min(target + _headroom(target, len(cal), headroom), base)
-            utility = _choose_compute(search, tier, target, required, task.metric)
-            curve.start(tier.name, utility)
+    compute_utility: dict[str, float] = {}
+    if search is not None:
+        # strictest tier first; each looser tier continues the descent where the last one stopped
+        required = {
+            t.name: min(t.target_value + _headroom(t.target_value, len(cal), headroom), base)
+            for t in tiers
+        }
+        start = None
+        for tier in sorted(tiers, key=lambda t: -required[t.name]):
+            utility, start = _choose_compute(
+                search, tier, tier.target_value, required[tier.name], task.metric, start
+            )
+            compute_utility[tier.name] = utility
+    for tier in bar:
+        target = tier.target_value
+        if tier.name in compute_utility:
+            curve.start(tier.name, compute_utility[tier.name])
         bar.set_postfix_str(f"{tier.name}: bisecting the degrading strength")
         floor = curve(tier.name, 1.0)
         if target < floor - tolerance:

@@ -39,7 +39,8 @@ class ComputePoint:
     """One evaluated compute setting: per-strategy settings, utility and relative FLOPs.
 
     ``screened_at`` is set when only the measuring batch ran: ``utility`` is then that batch's,
-    and the point is known to fail any requirement at or above ``screened_at``.
+    and the point is known to fail any requirement at or above ``screened_at``. ``cost`` is NaN
+    while the point has met no requirement (its FLOPs were not counted).
     """
 
     settings: Settings
@@ -47,16 +48,19 @@ class ComputePoint:
     cost: float
     stats: Stats = field(default_factory=dict, repr=False)
     screened_at: float | None = None
+    signatures: list[tuple] = field(default_factory=list, repr=False)
 
 
 @dataclass
 class SearchCounts:
-    """What the search did (load-independent): candidates run in full, screened, pruned."""
+    """What the search did (load-independent): candidates run in full, screened, pruned, found
+    in the memo, and costed (FLOPs counted: only candidates that met a requirement)."""
 
     evaluated: int = 0
     screened: int = 0
     pruned: int = 0
     memo_hits: int = 0
+    costed: int = 0
 
 
 class ComputeSearch:
@@ -116,7 +120,8 @@ class ComputeSearch:
     def evaluate(self, tier: str, settings: Settings, required: float = 0.0) -> ComputePoint | None:
         """Utility and cost of ``settings`` (``None`` when the model cannot run with them).
 
-        A candidate may be screened: see :class:`ComputePoint`.
+        A candidate may be screened: see :class:`ComputePoint`. FLOPs are counted only for a
+        candidate that meets ``required`` (``cost`` is NaN until then).
         """
         key = json.dumps(settings, sort_keys=True)
         known = self.memo.get(key, False)
@@ -124,16 +129,17 @@ class ComputeSearch:
             known is None or known.screened_at is None or required >= known.screened_at
         ):
             self.counts.memo_hits += 1
+            if known is not None and known.screened_at is None and known.utility >= required:
+                self._cost(tier, known)
             return known
         self.apply(tier, settings)
         signatures = self.runner.signatures(self.changes(settings))
         try:
             logits, stats = self.runner.measure(tier, signatures)
             self.apply(tier, settings, stats)
-            cost = self.runner.flops(tier, signatures) / self.full_flops
             labels = self.labels[: len(logits)]
             utility = self.task.score(logits, labels)
-            point = ComputePoint(settings, utility, cost, stats)
+            point = ComputePoint(settings, utility, math.nan, stats, signatures=signatures)
             if len(logits) < len(self.labels) and self._hopeless(utility, required, len(logits)):
                 point.screened_at = required
                 self.counts.screened += 1
@@ -141,12 +147,23 @@ class ComputeSearch:
                 logits = torch.cat([logits, *self.runner.rest(tier, signatures)])
                 point.utility = self.task.score(logits, self.labels)
                 self.counts.evaluated += 1
+                if point.utility >= required:
+                    self._cost(tier, point)
             self.memo[key] = point
         # e.g. an input shrunk below what the model takes (ViT asserts its image size)
         except (RuntimeError, ValueError, AssertionError) as error:
             self.failures[key] = str(error).splitlines()[0]
             self.memo[key] = None
         return self.memo[key]
+
+    def _cost(self, tier: str, point: ComputePoint) -> None:
+        """Count ``point``'s FLOPs (once; stages shared with counted settings are reused)."""
+        if not math.isnan(point.cost):
+            return
+        for name, setting in point.settings.items():
+            self.model.set_setting(tier, name, setting)
+        point.cost = self.runner.flops(tier, point.signatures) / self.full_flops
+        self.counts.costed += 1
 
     def _hopeless(self, utility: float, required: float, n: int) -> bool:
         if not self.screen:
@@ -172,13 +189,16 @@ class ComputeSearch:
                 f"{c.pruned} pruned; cheapest so far {best.cost:.2f} of full FLOPs"
             )
 
-    def cheapest(self, tier: str, required: float) -> ComputePoint:
+    def cheapest(self, tier: str, required: float, start: Settings | None = None) -> ComputePoint:
         """The cheapest setting found whose calibration utility is at least ``required``.
 
-        Leaves ``tier`` set to it (with its BatchNorm statistics). The default setting (saving
-        nothing) is the fallback.
+        Leaves ``tier`` set to it (with its BatchNorm statistics). The search descends from
+        ``start`` (a setting found for a stricter requirement: tiers searched from the strictest
+        down continue one descent) or else from the default setting, which is the fallback.
         """
-        best = self.evaluate(tier, self.start())
+        best = self.evaluate(tier, start) if start is not None else None
+        if best is None or best.screened_at is not None or best.utility < required:
+            best = self.evaluate(tier, self.start())
         if best is None:
             raise RuntimeError("the model does not run with its default compute setting")
         best = (

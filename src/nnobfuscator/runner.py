@@ -56,8 +56,15 @@ def _resnet(model: ResNet) -> list[Stage]:
 
 
 def _features_pool_classifier(model: nn.Module) -> list[Stage]:
-    """VGG, MobileNetV3, EfficientNet, ConvNeXt: features, average pool, classifier."""
-    stages: list[Stage] = [(f"features.{i}", m) for i, m in enumerate(model.features)]
+    """VGG, MobileNetV3, EfficientNet, ConvNeXt: features, average pool, classifier.
+
+    ``features`` is one stage when a tier runs it as a whole (a slimmed conv stack)."""
+    features = model.features
+    stages: list[Stage] = (
+        [(f"features.{i}", m) for i, m in enumerate(features)]
+        if isinstance(features, nn.Sequential)
+        else [("features", features)]
+    )
     return stages + [
         ("avgpool", model.avgpool),
         ("flatten", _flatten),
@@ -134,7 +141,10 @@ class SplitRunner:
     """Outputs of a fixed set of inputs at any tier, reusing what tiers cannot change.
 
     The prefix of the network before the first wrapped module is run once per distinct input
-    variant (tiers that downscale their input get their own cached prefix).
+    variant (tiers that downscale their input get their own cached prefix). At a tier, the longer
+    prefix before the first layer of a strategy other than a compute one is cached per tier state
+    (its compute settings, BatchNorm statistics and input variant): calibration's bisection
+    changes only strengths, so the part of the network only compute tiers change runs once.
 
     Args:
         model: the tiered model (anything with ``executor``, ``strategies`` and ``base_model``).
@@ -169,6 +179,16 @@ class SplitRunner:
             self.prefix, self.suffix = stages[:split], stages[split:]
         self._cached: dict[Any, list[Any]] = {}
         self._full: torch.Tensor | None = None
+        self.tier_prefix: list[Stage] | None = None
+        self.tier_suffix: list[Stage] = []
+        self._tier_cached: OrderedDict[Any, tuple[Any, list[Any]]] = OrderedDict()
+        if stages is not None and self.prefix is not None and getattr(model, "compute", None):
+            strength_names = [
+                n for s in model.strategies.values() if s.role != "compute" for n in s.layers
+            ]
+            split = _first_stage(stages, strength_names)
+            if split > len(self.prefix):
+                self.tier_prefix, self.tier_suffix = stages[:split], stages[split:]
 
     def full_logits(self) -> torch.Tensor:
         """Outputs of the untouched model (computed once)."""
@@ -188,6 +208,23 @@ class SplitRunner:
             self._cached[signature] = [None] * len(self.batches)
         return self._cached[signature]
 
+    def _tier_prefixes(self, tier: str) -> list[Any]:
+        """Cached per-tier prefix activations per batch for ``tier``'s current state."""
+        info = self.model.tiers.get(tier)
+        compute = {n: p for n, p in info.params.items() if n in self.model.compute} if info else {}
+        store = find_store(getattr(self.model, "host", None))
+        stats = store.tiers.get(tier) if store is not None else None
+        inputs = tuple(s.input_signature(tier) for s in self.model.strategies.values())
+        key = (tier, json.dumps(compute, sort_keys=True, default=str), repr(inputs), id(stats))
+        entry = self._tier_cached.get(key)
+        if entry is None or entry[0] is not stats:
+            while len(self._tier_cached) >= 4:  # bound memory: forget the oldest state
+                self._tier_cached.popitem(last=False)
+            entry = (stats, [None] * len(self.batches))
+            self._tier_cached[key] = entry
+        self._tier_cached.move_to_end(key)
+        return entry[1]
+
     @torch.inference_mode()
     def logits(self, tier: str | None) -> torch.Tensor:
         """Scored outputs of every input at ``tier`` (``None``: the untouched model).
@@ -196,16 +233,21 @@ class SplitRunner:
         change it) on the input as the tier transforms it, and is kept for the next call.
         """
         active = self.executor.active(tier)
-        prefixes = self._prefixes(active) if self.prefix is not None else []
+        prefix, suffix = self.prefix, self.suffix
+        if active is not None and self.tier_prefix is not None:
+            prefix, suffix = self.tier_prefix, self.tier_suffix
+            prefixes = self._tier_prefixes(active)
+        else:
+            prefixes = self._prefixes(active) if self.prefix is not None else []
         outputs = []
         for index, batch in enumerate(self.batches):
             body = None
-            if self.prefix is not None:
+            if prefix is not None:
 
                 def body(x: Any, index: int = index) -> Any:
                     if prefixes[index] is None:
-                        prefixes[index] = _run(self.prefix, x, x)
-                    return _run(self.suffix, prefixes[index], x)
+                        prefixes[index] = _run(prefix, x, x)
+                    return _run(suffix, prefixes[index], x)
 
             output = self.executor.run(active, batch, body=body)
             outputs.append(self.read_logits(output).float())

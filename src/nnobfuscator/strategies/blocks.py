@@ -98,8 +98,11 @@ def skippable_blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def slimmable_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """Blocks or hidden layers of ``model`` that a tier may run with fewer channels."""
-    return {name: module for name, module in _walk(model) if slimmer_for(module) is not None}
+    """Blocks or hidden layers of ``model`` that a tier may run with fewer channels (not the model
+    itself: a block is wrapped in place inside its parent)."""
+    return {
+        name: module for name, module in _walk(model) if name and slimmer_for(module) is not None
+    }
 
 
 def stage_of(model: nn.Module, name: str, host: Host | None = None) -> str:

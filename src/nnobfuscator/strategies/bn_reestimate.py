@@ -52,8 +52,7 @@ class Measurement:
     ) -> torch.Tensor:
         base = norm.base_layer
         dims = [d for d in range(x.dim()) if d != 1]
-        mean = x.mean(dims).float()
-        var = x.var(dims, unbiased=False).float()
+        var, mean = (t.float() for t in torch.var_mean(x, dims, unbiased=False))
         if self.recording_reference:
             self.seen[norm.norm_name] = (mean, var)
             return _apply(base, x, None, channels)

@@ -1,8 +1,10 @@
 """Channel slim: a tier runs blocks with only their most important hidden channels.
 
 Applies to every block a slimmer knows (``nnobfuscator.strategies.slimmers``: ResNet blocks,
-transformer MLPs). A tier keeping 50% of a stage runs every block of that stage with half its
-hidden channels, as smaller layers (structured pruning without retraining, chosen per tier).
+transformer MLPs, plain conv stacks such as VGG's features). A tier keeping 50% of a stage runs
+every block of that stage with half its hidden channels, as smaller layers (structured pruning
+without retraining, chosen per tier). A conv stack's hidden spaces form one stage per spatial
+resolution, named ``"<stack>@<level>"`` (``"features@2"``: after two downsamplings).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from nnobfuscator.strategies.blocks import (
     wrap_block,
 )
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
+from nnobfuscator.strategies.slimmers import ConvStackSlimmer
 from nnobfuscator.wrapping import Host
 
 KEEP_STEPS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
@@ -32,6 +35,8 @@ class ChannelSlim(ComputeStrategy):
     def __init__(self, key: bytes, targets: list[str] | None = None, **options: Any) -> None:
         super().__init__(key, targets, **options)
         self.stage: dict[str, str] = {}
+        #: blocks whose hidden spaces take shares of their own: per space, its stage
+        self.space_stages: dict[str, list[str]] = {}
 
     def attach(self, host: Host) -> None:
         super().attach(host)
@@ -39,18 +44,34 @@ class ChannelSlim(ComputeStrategy):
             list(slimmable_blocks(host.root)), self.target_patterns, self.name, "slimmable blocks"
         )
         for name in names:
-            self.stage[name] = stage_of(host.root, name, host)
             wrapper = wrap_block(host, name)
-            wrapper.keep_rules[self.name] = lambda tier, s=self.stage[name]: float(
-                self.setting(tier)["keep"].get(s, 1.0)
-            )
+            slimmer = wrapper.slimmer
+            if isinstance(slimmer, ConvStackSlimmer):
+                stages = [f"{name}@{level}" for level in slimmer.space_groups()]
+                self.space_stages[name] = stages
+                slimmer.space_keeps = lambda tier, stages=stages: self._keeps(tier, stages)
+                wrapper.keep_rules[self.name] = lambda tier, stages=stages: min(
+                    self._keeps(tier, stages)
+                )
+            else:
+                self.stage[name] = stage_of(host.root, name, host)
+                wrapper.keep_rules[self.name] = lambda tier, s=self.stage[name]: float(
+                    self.setting(tier)["keep"].get(s, 1.0)
+                )
             self.layers[name] = wrapper
+
+    def _keeps(self, tier: str, stages: list[str]) -> tuple[float, ...]:
+        keep = self.params(tier).get("keep", {})
+        return tuple(float(keep.get(s, 1.0)) for s in stages)
 
     def detach(self) -> None:
         for wrapper in self.layers.values():
             if isinstance(wrapper, TieredBlock):
                 wrapper.keep_rules.pop(self.name, None)
+                if isinstance(wrapper.slimmer, ConvStackSlimmer):
+                    wrapper.slimmer.space_keeps = None
         self.layers.clear()
+        self.space_stages.clear()
 
     def slimmers(self) -> dict[str, Any]:
         return {n: w.slimmer for n, w in self.layers.items() if isinstance(w, TieredBlock)}
@@ -80,7 +101,8 @@ class ChannelSlim(ComputeStrategy):
     @property
     def stages(self) -> list[str]:
         """The stages whose share of kept channels a setting chooses."""
-        return list(dict.fromkeys(self.stage.values()))
+        grouped = [s for stages in self.space_stages.values() for s in stages]
+        return list(dict.fromkeys([*self.stage.values(), *grouped]))
 
     def default_setting(self) -> Setting:
         return {"keep": {}}
@@ -96,7 +118,14 @@ class ChannelSlim(ComputeStrategy):
 
     def changes(self, setting: Setting) -> dict[str, Any]:
         keep = setting["keep"]
-        return {n: keep[s] for n, s in self.stage.items() if keep.get(s, 1.0) < 1.0}
+        found: dict[str, Any] = {
+            n: keep[s] for n, s in self.stage.items() if keep.get(s, 1.0) < 1.0
+        }
+        for name, stages in self.space_stages.items():
+            shares = [keep.get(s, 1.0) for s in dict.fromkeys(stages)]
+            if min(shares) < 1.0:
+                found[name] = shares
+        return found
 
     def covers(self, setting: Setting, other: Setting) -> bool:
         mine, theirs = setting["keep"], other["keep"]

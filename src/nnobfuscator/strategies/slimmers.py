@@ -7,13 +7,16 @@ their mean activation, folded into a constant. Two kinds are built in:
 
 - torchvision ``BasicBlock`` / ``Bottleneck`` (hidden spaces between their convolutions);
 - MLPs: any ``nn.Sequential`` of ``Linear``, element-wise layers, ``Linear`` (transformer MLPs such
-  as torchvision's ``MLPBlock``), slimmed over their hidden units.
+  as torchvision's ``MLPBlock``), slimmed over their hidden units;
+- plain conv stacks: any ``nn.Sequential`` of ``Conv2d``, ``BatchNorm2d``, element-wise and pooling
+  layers with two convolutions or more (VGG's ``features``), slimmed over the hidden spaces between
+  consecutive convolutions, one share of channels per spatial resolution.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from nnobfuscator.strategies.bn_reestimate import TieredNorm
 from nnobfuscator.strategies.norms import batch_norm_at
 from nnobfuscator.wrapping import (
     DerivedCache,
@@ -41,10 +45,42 @@ _ELEMENTWISE = (
     nn.Dropout,
     nn.Identity,
 )
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+#: layers that act on each channel alone (a channel held constant stays constant through them)
+_CHANNELWISE = (
+    *_ELEMENTWISE,
+    *_POOLS,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Dropout2d,
+)
+Keep = float | tuple[float, ...]
 
 
 def _plain(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, TieredLayer) else module
+    return module.base_layer if isinstance(module, TieredLayer | TieredNorm) else module
+
+
+def _relu_of_gaussian(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free (mean, std) of ``relu(bn(x))``, taking the BN output as Gaussian."""
+    shift = bn.bias.detach().float()
+    scale = bn.weight.detach().float().abs().clamp_min(1e-6)
+    t = shift / scale
+    cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
+    pdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    mean = shift * cdf + scale * pdf
+    second = (shift * shift + scale * scale) * cdf + shift * scale * pdf
+    return mean, (second - mean * mean).clamp_min(0).sqrt()
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value, value)
 
 
 def _weight(module: nn.Module, tier: str) -> torch.Tensor:
@@ -66,6 +102,21 @@ def _weight_key(module: nn.Module, tier: str) -> Any:
         else ()
     )
     return folded, tensor_identity(base)
+
+
+def _constant_map(
+    conv: nn.Module, weight: torch.Tensor, fill: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """``conv`` with ``weight`` on a ``size`` map whose channels are constant at ``fill``.
+
+    By linearity this is one single-channel convolution of a map of ones with the fill-weighted
+    sum of the kernels (borders included): far cheaper than convolving every dropped channel.
+    """
+    fill = fill.to(weight.dtype).view(1, -1, *([1] * (weight.dim() - 2)))
+    if conv.groups != 1:
+        return conv._conv_forward(fill.expand(1, -1, *size), weight, None)
+    folded = (weight * fill).sum(1, keepdim=True)
+    return conv._conv_forward(weight.new_ones(1, 1, *size), folded, None)
 
 
 def _mix_input(
@@ -123,11 +174,18 @@ class Slimmer:
                 self._order.append((std.to(reads.device) * reads).argsort(descending=True))
         return self._order
 
-    def split(self, keep: float, device: torch.device) -> tuple[list, list]:
-        """Kept and dropped channel indices per space (sorted) for a share ``keep``."""
+    def space_groups(self) -> list[int] | None:
+        """Per hidden space, which share of channels it takes (``None``: one share for all)."""
+        return None
+
+    def split(self, keep: Keep, device: torch.device) -> tuple[list, list]:
+        """Kept and dropped channel indices per space (sorted) for a share ``keep`` (one, or one
+        per space)."""
         kept, dropped = [], []
-        for order in self.order():
-            n = max(1, round(keep * len(order)))
+        orders = self.order()
+        keeps = keep if isinstance(keep, Sequence) else [keep] * len(orders)
+        for order, share in zip(orders, keeps, strict=True):
+            n = max(1, round(share * len(order)))
             kept.append(order[:n].sort().values.to(device))
             dropped.append(order[n:].sort().values.to(device))
         return kept, dropped
@@ -140,16 +198,16 @@ class Slimmer:
         """The weights slices are cut from at ``tier``."""
         return tuple(_weight(layer, tier) for layer in self.layers())
 
-    def cut(self, tier: str, keep: float, sources: tuple[torch.Tensor, ...]) -> Any:
+    def cut(self, tier: str, keep: Keep, sources: tuple[torch.Tensor, ...]) -> Any:
         """Sliced parameters for ``keep`` from ``sources``."""
         raise NotImplementedError
 
-    def slice_key(self, tier: str, keep: float) -> tuple:
+    def slice_key(self, tier: str, keep: Keep) -> tuple:
         """What the slices at ``tier`` depend on (tiers with equal keys share them)."""
         weights = tuple(_weight_key(layer, tier) for layer in self.layers())
         return ("slice", id(self), self._version, keep, weights)
 
-    def sliced(self, tier: str, keep: float) -> Any:
+    def sliced(self, tier: str, keep: Keep) -> Any:
         def cut() -> Any:
             with torch.inference_mode(False), torch.no_grad():
                 return self.cut(tier, keep, self.sources(tier))
@@ -179,17 +237,7 @@ class ResidualConvSlimmer(Slimmer):
 
     def estimated_stats(self) -> ActivationStats:
         """Data-free (mean, std) of each hidden ReLU output, taking BN outputs as Gaussian."""
-        stats = []
-        for bn in self.norms()[:-1]:
-            shift = bn.bias.detach().float()
-            scale = bn.weight.detach().float().abs().clamp_min(1e-6)
-            t = shift / scale
-            cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
-            pdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
-            mean = shift * cdf + scale * pdf
-            second = (shift * shift + scale * scale) * cdf + shift * scale * pdf
-            stats.append((mean, (second - mean * mean).clamp_min(0).sqrt()))
-        return stats
+        return [_relu_of_gaussian(bn) for bn in self.norms()[:-1]]
 
     def layers(self) -> list[nn.Module]:
         return self.convs()
@@ -219,9 +267,8 @@ class ResidualConvSlimmer(Slimmer):
                 weight = self.sources(tier)[space + 1].index_select(1, parts["dropped"][space])
                 if space + 1 < len(parts["kept"]):  # the reader's outputs are sliced too
                     weight = weight.index_select(0, parts["kept"][space + 1])
-                fill = parts["fills"][space].to(weight.dtype).view(1, -1, 1, 1).expand(1, -1, *size)
                 conv = _plain(self.convs()[space + 1])
-                return conv._conv_forward(fill, weight, None)
+                return _constant_map(conv, weight, parts["fills"][space], size)
 
         return self.cache.get((*self.slice_key(tier, keep), "constant", space, size), compute)
 
@@ -288,6 +335,164 @@ class MLPSlimmer(Slimmer):
         return out
 
 
+def _conv_positions(module: nn.Module) -> list[int] | None:
+    """Positions of the convolutions of a plain conv stack (see :class:`ConvStackSlimmer`), or
+    ``None`` when ``module`` is not one."""
+    if not isinstance(module, nn.Sequential) or len(module) < 2:
+        return None
+    layers = [_plain(m) for m in module]
+    if len({id(m) for m in layers}) != len(layers):  # a layer used twice: spaces would clash
+        return None
+    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    if len(convs) < 2:
+        return None
+    channels = None
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or (channels is not None and layer.in_channels != channels):
+                return None
+            channels = layer.out_channels
+        elif isinstance(layer, nn.BatchNorm2d):
+            if channels is None or layer.num_features != channels or not layer.affine:
+                return None
+        elif not isinstance(layer, _CHANNELWISE):
+            return None
+    return convs
+
+
+class ConvStackSlimmer(Slimmer):
+    """A plain conv stack: an ``nn.Sequential`` of ``Conv2d`` (ungrouped), ``BatchNorm2d``,
+    element-wise and pooling layers, with two convolutions or more (VGG's ``features``).
+
+    Hidden space ``i`` lies between convolution ``i`` and ``i + 1``: the kept output channels of
+    convolution ``i`` run as a smaller convolution, normalised with :func:`batch_norm_at` (so
+    re-estimated statistics apply), and the dropped ones are held at their mean at the next
+    convolution's input (after any pooling, which leaves a constant channel constant), folded into
+    a constant. The last convolution keeps its full output. Spaces produced at the same spatial
+    resolution share a group (:meth:`space_groups`), which channel slim may give its own share.
+    """
+
+    def __init__(self, block: nn.Sequential, cache: DerivedCache | None = None) -> None:
+        super().__init__(block, cache)
+        positions = _conv_positions(block)
+        if positions is None:
+            raise ValueError("not a plain conv stack")
+        self.positions = positions
+        #: per space, its share of channels at a tier (set by channel slim; default: ``keep``)
+        self.space_keeps: Callable[[str], tuple[float, ...]] | None = None
+
+    def convs(self) -> list[nn.Module]:
+        return [self.block[i] for i in self.positions]
+
+    def _between(self, space: int) -> list[nn.Module]:
+        """The layers after convolution ``space`` up to the next one (or the end)."""
+        end = self.positions[space + 1] if space + 1 < len(self.positions) else len(self.block)
+        return [self.block[i] for i in range(self.positions[space] + 1, end)]
+
+    def spaces(self) -> list[Space]:
+        """Measured where the next convolution reads them (after activation and pooling)."""
+        return [
+            (self.block[self.positions[i + 1] - 1], _identity, 1)
+            for i in range(len(self.positions) - 1)
+        ]
+
+    def readers(self) -> list[nn.Module]:
+        return self.convs()[1:]
+
+    def layers(self) -> list[nn.Module]:
+        return self.convs()
+
+    def space_groups(self) -> list[int]:
+        """Per space, how many downsamplings (pools, strided convolutions) precede its producer."""
+        groups, level = [], 0
+        for index, module in enumerate(self.block):
+            layer = _plain(module)
+            if index in self.positions[:-1]:
+                groups.append(level)
+            strided = isinstance(layer, nn.Conv2d) and max(_pair(layer.stride)) > 1
+            if isinstance(layer, _POOLS) or strided:
+                level += 1
+        return groups
+
+    def estimated_stats(self) -> ActivationStats:
+        """Data-free statistics: a ReLU of a Gaussian BN output where the space has both."""
+        fallback = super().estimated_stats()
+        stats = []
+        for space, default in enumerate(fallback):
+            between = [_plain(m) for m in self._between(space)]
+            norms = [m for m in between if isinstance(m, nn.BatchNorm2d)]
+            relu = any(isinstance(m, nn.ReLU) for m in between)
+            stats.append(_relu_of_gaussian(norms[-1]) if norms and relu else default)
+        return stats
+
+    def keeps(self, tier: str, keep: float) -> tuple[float, ...]:
+        """The share of channels per space at ``tier``."""
+        if self.space_keeps is not None:
+            return tuple(self.space_keeps(tier))
+        return (keep,) * (len(self.positions) - 1)
+
+    def cut(self, tier: str, keep: Keep, sources: tuple[torch.Tensor, ...]) -> Any:
+        device = sources[0].device
+        kept, dropped = self.split(keep, device)
+        fills = [
+            mean.to(device).index_select(0, d)
+            for (mean, _), d in zip(self.activation_stats(), dropped, strict=True)
+        ]
+        weights, biases = [], []
+        for i, (conv, weight) in enumerate(zip(self.convs(), sources, strict=True)):
+            bias = _plain(conv).bias
+            if i < len(kept):
+                weight = weight.index_select(0, kept[i])
+                bias = None if bias is None else bias.index_select(0, kept[i])
+            if i > 0:
+                weight = weight.index_select(1, kept[i - 1])
+            weights.append(weight.contiguous())
+            biases.append(None if bias is None else bias.detach().contiguous())
+        return {
+            "weights": weights,
+            "biases": biases,
+            "kept": kept,
+            "dropped": dropped,
+            "fills": fills,
+        }
+
+    def _constant(
+        self, tier: str, keep: Keep, parts: dict, space: int, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """What the dropped channels of ``space``, held at their mean, add to its reader."""
+
+        def compute() -> torch.Tensor:
+            with torch.inference_mode(False), torch.no_grad():
+                weight = self.sources(tier)[space + 1].index_select(1, parts["dropped"][space])
+                if space + 1 < len(parts["kept"]):
+                    weight = weight.index_select(0, parts["kept"][space + 1])
+                conv = _plain(self.convs()[space + 1])
+                return _constant_map(conv, weight, parts["fills"][space], size)
+
+        return self.cache.get((*self.slice_key(tier, keep), "constant", space, size), compute)
+
+    def forward(self, x: torch.Tensor, tier: str, keep: float) -> torch.Tensor:
+        keeps = self.keeps(tier, keep)
+        parts = self.sliced(tier, keeps)
+        kept = parts["kept"]
+        out = x
+        for module in list(self.block)[: self.positions[0]]:
+            out = module(out)
+        for i, conv in enumerate(self.convs()):
+            size = (out.shape[-2], out.shape[-1])
+            out = _mix_input(conv, out, 1, kept[i - 1] if i > 0 else None)
+            out = _plain(conv)._conv_forward(out, parts["weights"][i], parts["biases"][i])
+            if i > 0 and len(parts["dropped"][i - 1]):
+                out = out + self._constant(tier, keeps, parts, i - 1, size)
+            channels = kept[i] if i < len(kept) else None
+            for module in self._between(i):
+                if isinstance(_plain(module), nn.BatchNorm2d):
+                    out = batch_norm_at(module, out, channels)
+                else:
+                    out = module(out)
+        return out
+
+
 def _is_mlp(module: nn.Module) -> bool:
     if not isinstance(module, nn.Sequential) or len(module) < 2:
         return False
@@ -308,4 +513,6 @@ def slimmer_for(block: nn.Module, cache: DerivedCache | None = None) -> Slimmer 
         return ResidualConvSlimmer(block, cache)
     if _is_mlp(block):
         return MLPSlimmer(block, cache)  # type: ignore[arg-type]
+    if _conv_positions(block) is not None:
+        return ConvStackSlimmer(block, cache)  # type: ignore[arg-type]
     return None
