@@ -15,10 +15,13 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nnobfuscator import CalibrationError, TieredModel, calibrate, obfuscate
 from nnobfuscator.cost import relative_costs, tier_flops
+from nnobfuscator.model import resolve_compute
 from nnobfuscator.strategies import TieredBlock
 from nnobfuscator.tiers import parse_tiers
 
 KEY = b"c" * 32
+#: every compute strategy that applies to a ResNet ("auto" leaves channel slimming out there)
+EVERY = "block-skip+channel-slim+input-resolution"
 
 
 def two_block_resnet(block: type[nn.Module] = BasicBlock) -> nn.Module:
@@ -126,7 +129,7 @@ def test_mixed_batch_with_compute_tiers_equals_per_tier_runs(trained_weights, di
     tiered = obfuscate(
         trained("resnet", trained_weights),
         tiers="free=0.4,pro=0.7,premium=full",
-        compute="auto",
+        compute=EVERY,
         key=KEY,
     )
     calibrate(tiered, digits8["calibration"], progress=False)
@@ -141,7 +144,7 @@ def test_mixed_batch_with_compute_tiers_equals_per_tier_runs(trained_weights, di
 
 def test_calibration_picks_a_cheaper_setting_and_hits_the_target(trained_weights, digits8):
     tiered = obfuscate(
-        trained("resnet", trained_weights), tiers="free=0.5,premium=full", compute="auto", key=KEY
+        trained("resnet", trained_weights), tiers="free=0.5,premium=full", compute=EVERY, key=KEY
     )
     report = calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
     jsonschema.validate(report, schema())
@@ -159,7 +162,7 @@ def test_budget_and_target_conflict_is_a_clear_error(trained_weights, digits8):
     tiered = obfuscate(
         trained("resnet", trained_weights),
         tiers="free=0.9@0.2,premium=full",
-        compute="auto",
+        compute=EVERY,
         key=KEY,
     )
     with pytest.raises(CalibrationError, match=r"budget max_cost=0.2 conflict"):
@@ -175,7 +178,7 @@ def test_budget_is_met_when_possible(trained_weights, digits8):
     tiered = obfuscate(
         trained("resnet", trained_weights),
         tiers="free=0.3@0.7,premium=full",
-        compute="auto",
+        compute=EVERY,
         key=KEY,
     )
     report = calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
@@ -185,7 +188,7 @@ def test_budget_is_met_when_possible(trained_weights, digits8):
 
 def test_save_load_with_compute_reproduces_outputs(tmp_path, trained_weights, digits8):
     tiered = obfuscate(
-        trained("resnet", trained_weights), tiers="free=0.5,premium=full", compute="auto", key=KEY
+        trained("resnet", trained_weights), tiers="free=0.5,premium=full", compute=EVERY, key=KEY
     )
     calibrate(tiered, digits8["calibration"], progress=False)
     tiered.save_pretrained(str(tmp_path / "art"))
@@ -200,7 +203,7 @@ def test_save_load_with_compute_reproduces_outputs(tmp_path, trained_weights, di
 def test_unload_restores_layers_and_blocks():
     model = two_block_resnet()
     before = {name: module for name, module in model.named_modules()}
-    tiered = obfuscate(model, tiers="free=0.5,premium=full", compute="auto", key=KEY)
+    tiered = obfuscate(model, tiers="free=0.5,premium=full", compute=EVERY, key=KEY)
     assert any(isinstance(m, TieredBlock) for m in model.modules())
     restored = tiered.unload()
     assert {name: module for name, module in restored.named_modules()} == before
@@ -216,3 +219,17 @@ def test_compute_options_are_validated():
     assert parse_tiers("free=60%@0.5,premium=full")[0].max_cost == 0.5
     with pytest.raises(ValueError, match="bad cost budget"):
         parse_tiers("free=60%@cheap,premium=full")
+
+
+def test_auto_slims_channels_only_where_no_block_can_be_skipped():
+    assert resolve_compute(two_block_resnet(), "auto") == ["block-skip", "input-resolution"]
+    stack = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+    )
+    model = nn.Sequential(stack, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    assert resolve_compute(model, "auto") == ["channel-slim", "input-resolution"]

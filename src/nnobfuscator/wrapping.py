@@ -119,6 +119,10 @@ class DerivedCache:
             self._budget = int(self._budget())
         return self._budget
 
+    def has_room(self, key: Any, nbytes: int) -> bool:
+        """Whether ``key`` is held, or ``nbytes`` more fit without evicting anything."""
+        return key in self._entries or self.nbytes + nbytes <= self.budget
+
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
         """The entry for ``key``, made with ``make()`` on a miss (kept while the budget allows)."""
         entry = self._entries.get(key)
@@ -423,6 +427,24 @@ class TieredLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return getattr(self.base_layer, self.adapter.weight)
 
+    def _weight_key(self, tier: str, fold_all: bool) -> tuple[list, tuple, tuple]:
+        transforms = [t for t in self.transforms.values() if fold_all or not acts_on_activations(t)]
+        signature = tuple(t.signature(tier) for t in transforms)
+        key = ("weight", id(self), tier, signature, tensor_identity(self.base_weight))
+        return transforms, signature, key
+
+    def folds_at(self, tier: str) -> bool:
+        """Whether a one-tier pass at ``tier`` folds the input-acting strategies into the weight:
+        where acting on the input costs more (:attr:`folding_is_cheaper`) and the folded weight
+        is held, or fits the cache without evicting anything (else it would be folded anew on
+        every call)."""
+        if not self.folding_is_cheaper:
+            return False
+        base = self.base_weight
+        return self._cache.has_room(
+            self._weight_key(tier, True)[2], base.numel() * base.element_size()
+        )
+
     def tier_weight(self, tier: str, *, fold_all: bool = False) -> torch.Tensor | None:
         """The weight this layer uses at ``tier``, or ``None`` when it is the original one.
 
@@ -430,8 +452,7 @@ class TieredLayer(nn.Module):
             fold_all: fold in the strategies that act on activations too (for sealed weights and
                 direct weight reads); by default only those that cannot act on activations.
         """
-        transforms = [t for t in self.transforms.values() if fold_all or not acts_on_activations(t)]
-        signature = tuple(t.signature(tier) for t in transforms)
+        transforms, signature, key = self._weight_key(tier, fold_all)
         if all(s is None for s in signature):
             return None
         base = self.base_weight
@@ -446,7 +467,6 @@ class TieredLayer(nn.Module):
                         weight = transform.transform_weight(self.layer_name, weight, tier)
                 return weight.to(base.dtype).contiguous()
 
-        key = ("weight", id(self), tier, signature, tensor_identity(base))
         return self._cache.get(key, fold)
 
     def transform_activation(
@@ -494,7 +514,7 @@ class TieredLayer(nn.Module):
         fold_all = self.adapter.map_inputs is None
         if fold_all:
             self._refuse_mixed(state)
-        elif state.rows is None and self.folding_is_cheaper:
+        elif state.rows is None and state.lead is not None and self.folds_at(state.lead):
             fold_all = True
         elif any(acts_on_activations(t) for t in self.transforms.values()):
             args, kwargs = self.adapter.map_inputs(
