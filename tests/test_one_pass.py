@@ -181,7 +181,7 @@ def test_artifacts_of_the_256_feature_mix_still_load(tmp_path, digits8):
     legacy = TieredModel(
         tiny_resnet(),
         parse_tiers("free=60%,premium=full"),
-        [{"name": "feature-mix", "targets": None, "block": 256}],
+        [{"name": "feature-mix", "targets": None, "block": 256, "permute": True}],
         KEY,
     )
     legacy.set_strength("free", "feature-mix", 0.7)
@@ -190,8 +190,10 @@ def test_artifacts_of_the_256_feature_mix_still_load(tmp_path, digits8):
     legacy.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     for saved in config["strategies"]:
-        saved.pop("block")  # as 0.3 wrote it
+        saved.pop("block"), saved.pop("permute")  # as 0.3 wrote it
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = TieredModel.from_pretrained(tmp_path, tiny_resnet())
-    assert loaded.strategies["feature-mix"].block == 256
+    assert (
+        loaded.strategies["feature-mix"].block == 256 and loaded.strategies["feature-mix"].permute
+    )
     torch.testing.assert_close(loaded(x, tier="free"), expected)

@@ -76,7 +76,7 @@ def test_keyed_state_that_re_derives_differently_is_detected(artifact, monkeypat
 
     def other_generator(*args, **kwargs):
         permutation, blocks = derive(*args, **kwargs)
-        return permutation.flip(0), blocks
+        return permutation, [block.flip(0) for block in blocks]
 
     monkeypatch.setattr(feature_mix, "keyed_block_orthogonal", other_generator)
     with pytest.raises(ArtifactError, match="re-derives different keyed state"):

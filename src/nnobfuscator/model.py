@@ -419,10 +419,10 @@ class TieredModel(nn.Module):
 
 def _strategy_spec(saved: dict[str, Any], version: str) -> dict[str, Any]:
     """What rebuilds a saved strategy: its config without the fingerprint (older artifacts'
-    feature-mix mixed 256 features together)."""
+    feature-mix permuted the features, then mixed 256 together)."""
     spec = {k: v for k, v in saved.items() if k != "fingerprint"}
     if spec["name"] == "feature-mix" and "block" not in spec:
-        spec["block"] = LEGACY_BLOCK
+        spec.update(block=LEGACY_BLOCK, permute=True)
     return spec
 
 

@@ -2,12 +2,14 @@
 
 At strength ``s`` a target layer sees ``h' = h + s * (Q h - h)`` instead of ``h``, with ``Q`` a keyed
 orthogonal map over the layer's input features (within each group of a grouped convolution; over
-the embedding of an attention's packed q/k/v projection). ``Q`` permutes the features and mixes
-them in groups of up to ``block`` (:func:`~nnobfuscator.security.keys.keyed_block_orthogonal`).
+the embedding of an attention's packed q/k/v projection). ``Q`` mixes consecutive features in
+groups of up to ``block``, each by its own keyed orthogonal matrix
+(:func:`~nnobfuscator.security.keys.keyed_block_orthogonal`).
 
 The mix is applied to the layer's input activation, with one strength per sample: no per-tier
 weight exists (the model stays one model), a batch mixing tiers runs in one pass, and the cost is
-``block`` multiply-adds per input feature (a few percent of a 3x3 convolution). Being linear, it
+one grouped 1x1 product, ``block`` multiply-adds per input feature (a few percent of the FLOPs of a
+3x3 convolution as wide). Being linear, it
 can also be folded into the weight (``W' = W M``): sealed bundles ship it that way. Deterministic
 and smooth in ``s``; re-derived from the key, never stored.
 """
@@ -23,17 +25,21 @@ from nnobfuscator.security.keys import keyed_block_orthogonal
 from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.wrapping import TieredLayer
 
-#: features mixed together (artifacts of nnobfuscator 0.3 and earlier used 256)
+#: features mixed together (artifacts of nnobfuscator 0.3 and earlier used 256, after a keyed
+#: permutation)
 DEFAULT_BLOCK = 32
 LEGACY_BLOCK = 256
 
 
 class Mixer:
-    """A keyed block-orthogonal map ``Q`` on ``size`` features: a permutation, then blocks."""
+    """A keyed block-orthogonal map ``Q`` on ``size`` features: blocks of consecutive features,
+    each mixed by its own orthogonal matrix, optionally after a keyed permutation (artifacts of
+    0.3 and earlier; two gathers per call, so new models leave it out)."""
 
-    def __init__(self, permutation: torch.Tensor, blocks: list[torch.Tensor]) -> None:
+    def __init__(self, permutation: torch.Tensor | None, blocks: list[torch.Tensor]) -> None:
         self.permutation, self.blocks = permutation, blocks
-        self.inverse = permutation.argsort()
+        self.inverse = None if permutation is None else permutation.argsort()
+        self.size = sum(b.shape[0] for b in blocks)
         # Consecutive blocks of one size, stacked: ``Q h`` is one batched product per size.
         self.groups: list[tuple[int, torch.Tensor]] = []
         start = 0
@@ -44,25 +50,32 @@ class Mixer:
         self._on: dict[torch.device, Mixer] = {}
 
     def to(self, device: torch.device) -> Mixer:
-        if self.permutation.device == device:
+        if self.blocks[0].device == device:
             return self
         if device not in self._on:
-            self._on[device] = Mixer(
-                self.permutation.to(device), [b.to(device) for b in self.blocks]
-            )
+            permutation = None if self.permutation is None else self.permutation.to(device)
+            self._on[device] = Mixer(permutation, [b.to(device) for b in self.blocks])
         return self._on[device]
 
-    def apply(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        """``Q x`` along ``axis``."""
+    def apply(self, x: torch.Tensor, axis: int, strength: float | None = None) -> torch.Tensor:
+        """``Q x`` along ``axis``; with a ``strength`` ``s``, ``x + s (Q x - x)`` in one product
+        (``((1 - s) I + s Q) x``)."""
         mixer = self.to(x.device)
-        permuted = x.index_select(axis, mixer.permutation)
+        if mixer.permutation is not None:
+            x = x.index_select(axis, mixer.permutation)
         parts = []
         for start, stack in mixer.groups:
             count, size = stack.shape[0], stack.shape[1]
-            part = permuted.narrow(axis, start, count * size)
-            parts.append(_block_product(part, stack.to(x.dtype), axis))
+            matrices = stack.to(x.dtype)
+            if strength is not None:
+                eye = torch.eye(size, dtype=x.dtype, device=x.device)
+                matrices = torch.lerp(eye.expand_as(matrices), matrices, strength)
+            part = x if len(mixer.groups) == 1 else x.narrow(axis, start, count * size)
+            parts.append(_block_product(part, matrices, axis))
         mixed = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
-        return mixed.index_select(axis, mixer.inverse)
+        if mixer.inverse is not None:
+            mixed = mixed.index_select(axis, mixer.inverse)
+        return mixed
 
 
 def _block_product(x: torch.Tensor, stack: torch.Tensor, axis: int) -> torch.Tensor:
@@ -82,7 +95,8 @@ def _block_product(x: torch.Tensor, stack: torch.Tensor, axis: int) -> torch.Ten
 def mix_weight(weight: torch.Tensor, mixer: Mixer, strength: float) -> torch.Tensor:
     """``W (I + s (Q - I))``, contracting ``weight``'s input axis 1: ``W' h == W (h + s(Qh - h))``."""
     mixer = mixer.to(weight.device)
-    permuted = weight.index_select(1, mixer.permutation)  # W[:, perm]: the features Q's blocks read
+    permutation = mixer.permutation
+    permuted = weight if permutation is None else weight.index_select(1, permutation)
     mixed = torch.empty_like(weight)
     start = 0
     for block in mixer.blocks:
@@ -90,8 +104,11 @@ def mix_weight(weight: torch.Tensor, mixer: Mixer, strength: float) -> torch.Ten
         # (Q h)[perm[start + j]] = sum_i B[i, j] h[perm[start + i]], so W Q takes B on its side
         mixed[:, start:end] = torch.einsum("oj...,ij->oi...", permuted[:, start:end], block)
         start = end
-    folded = torch.empty_like(weight)
-    folded.index_copy_(1, mixer.permutation, mixed)
+    if permutation is None:
+        folded = mixed
+    else:
+        folded = torch.empty_like(weight)
+        folded.index_copy_(1, permutation, mixed)
     return weight + strength * (folded - weight)
 
 
@@ -101,12 +118,18 @@ class FeatureMix(Strategy):
     description = "keyed orthogonal feature mixing at chosen layers' inputs (a few % of their cost)"
 
     def __init__(
-        self, key: bytes, targets: list[str] | None = None, block: int = DEFAULT_BLOCK, **options
+        self,
+        key: bytes,
+        targets: list[str] | None = None,
+        block: int = DEFAULT_BLOCK,
+        permute: bool = False,
+        **options: Any,
     ) -> None:
         super().__init__(key, targets, **options)
         if not isinstance(block, int) or block < 2:
             raise ValueError(f"feature-mix block must be an integer >= 2, got {block!r}")
         self.block = block
+        self.permute = bool(permute)
         self.mixers: dict[str, Mixer] = {}
         self._subset_mixers: dict[tuple[str, int], Mixer] = {}
 
@@ -115,13 +138,16 @@ class FeatureMix(Strategy):
         self.mixers[name] = self._mixer(features, name)
 
     def _mixer(self, size: int, *labels: str) -> Mixer:
-        return Mixer(*keyed_block_orthogonal(self.key, size, self.name, *labels, block=self.block))
+        permutation, blocks = keyed_block_orthogonal(
+            self.key, size, self.name, *labels, block=self.block
+        )
+        return Mixer(permutation if self.permute else None, blocks)
 
     def mixer(self, layer: str, size: int) -> Mixer:
         """The mix of ``layer``'s input at ``size`` features (fewer in a slimmed block: the kept
         channels get their own keyed mix)."""
         full = self.mixers[layer]
-        if size == len(full.permutation):
+        if size == full.size:
             return full
         if (layer, size) not in self._subset_mixers:
             self._subset_mixers[(layer, size)] = self._mixer(size, layer, "kept")
@@ -140,15 +166,16 @@ class FeatureMix(Strategy):
         The input of a grouped convolution holds ``groups`` runs of the weight's input features:
         each is mixed alike, as folding ``Q`` into the weight would.
         """
-        full = len(self.mixers[layer].permutation)
+        full = self.mixers[layer].size
         size = x.shape[axis]
+        uniform = None if isinstance(strength, torch.Tensor) else float(strength)
         if channels is None and size != full and size % full == 0 and axis == 1:
             groups = size // full
             flat = x.reshape(x.shape[0] * groups, full, *x.shape[2:])
-            mixed = self.mixers[layer].apply(flat, 1).reshape(x.shape)
+            mixed = self.mixers[layer].apply(flat, 1, uniform).reshape(x.shape)
         else:
-            mixed = self.mixer(layer, size).apply(x, axis)
-        return torch.lerp(x, mixed, strength)
+            mixed = self.mixer(layer, size).apply(x, axis, uniform)
+        return mixed if uniform is not None else torch.lerp(x, mixed, strength)
 
     def activation_macs(self, layer: str) -> float:
         """Multiply-adds per input element of mixing ``layer``'s input (its block width)."""
@@ -158,11 +185,12 @@ class FeatureMix(Strategy):
         return mix_weight(weight, self.mixers[layer], self.strength(tier))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "block": self.block}
+        return {**super().config(), "block": self.block, "permute": self.permute}
 
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for name, mixer in self.mixers.items():
-            tensors[f"{name}/permutation"] = mixer.permutation
+            if mixer.permutation is not None:
+                tensors[f"{name}/permutation"] = mixer.permutation
             tensors.update({f"{name}/block{i}": block for i, block in enumerate(mixer.blocks)})
         return tensors
