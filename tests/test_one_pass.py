@@ -197,3 +197,15 @@ def test_artifacts_of_the_256_feature_mix_still_load(tmp_path, digits8):
         loaded.strategies["feature-mix"].block == 256 and loaded.strategies["feature-mix"].permute
     )
     torch.testing.assert_close(loaded(x, tier="free"), expected)
+
+
+@torch.inference_mode()
+def test_outputs_do_not_depend_on_what_the_cache_holds():
+    tiered = _tiered(lambda: resnet18(num_classes=10), tiers="free=50%,pro=70%,premium=full")
+    x = torch.randn(2, 3, 32, 32)
+    first = tiered(x, tier="free")
+    for tier in tiered.tier_names:  # other tiers' entries now compete for the cache
+        tiered(x, tier=tier)
+    tiered.host.cache._entries.clear()
+    tiered.host.cache.nbytes = 0
+    assert torch.equal(tiered(x, tier="free"), first)

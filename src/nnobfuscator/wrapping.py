@@ -108,20 +108,29 @@ class DerivedCache:
         budget: the most bytes held, or a function giving it (evaluated on first use).
     """
 
-    def __init__(self, budget: int | Callable[[], int]) -> None:
+    def __init__(self, budget: int | Callable[[], int], tiers: Mapping[str, Any] | None = None):
         self._budget = budget
         self._entries: OrderedDict[Any, tuple[int, Any]] = OrderedDict()
         self.nbytes = 0
+        #: the model's tiers (how many a derived tensor may be kept for)
+        self.tiers = tiers or {}
+        self.reserved = 0
+
+    def reserve(self, nbytes_per_tier: int) -> bool:
+        """Reserve room for a derived tensor at every tier (up to half the budget, first come);
+        whether it was granted. A grant is a fixed decision, so outputs never depend on what the
+        cache holds at the time of a call."""
+        total = nbytes_per_tier * max(1, len(self.tiers))
+        if self.reserved + total > self.budget // 2:
+            return False
+        self.reserved += total
+        return True
 
     @property
     def budget(self) -> int:
         if callable(self._budget):
             self._budget = int(self._budget())
         return self._budget
-
-    def has_room(self, key: Any, nbytes: int) -> bool:
-        """Whether ``key`` is held, or ``nbytes`` more fit without evicting anything."""
-        return key in self._entries or self.nbytes + nbytes <= self.budget
 
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
         """The entry for ``key``, made with ``make()`` on a miss (kept while the budget allows)."""
@@ -142,6 +151,7 @@ class DerivedCache:
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+        self.reserved = 0
 
 
 def tensor_identity(tensor: torch.Tensor) -> tuple:
@@ -388,7 +398,8 @@ class TieredLayer(nn.Module):
     @property
     def folding_is_cheaper(self) -> bool:
         """Whether the strategies that act on inputs would cost over ``FOLD_ABOVE`` of this
-        layer's work there (then a one-tier pass uses a folded weight)."""
+        layer's work there and the model's cache granted room for its folded weight at every
+        tier (then a one-tier pass uses a folded weight; decided once)."""
         if self._fold_cheaper is None:
             layer = self.adapter.macs_per_input
             acting = [t for t in self.transforms.values() if acts_on_activations(t)]
@@ -397,8 +408,12 @@ class TieredLayer(nn.Module):
                 for t in acting
                 if callable(getattr(t, "activation_macs", None))
             )
+            base = self.base_weight
             self._fold_cheaper = bool(
-                acting and layer is not None and extra > self.FOLD_ABOVE * layer(self.base_layer)
+                acting
+                and layer is not None
+                and extra > self.FOLD_ABOVE * layer(self.base_layer)
+                and self._cache.reserve(base.numel() * base.element_size())
             )
         return self._fold_cheaper
 
@@ -432,18 +447,6 @@ class TieredLayer(nn.Module):
         signature = tuple(t.signature(tier) for t in transforms)
         key = ("weight", id(self), tier, signature, tensor_identity(self.base_weight))
         return transforms, signature, key
-
-    def folds_at(self, tier: str) -> bool:
-        """Whether a one-tier pass at ``tier`` folds the input-acting strategies into the weight:
-        where acting on the input costs more (:attr:`folding_is_cheaper`) and the folded weight
-        is held, or fits the cache without evicting anything (else it would be folded anew on
-        every call)."""
-        if not self.folding_is_cheaper:
-            return False
-        base = self.base_weight
-        return self._cache.has_room(
-            self._weight_key(tier, True)[2], base.numel() * base.element_size()
-        )
 
     def tier_weight(self, tier: str, *, fold_all: bool = False) -> torch.Tensor | None:
         """The weight this layer uses at ``tier``, or ``None`` when it is the original one.
@@ -514,7 +517,7 @@ class TieredLayer(nn.Module):
         fold_all = self.adapter.map_inputs is None
         if fold_all:
             self._refuse_mixed(state)
-        elif state.rows is None and state.lead is not None and self.folds_at(state.lead):
+        elif state.rows is None and state.lead is not None and self.folding_is_cheaper:
             fold_all = True
         elif any(acts_on_activations(t) for t in self.transforms.values()):
             args, kwargs = self.adapter.map_inputs(
@@ -553,7 +556,7 @@ class Host:
         self.root = root
         self.context = context
         self.tiers = tiers
-        self.cache = DerivedCache(lambda: int(self.CACHE_SHARE * module_bytes(self.root)))
+        self.cache = DerivedCache(lambda: int(self.CACHE_SHARE * module_bytes(self.root)), tiers)
         self.wrappers: dict[str, nn.Module] = {}
         self._restore: list[tuple[nn.Module, str, nn.Module]] = []
 
