@@ -34,6 +34,7 @@ from nnobfuscator.outputs import batch_size as count_samples
 from nnobfuscator.outputs import read_output, select
 from nnobfuscator.registry import TypeRegistry
 from nnobfuscator.strategies.bn_reestimate import Stats, find_store
+from nnobfuscator.wrapping import tensor_bytes
 
 Stage = tuple[str, Callable[[Any], Any] | None]
 RESIZE_TO_INPUT = "resize-to-input"  # a stage that scales dense logits to the input's size
@@ -342,12 +343,12 @@ class SettingRunner:
         return self._reference
 
     def _keep(self, key: tuple, entry: _Entry) -> None:
-        size = _nbytes(entry.output)
+        size = tensor_bytes(entry.output)
         self._cache[key] = entry
         self._bytes += size
         while self._bytes > self.budget and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            self._bytes -= _nbytes(old.output)
+            self._bytes -= tensor_bytes(old.output)
 
     @torch.inference_mode()
     def _run(
@@ -429,13 +430,3 @@ class SettingRunner:
     def flops(self, tier: str | None, signatures: list[tuple]) -> int:
         """FLOPs of one input at ``tier`` (stages shared with other settings counted once)."""
         return self._run(tier, signatures, FLOPS).flops
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sum(_nbytes(v) for v in value)
-    return 0
