@@ -16,7 +16,6 @@ the BatchNorm statistics re-estimated for a tier's compute setting, saved with i
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import torch
@@ -72,8 +71,9 @@ class ComputeStrategy(Strategy):
         return setting == other
 
     def setting(self, tier: str) -> Setting:
-        """The setting in force at ``tier`` (the default when it has none)."""
-        return copy.deepcopy(self.params(tier) or self.default_setting())
+        """The setting in force at ``tier`` (the default when it has none); read on every forward,
+        so it is the tier's own object: copy it before changing it."""
+        return self.params(tier) or self.default_setting()
 
     def is_active(self, tier: str) -> bool:
         return self.setting(tier) != self.default_setting()
