@@ -118,6 +118,15 @@ def serve(
     rate_limit: Annotated[
         str, typer.Option(help="Per-key limits by tier, e.g. 'free=60/min,*=600/min' or '*=none'.")
     ] = "*=600/min",
+    limits_store: Annotated[
+        str,
+        typer.Option(
+            "--limits-store",
+            metavar="URI",
+            help="where rate limits, quotas and usage live; redis://host:port to share them "
+            "across processes or Ray Serve replicas",
+        ),
+    ] = "memory://",
     ray: Annotated[bool, typer.Option("--ray", help="Deploy with Ray Serve.")] = False,
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray).")] = 1,
     allow_weak: Annotated[
@@ -136,6 +145,7 @@ def serve(
             max_wait_ms=max_wait_ms,
             max_body_bytes=int(max_body_mb * 1024 * 1024),
             rate_limits=parse_rate_limits(rate_limit),
+            limits_store=limits_store,
         )
     except ValueError as err:
         _fail(str(err))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
@@ -49,6 +50,52 @@ def parse_rate_limits(spec: str) -> dict[str, RateLimit | None]:
     return limits
 
 
+STORE_SCHEMES = ("memory", "redis", "rediss")
+_STORE_FORMS = "memory:// (this process only) or redis://[:password@]host:port[/db] (shared)"
+
+
+def check_store_uri(uri: str) -> str:
+    """Check a limits store URI (``memory://`` or ``redis://host:port[/db]``) and return it.
+
+    Raises:
+        ValueError: naming the URI (without its password) and the accepted forms.
+    """
+    text = uri.strip()
+    try:
+        parts = urlsplit(text)
+        port, db = parts.port, parts.path.strip("/")
+    except ValueError as err:  # a port that is not a number
+        raise ValueError(
+            f"invalid limits store {redact_uri(text)!r}: {err}; use {_STORE_FORMS}"
+        ) from None
+    if parts.scheme not in STORE_SCHEMES:
+        raise ValueError(f"invalid limits store {redact_uri(text)!r}: use {_STORE_FORMS}")
+    if parts.scheme == "memory":
+        if parts.netloc or db:
+            raise ValueError(f"invalid limits store {text!r}: write just 'memory://'")
+        return "memory://"
+    if not parts.hostname or (db and not db.isdigit()) or (port is not None and port < 1):
+        raise ValueError(
+            f"invalid limits store {redact_uri(text)!r}: write {parts.scheme}://host:port[/db] "
+            "with a host name, an optional port and an optional database number"
+        )
+    return text
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its password, if any, replaced by ``***`` (safe for messages and logs)."""
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return uri.split("@", 1)[-1] if "@" in uri else uri
+    if not password:
+        return uri
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 @dataclass
 class ServeConfig:
     """How the server batches, what input it accepts and how often each key may call.
@@ -62,6 +109,9 @@ class ServeConfig:
         rate_limits: per-tier limits (``"*"`` for tiers not named; ``None`` = unlimited).
             Owner keys are not rate limited.
         default_top_k: how many classes ``/v1/classify`` returns unless asked.
+        limits_store: where rate limits, quotas and usage are counted: ``"memory://"`` (each
+            process or Ray Serve replica counts on its own) or ``"redis://host:port[/db]"``
+            (one count shared by every process and replica).
     """
 
     max_batch_size: int = 32
@@ -73,8 +123,10 @@ class ServeConfig:
         default_factory=lambda: {"*": RateLimit(600, 60.0)}
     )
     default_top_k: int = 5
+    limits_store: str = "memory://"
 
     def __post_init__(self) -> None:
+        self.limits_store = check_store_uri(self.limits_store)
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_wait_ms < 0:
