@@ -4,16 +4,45 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from nnobfuscator.version import __version__
 
+#: commands whose modules load torch at import time: name -> (module, function), imported only
+#: when the command runs or help lists it, so that `nnobf keys ...` never pays for them
+_LAZY_COMMANDS = {
+    "attack": ("nnobfuscator.security.attack_cli", "attack"),
+    "seal": ("nnobfuscator.security.seal_cli", "seal_command"),
+    "unseal": ("nnobfuscator.security.seal_cli", "unseal_command"),
+}
+
+
+class _LazyGroup(TyperGroup):
+    """The top-level group: the commands of :data:`_LAZY_COMMANDS` are built on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return names + [name for name in _LAZY_COMMANDS if name not in names]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            module, function = _LAZY_COMMANDS[cmd_name]
+            single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+            single.command(cmd_name)(getattr(import_module(module), function))
+            self.add_command(typer.main.get_command(single), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
 app = typer.Typer(
+    cls=_LazyGroup,
     help="nnobfuscator: one trained model, a calibrated ladder of quality tiers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -317,20 +346,12 @@ def main(
         raise typer.Exit()
 
 
-# HTTP service commands (nnobfuscator.serving): `nnobf keys ...` and `nnobf serve`.
+# HTTP service commands (nnobfuscator.serving): `nnobf keys ...` and `nnobf serve`. The module
+# only imports typer, rich and sqlite at load time, so `nnobf keys ...` answers quickly.
 from nnobfuscator.serving.cli import keys_app, serve  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
 app.command("serve")(serve)
-from nnobfuscator.security.attack_cli import attack  # noqa: E402
-
-app.command("attack")(attack)
-
-# Sealed distribution (nnobfuscator.security): `nnobf seal` and `nnobf unseal`.
-from nnobfuscator.security.seal_cli import seal_command, unseal_command  # noqa: E402
-
-app.command("seal")(seal_command)
-app.command("unseal")(unseal_command)
 
 
 if __name__ == "__main__":
