@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean chromium
+.PHONY: demo test lint bench clean chromium redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	-$(MAKE) --no-print-directory chromium
+	-$(MAKE) --no-print-directory redis-server
 	touch $(STAMP)
 
 # Debian's Chromium for the web page test (Playwright drives it; nothing downloads a browser).
@@ -19,6 +20,14 @@ chromium:
 		&& [ "$$(id -u)" = 0 ] && apt-get update -qq \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "note: chromium is not installed; the web page test will be skipped"
+
+# Debian's redis-server for the tests of limits shared across processes and Ray Serve replicas
+# (each test run starts its own on a free loopback port). Best effort, like chromium.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+		|| echo "note: redis-server is not installed; the Redis tests will be skipped"
 
 demo: $(STAMP)
 	$(BIN)/nnobf demo --task classification --model resnet18 --tiers "free=60%,pro=85%,premium=full"
