@@ -7,8 +7,11 @@ pass with a tier per sample (``model(x, tiers=[...])``), so no request can see a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,14 +26,18 @@ from starlette.concurrency import run_in_threadpool
 from nnobfuscator.model import TieredModel
 from nnobfuscator.serving.auth import Authenticator, Principal
 from nnobfuscator.serving.batcher import MicroBatcher
+from nnobfuscator.serving.conditions import PolicyEngine
 from nnobfuscator.serving.config import ServeConfig
 from nnobfuscator.serving.errors import ApiError, install_error_handlers
 from nnobfuscator.serving.images import decode_image, generated_png
 from nnobfuscator.serving.keystore import KeyStore
+from nnobfuscator.serving.limiter import LimitStore
+from nnobfuscator.serving.load import LoadMonitor
 from nnobfuscator.serving.loader import ServedModel, load_artifact, serve_model
 from nnobfuscator.serving.metrics import Metrics
 from nnobfuscator.serving.middleware import ServingMiddleware
 from nnobfuscator.serving.payloads import IMAGE_BODY_DOC, read_image_payload, read_prompt
+from nnobfuscator.serving.policy import Policy, PolicyError, default_policy, load_policy, utc_now
 from nnobfuscator.serving.results import (
     CLASSIFICATION,
     SEGMENTATION,
@@ -65,7 +72,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over the size limit",
         415: "Unsupported content type or image format",
         422: "Invalid parameters, image size or empty prompt",
-        429: "Rate limit of the key's tier reached (see Retry-After)",
+        429: "Rate limit or quota of the key's tier used up (see Retry-After)",
     }.items()
 }
 _STATIC = resources.files("nnobfuscator.serving") / "static"
@@ -76,6 +83,8 @@ def create_app(
     *,
     keys: KeyStore | str | Path | None = None,
     config: ServeConfig | None = None,
+    policy: Policy | str | Path | None = None,
+    clock: Callable[[], datetime] = utc_now,
 ) -> FastAPI:
     """Build the API for one tiered model.
 
@@ -84,6 +93,10 @@ def create_app(
             loaded ``TieredModel`` / ``ServedModel``.
         keys: the key store or its SQLite path (default ``$NNOBF_HOME/keys.sqlite``).
         config: batching, limits and rate limits (default :class:`ServeConfig`).
+        policy: the serving policy or its YAML file (quotas, brownout, schedules, priority;
+            :mod:`nnobfuscator.serving.policy`); a file can be reloaded on SIGHUP or
+            ``POST /v1/policy/reload``. Default: ``config.rate_limits`` only.
+        clock: the current UTC time (schedules; injectable for tests).
 
     Example:
         >>> app = create_app("runs/resnet18-feature-mix", keys="keys.sqlite")
@@ -99,18 +112,55 @@ def create_app(
     config = config or ServeConfig()
     metrics = Metrics()
     tiers = served.model.tier_names
+    policy_path = None if policy is None or isinstance(policy, Policy) else Path(policy)
+    if policy is None:
+        policy = default_policy(tiers, config.rate_limits)
+    elif policy_path is not None:
+        policy = load_policy(policy_path, tiers)
+    load = LoadMonitor()
+    engine = PolicyEngine(policy, LimitStore(config.limits_store), load, clock)
+    engine.reload(policy)
+
+    def rank(tier: str) -> int:
+        return tiers.index(tier) if engine.policy.spec.priority else 0
+
+    def on_batch(names: list[str], seconds: float) -> None:
+        metrics.record_batch(names, seconds)
+        load.record_batch(seconds)
+
     batcher = MicroBatcher(
         lambda batch, names: _forward(served.model, batch, names),
         max_batch_size=config.max_batch_size,
         max_wait_ms=config.max_wait_ms,
-        on_batch=metrics.record_batch,
+        on_batch=on_batch,
+        on_wait=load.record_wait,
+        rank=rank,
     )
-    auth = Authenticator(store, tiers, config, metrics)
+    load._depth = lambda: batcher.pending
+    usage = _usage_meter(store, config)
+    auth = Authenticator(store, tiers, engine, metrics, usage)
+
+    def reload_policy() -> Policy:
+        """Re-read the policy file; a bad one raises :class:`PolicyError` and the old stays."""
+        if policy_path is None:
+            raise PolicyError("this server was started without --policy; nothing to reload")
+        fresh = load_policy(policy_path, tiers)
+        engine.reload(fresh)
+        return fresh
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        if policy_path is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, _reload_logged, reload_policy)
+        if usage is not None and hasattr(usage, "start_background_flush"):
+            usage.start_background_flush()
         yield
         await batcher.aclose()
+        if usage is not None:
+            with contextlib.suppress(Exception):
+                (getattr(usage, "stop", None) or usage.flush)()
 
     app = FastAPI(
         title="nnobfuscator",
@@ -123,6 +173,7 @@ def create_app(
     )
     app.state.served, app.state.keys, app.state.config = served, store, config
     app.state.metrics, app.state.batcher = metrics, batcher
+    app.state.engine, app.state.usage, app.state.reload_policy = engine, usage, reload_policy
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
@@ -198,27 +249,95 @@ def create_app(
 
     @app.get("/v1/tiers", response_model=TiersResponse, tags=["tiers"])
     async def list_tiers() -> TiersResponse:
-        """The tiers of the served model, lowest first, with their measured metrics."""
+        """The tiers of the served model, lowest first, with their measured metrics and the
+        policy in force (limits, quotas, brownout, schedules)."""
         rows = []
+        current = engine.policy
+        browned = engine.browned_out()
+        now = clock()
+        brownout = current.spec.brownout
         for row in served.model.status():
-            limit = config.rate_limit(row["tier"])
+            name = row["tier"]
+            rule = current.rule(name)
+            served_now = current.scheduled(name, now) or name
+            if browned and brownout is not None and served_now in brownout.serve:
+                served_now = brownout.serve[served_now]
+            exhausted = rule.on_exhausted
             rows.append(
                 TierInfo(
-                    name=row["tier"],
+                    name=name,
                     target=row["target"],
-                    full=served.model.get_tier(row["tier"]).is_full,
+                    full=served.model.get_tier(name).is_full,
                     metrics={k: float(v) for k, v in row["metrics"].items()},
                     relative_cost=row["relative_cost"],
-                    rate_limit=str(limit) if limit else None,
+                    rate_limit=rule.rate,
+                    quota=rule.quota,
+                    on_exhausted=None
+                    if exhausted is None
+                    else exhausted
+                    if isinstance(exhausted, str)
+                    else f"downgrade to {exhausted.downgrade}",
+                    served_now=served_now,
                 )
             )
-        return TiersResponse(task=served.task, model=served.model.model_name, tiers=rows)
+        status = engine.status()
+        return TiersResponse(
+            task=served.task,
+            model=served.model.model_name,
+            tiers=rows,
+            brownout=status["brownout"],
+            schedules_in_force=status["schedules_in_force"],
+            priority=status["priority"],
+        )
 
     @app.get("/v1/key", response_model=KeyInfo, responses=_ERRORS, tags=["tiers"])
-    async def key_info(principal: Principal = Depends(auth)) -> KeyInfo:
-        """The calling key: its tier and whether it is an owner key."""
+    async def key_info(principal: Principal = Depends(auth)) -> JSONResponse:
+        """The calling key: its own tier, the tier a request is served at now, and why."""
         record = principal.key
-        return KeyInfo(id=record.id, name=record.name, tier=principal.tier, owner=record.owner)
+        decision = principal.decision
+        info = KeyInfo(
+            id=record.id,
+            name=record.name,
+            tier=decision.key_tier if decision is not None else principal.tier,
+            served_tier=principal.tier,
+            reasons=list(decision.reasons) if decision is not None else [],
+            owner=record.owner,
+        )
+        return JSONResponse(info.model_dump(), headers=principal.headers)
+
+    # --- policy (owner keys) -------------------------------------------------------------------
+    @app.get("/v1/policy", responses=_ERRORS, tags=["policy"])
+    async def policy_status(principal: Principal = Depends(auth)) -> dict[str, Any]:
+        """Owner keys only: the policy in force, its source, the brownout state and signals."""
+        auth.require_owner(principal, "reading the policy")
+        return engine.status()
+
+    @app.post("/v1/policy/reload", responses=_ERRORS, tags=["policy"])
+    async def policy_reload(principal: Principal = Depends(auth)) -> dict[str, Any]:
+        """Owner keys only: re-read the policy file; a bad file is refused (422, with its line)
+        and the policy in force stays."""
+        auth.require_owner(principal, "reloading the policy")
+        try:
+            await run_in_threadpool(reload_policy)
+        except PolicyError as err:
+            raise ApiError(
+                422, "invalid_policy", f"{err}; the policy in force is unchanged"
+            ) from err
+        return engine.status()
+
+    @app.get("/v1/owner/stats", responses=_ERRORS, tags=["policy"])
+    async def owner_stats(
+        principal: Principal = Depends(auth),
+        minutes: int = Query(180, ge=1, le=24 * 60, description="History length."),
+    ) -> dict[str, Any]:
+        """Owner keys only: requests and downgrades per tier per minute (this process), the
+        brownout state and every key (stub only) with its usage."""
+        auth.require_owner(principal, "the owner statistics")
+        return {
+            "history": engine.history.series(minutes),
+            "status": engine.status(),
+            "keys": await run_in_threadpool(_key_usage, store, usage),
+        }
 
     # --- inference ---------------------------------------------------------------------------
     @app.post(
@@ -238,7 +357,7 @@ def create_app(
         x, _, options = await image_input(request)
         k = top_k_of(top_k, options)
         output = await batcher.submit(x, principal.tier)
-        return _answer(classify_answer(served, output, principal.tier, k))
+        return _answer(classify_answer(served, output, principal.tier, k), principal)
 
     @app.post(
         "/v1/segment",
@@ -258,7 +377,7 @@ def create_app(
         x, size, options = await image_input(request)
         fmt = mask_format(format, options)
         output = await batcher.submit(x, principal.tier)
-        return _answer(segment_answer(served, output, principal.tier, size, fmt))
+        return _answer(segment_answer(served, output, principal.tier, size, fmt), principal)
 
     @app.post(
         "/v1/generate",
@@ -283,11 +402,12 @@ def create_app(
         answer = generate_answer(output, principal.tier, body.prompt, seed)
         if "image/png" in request.headers.get("accept", ""):
             headers = {
+                **principal.headers,
                 TIER_HEADER: answer.tier,
                 **({"X-Seed": str(seed)} if seed is not None else {}),
             }
             return Response(generated_png(output), media_type="image/png", headers=headers)
-        return _answer(answer)
+        return _answer(answer, principal)
 
     @app.post(
         "/v1/compare",
@@ -336,10 +456,63 @@ _ENDPOINTS = {CLASSIFICATION: "POST /v1/classify", SEGMENTATION: "POST /v1/segme
 }
 
 
-def _answer(answer: ClassifyResponse | SegmentResponse | GenerateResponse) -> Any:
-    """The answer as JSON with the ``X-Tier`` header (already validated: skip FastAPI's pass)."""
+def _answer(
+    answer: ClassifyResponse | SegmentResponse | GenerateResponse, principal: Principal
+) -> Any:
+    """The answer as JSON with the ``X-Tier`` header and the policy's headers (key tier, reason,
+    rate limit); already validated, so FastAPI's response pass is skipped."""
     body = answer.model_dump(exclude_none=True)
-    return JSONResponse(body, headers={TIER_HEADER: answer.tier})
+    return JSONResponse(body, headers={**principal.headers, TIER_HEADER: answer.tier})
+
+
+def _reload_logged(reload: Callable[[], Policy]) -> None:
+    """SIGHUP: reload the policy; a bad file is reported and the old policy stays."""
+    import logging
+
+    log = logging.getLogger("nnobfuscator.serving")
+    try:
+        fresh = reload()
+    except PolicyError as err:
+        log.error("policy not reloaded (the policy in force is unchanged): %s", err)
+    else:
+        log.info("policy reloaded from %s", fresh.source)
+
+
+def _usage_meter(store: KeyStore, config: ServeConfig) -> Any:
+    """The usage meter: in Redis when limits are shared there, else in the key store's file."""
+    try:
+        from nnobfuscator.serving.usage import usage_meter
+    except ImportError:
+        return None
+    redis_url = config.limits_store if config.limits_store.startswith("redis") else None
+    return usage_meter(store.path, redis_url)
+
+
+def _key_usage(store: KeyStore, usage: Any) -> list[dict[str, Any]]:
+    """Every key as the owner page lists it: stub, tier, status and requests per tier (7 days)."""
+    totals: dict[str, dict[str, int]] = {}
+    if usage is not None:
+        with contextlib.suppress(Exception):
+            usage.flush()
+        for row in usage.rows(None, 7):
+            per_tier = totals.setdefault(row.key_id, {})
+            per_tier[row.tier] = per_tier.get(row.tier, 0) + row.requests
+    keys = []
+    for record in store.list_keys():
+        status = getattr(record, "status", None)
+        keys.append(
+            {
+                "stub": f"nnobf_{record.id}_…",
+                "name": record.name,
+                "tier": record.tier,
+                "owner": record.owner,
+                "status": status()
+                if callable(status)
+                else (status or ("revoked" if record.revoked else "active")),
+                "requests_7d": totals.get(record.id, {}),
+            }
+        )
+    return keys
 
 
 def _forward(model: TieredModel, batch: Any, tiers: list[str]) -> Any:

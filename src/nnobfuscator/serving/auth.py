@@ -1,16 +1,21 @@
-"""Who is calling and at which tier: API key -> tier, checked against the store on every request."""
+"""Who is calling and at which tier: API key -> the key's tier -> the policy's served tier.
+
+The key is checked against the store on every request (so tier changes, expiry and revocation
+apply at once); the serving policy (:mod:`nnobfuscator.serving.conditions`) then picks the tier
+the request is served at, or refuses it (429).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
-from nnobfuscator.serving.config import ServeConfig
+from nnobfuscator.serving.conditions import Caller, Decision, PolicyEngine
 from nnobfuscator.serving.errors import ApiError
 from nnobfuscator.serving.keystore import ApiKey, KeyStore
 from nnobfuscator.serving.metrics import Metrics
-from nnobfuscator.serving.ratelimit import RateLimiter, retry_after_header
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nnobfuscator"'}
 TIER_REQUEST_HEADER = "X-Request-Tier"
@@ -18,10 +23,16 @@ TIER_REQUEST_HEADER = "X-Request-Tier"
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: the key's record and the tier this request runs at."""
+    """An authenticated caller: the key's record, the tier this request runs at and the
+    policy's decision (reasons and headers)."""
 
     key: ApiKey
     tier: str
+    decision: Decision | None = field(default=None, compare=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.decision.headers) if self.decision is not None else {}
 
     @property
     def owner(self) -> bool:
@@ -46,18 +57,24 @@ class Authenticator:
         store: the key store (read on every request, so tier changes and revocations apply at
             once).
         tiers: the served model's tier names, lowest first.
-        config: server settings (rate limits).
-        metrics: where refusals are counted.
+        engine: the serving policy (limits, quotas, schedules, brownout).
+        metrics: where refusals and downgrades are counted.
+        usage: meters each admitted request per key, tier and day (``record(key_id, tier)``).
     """
 
     def __init__(
-        self, store: KeyStore, tiers: list[str], config: ServeConfig, metrics: Metrics
+        self,
+        store: KeyStore,
+        tiers: list[str],
+        engine: PolicyEngine,
+        metrics: Metrics,
+        usage: Any = None,
     ) -> None:
         self.store = store
         self.tiers = tiers
-        self.config = config
+        self.engine = engine
         self.metrics = metrics
-        self.limiter = RateLimiter()
+        self.usage = usage
 
     async def __call__(self, request: Request) -> Principal:
         # async on purpose: one indexed SQLite read, cheaper than a hop to the thread pool
@@ -69,24 +86,22 @@ class Authenticator:
         record = self.store.verify(token)
         if record is None:
             self._refuse("invalid", "the API key is not valid; check it or ask for a new one")
-        if record.revoked:
-            self._refuse("revoked", "the API key was revoked; ask the model owner for a new one")
-        tier = self._tier(record, request.headers.get(TIER_REQUEST_HEADER) or None)
-        request.state.tier = tier
-        if not record.owner:
-            own = record.tier or tier  # a key asking for a lower tier keeps its own limit
-            limit = self.config.rate_limit(own)
-            wait = self.limiter.acquire(record.id, limit)
-            if wait is not None:
-                self.metrics.rate_limited.labels(tier).inc()
-                raise ApiError(
-                    429,
-                    "rate_limited",
-                    f"rate limit of tier {own!r} reached ({limit} per key); "
-                    f"retry after {wait:.1f} s",
-                    {"Retry-After": retry_after_header(wait)},
-                )
-        return Principal(record, tier)
+        refusal = _refusal(record)
+        if refusal is not None:
+            self._refuse(*refusal)
+        asked = self._tier(record, request.headers.get(TIER_REQUEST_HEADER) or None)
+        caller = Caller(record.id, record.name, record.tier or self.tiers[-1], asked, record.owner)
+        try:
+            decision = self.engine.decide(caller)
+        except ApiError as err:
+            self.metrics.rate_limited.labels(caller.key_tier).inc()
+            raise err
+        for reason in decision.reasons:
+            self.metrics.downgrades.labels(decision.key_tier, reason).inc()
+        request.state.tier = decision.tier
+        if self.usage is not None:
+            self.usage.record(record.id, decision.tier)
+        return Principal(record, decision.tier, decision)
 
     def _tier(self, record: ApiKey, requested: str | None) -> str:
         own = record.tier or self.tiers[-1]
@@ -116,13 +131,22 @@ class Authenticator:
         return requested
 
     def _refuse(self, reason: str, detail: str) -> None:
+        reason = reason.removesuffix("_key")
         self.metrics.auth_failures.labels(reason).inc()
         raise ApiError(401, f"{reason}_key", detail, _CHALLENGE)
 
-    def require_owner(self, principal: Principal) -> None:
+    def require_owner(self, principal: Principal, what: str = "comparing tiers") -> None:
         if not principal.owner:
             raise ApiError(
-                403,
-                "owner_only",
-                "comparing tiers needs an owner key (`nnobf keys create --owner`)",
+                403, "owner_only", f"{what} needs an owner key (`nnobf keys create --owner`)"
             )
+
+
+def _refusal(record: ApiKey) -> tuple[str, str] | None:
+    """Why a stored key may not be used now (expired, revoked, rotated out), if it may not."""
+    check = getattr(record, "refusal", None)
+    if check is not None:
+        return check()
+    if record.revoked:
+        return "revoked", "the API key was revoked; ask the model owner for a new one"
+    return None

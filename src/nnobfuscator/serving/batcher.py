@@ -39,6 +39,11 @@ class MicroBatcher:
         max_batch_size: most samples per forward call.
         max_wait_ms: how long the first request waits for others to join its batch.
         on_batch: called with ``(tiers, seconds)`` after each forward (for metrics).
+        on_wait: called with each request's seconds in the queue when its batch starts.
+        rank: a tier's priority (higher first); with more requests waiting than a batch holds,
+            higher tiers go first. ``None``: first come, first served.
+        starve_ms: a request waiting longer than this goes first whatever its tier (so lower
+            tiers are slowed under load, never starved).
     """
 
     def __init__(
@@ -48,53 +53,80 @@ class MicroBatcher:
         max_batch_size: int = 32,
         max_wait_ms: float = 2.0,
         on_batch: Callable[[list[str], float], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
+        rank: Callable[[str], int] | None = None,
+        starve_ms: float = 2000.0,
     ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
-        self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Item] | None = None
+        self.on_batch, self.on_wait = on_batch, on_wait
+        self.rank = rank
+        self.starve = starve_ms / 1000.0
+        self._waiting: list[_Item] = []
+        self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnobf-forward")
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._waiting)
 
-    def _ensure_worker(self) -> asyncio.Queue[_Item]:
+    def _ensure_worker(self) -> asyncio.Event:
         loop = asyncio.get_running_loop()
-        if self._queue is None or self._loop is not loop or self._worker is None:
-            self._loop, self._queue = loop, asyncio.Queue()
-            self._worker = loop.create_task(self._run(self._queue), name="nnobf-batcher")
-        return self._queue
+        if self._arrived is None or self._loop is not loop or self._worker is None:
+            self._loop, self._arrived, self._waiting = loop, asyncio.Event(), []
+            self._worker = loop.create_task(self._run(self._arrived), name="nnobf-batcher")
+        return self._arrived
 
     async def submit(self, sample: Any, tier: str) -> Any:
         """Run one sample at ``tier`` and return its own output (batch dimension removed)."""
-        queue = self._ensure_worker()
+        arrived = self._ensure_worker()
         future = asyncio.get_running_loop().create_future()
-        queue.put_nowait(_Item(sample, tier, future))
+        self._waiting.append(_Item(sample, tier, future))
+        arrived.set()
         return await future
 
-    async def _run(self, queue: asyncio.Queue[_Item]) -> None:
+    async def _run(self, arrived: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = [await queue.get()]
+            while not self._waiting:
+                arrived.clear()
+                await arrived.wait()
             deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch_size:
-                if queue.empty():
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        items.append(await asyncio.wait_for(queue.get(), timeout))
-                    except TimeoutError:
-                        break
-                else:
-                    items.append(queue.get_nowait())
-            items = [item for item in items if not item.future.cancelled()]
+            while len(self._waiting) < self.max_batch_size:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), timeout)
+                except TimeoutError:
+                    break
+            items = [item for item in self._next_batch() if not item.future.cancelled()]
+            started = time.perf_counter()
+            if self.on_wait is not None:
+                for item in items:
+                    self.on_wait(started - item.enqueued)
             for group in _group_by_shape(items):
                 await self._run_group(loop, group)
+
+    def _next_batch(self) -> list[_Item]:
+        """Take up to ``max_batch_size`` waiting requests: by tier rank when ranked (requests
+        older than ``starve_ms`` first), else in arrival order."""
+        waiting = self._waiting
+        if self.rank is not None and len(waiting) > self.max_batch_size:
+            now = time.perf_counter()
+            waiting.sort(
+                key=lambda item: (
+                    now - item.enqueued < self.starve,
+                    -self.rank(item.tier),  # type: ignore[misc]
+                    item.enqueued,
+                )
+            )
+        batch, self._waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
+        return batch
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Item]) -> None:
         tiers = [item.tier for item in group]
@@ -121,6 +153,9 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        for item in self._waiting:
+            item.future.cancel()
+        self._waiting = []
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -46,13 +46,20 @@ class Metrics:
         )
         self.rate_limited = Counter(
             "nnobf_rate_limited",
-            "Requests refused with 429, by tier.",
+            "Requests refused with 429 (rate limit or quota), by key tier.",
             ["tier"],
+            registry=self.registry,
+        )
+        self.downgrades = Counter(
+            "nnobf_downgrades",
+            "Requests served below their key's tier, by key tier and reason (quota, load, "
+            "schedule).",
+            ["tier", "reason"],
             registry=self.registry,
         )
         self.auth_failures = Counter(
             "nnobf_auth_failures",
-            "Requests refused with 401, by reason (missing, invalid, revoked).",
+            "Requests refused with 401, by reason (missing, invalid, revoked, expired, rotated).",
             ["reason"],
             registry=self.registry,
         )

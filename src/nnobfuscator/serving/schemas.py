@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -81,18 +81,36 @@ class TierInfo(BaseModel):
     metrics: dict[str, float]
     relative_cost: float | None
     rate_limit: str | None = Field(description="Per-key limit, e.g. '60/min'; null = none.")
+    quota: str | None = Field(None, description="Per-key quota, e.g. '1000/day'; null = none.")
+    on_exhausted: str | None = Field(
+        None, description="What happens once the quota is used up: 'reject' or 'downgrade to T'."
+    )
+    served_now: str | None = Field(
+        None, description="The tier this tier's requests are served at now (schedule, brownout)."
+    )
 
 
 class TiersResponse(BaseModel):
     task: str
     model: str
     tiers: list[TierInfo]
+    brownout: dict[str, Any] | None = Field(
+        None, description="The brownout rule and whether it is on now (null: no brownout)."
+    )
+    schedules_in_force: list[str] = Field(default_factory=list)
+    priority: bool = Field(True, description="Whether higher tiers are batched first.")
 
 
 class KeyInfo(BaseModel):
     id: str
     name: str | None
     tier: str = Field(description="The tier this key gets by default.")
+    served_tier: str | None = Field(
+        None, description="The tier a request of this key is served at now."
+    )
+    reasons: list[str] = Field(
+        default_factory=list, description="Why they differ: quota, load or schedule."
+    )
     owner: bool
 
 

@@ -1,0 +1,189 @@
+"""Evaluates the serving policy for each request: the tier it is served at, and why.
+
+One :class:`PolicyEngine` per server process; its limits and quotas live in a
+:class:`~nnobfuscator.serving.limiter.LimitStore` (in memory, or Redis shared by replicas). A new
+policy replaces the old one atomically (:meth:`PolicyEngine.reload`); a bad one never gets that
+far (:func:`~nnobfuscator.serving.policy.load_policy` refuses it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from nnobfuscator.serving.errors import ApiError
+from nnobfuscator.serving.history import History
+from nnobfuscator.serving.limiter import LimitState, LimitStore, parse_limit, rate_limit_headers
+from nnobfuscator.serving.load import BrownoutSwitch, LoadMonitor
+from nnobfuscator.serving.policy import Downgrade, Policy, utc_now
+
+KEY_TIER_HEADER = "X-Key-Tier"
+REASON_HEADER = "X-Tier-Reason"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a request runs: the served ``tier``, the key's own tier, the reasons they differ
+    (``schedule``, ``quota``, ``load``) and the headers its answer carries."""
+
+    tier: str
+    key_tier: str
+    reasons: tuple[str, ...] = ()
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: the key's id (and name, for per-key rules), its own tier, the tier it asks
+    for (its own or lower) and whether it is an owner key (owner keys bypass the policy)."""
+
+    key_id: str
+    key_name: str | None
+    key_tier: str
+    asked: str
+    owner: bool = False
+
+
+class PolicyEngine:
+    """Applies a :class:`Policy` to each request.
+
+    Args:
+        policy: the policy in force.
+        limits: where rate limits and quotas count.
+        load: the process's load signals (brownout).
+        clock: the current UTC time (schedules; injectable for tests).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        limits: LimitStore,
+        load: LoadMonitor,
+        clock: Callable[[], datetime] = utc_now,
+        history: History | None = None,
+    ) -> None:
+        self._policy = policy
+        self.limits, self.load, self.clock = limits, load, clock
+        self.brownout = BrownoutSwitch()
+        self.history = history or History()
+        self._lock = threading.Lock()
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def reload(self, policy: Policy) -> None:
+        """Put ``policy`` in force from the next request on (counts already made are kept)."""
+        with self._lock:
+            self._policy = policy
+            if policy.spec.brownout is None:
+                self.brownout.reset()
+            else:
+                self.load.window_s = policy.spec.brownout.window_s
+
+    def browned_out(self) -> bool:
+        """Whether brownout is on now (updates the switch from the current signal)."""
+        spec = self._policy.spec.brownout
+        if spec is None:
+            return False
+        value = self.load.signals()[spec.signal]
+        return self.brownout.update(value, spec.above, spec.below)
+
+    def decide(self, caller: Caller) -> Decision:
+        """The tier ``caller``'s request is served at.
+
+        Raises:
+            ApiError: 429 when the key's rate limit, or a quota whose ``on_exhausted`` is
+                ``reject``, is used up (with ``Retry-After`` and the rate-limit headers).
+        """
+        policy = self._policy
+        if caller.owner:
+            return Decision(caller.asked, caller.key_tier)
+        tier, reasons = caller.asked, []
+        scheduled = policy.scheduled(tier, self.clock())
+        if scheduled is not None and scheduled != tier:
+            tier = scheduled
+            reasons.append("schedule")
+        refs = tuple(r for r in (caller.key_name, caller.key_id) if r)
+        rule = policy.rule(caller.key_tier, refs)
+        headers: dict[str, str] = {}
+        if rule.rate is not None:
+            state = self.limits.hit("rate", caller.key_id, parse_limit(rule.rate))
+            headers.update(rate_limit_headers(state))
+            if not state.allowed:
+                self.history.record(caller.key_tier, None, ("rate",))
+                raise _too_many(
+                    "rate_limited",
+                    f"rate limit of tier {caller.key_tier!r} reached ({rule.rate} per key)",
+                    state,
+                    headers,
+                )
+        if rule.quota is not None:
+            quota = self.limits.hit("quota", caller.key_id, parse_limit(rule.quota, kind="quota"))
+            headers.update(_quota_headers(quota, rule.quota))
+            if not headers.get("RateLimit-Limit"):
+                headers.update(rate_limit_headers(quota))
+            if not quota.allowed:
+                exhausted = rule.on_exhausted
+                if isinstance(exhausted, Downgrade):
+                    if policy.rank(exhausted.downgrade) < policy.rank(tier):
+                        tier = exhausted.downgrade
+                        reasons.append("quota")
+                else:
+                    self.history.record(caller.key_tier, None, ("quota",))
+                    raise _too_many(
+                        "quota_exhausted",
+                        f"quota of tier {caller.key_tier!r} used up ({rule.quota} per key)",
+                        quota,
+                        headers,
+                    )
+        brownout = policy.spec.brownout
+        if brownout is not None and tier in brownout.serve and self.browned_out():
+            lowered = brownout.serve[tier]
+            if lowered != tier:
+                tier = lowered
+                reasons.append("load")
+        headers[KEY_TIER_HEADER] = caller.key_tier
+        if reasons:
+            headers[REASON_HEADER] = ",".join(reasons)
+        self.history.record(tier, caller.key_tier, tuple(reasons))
+        return Decision(tier, caller.key_tier, tuple(reasons), headers)
+
+    def status(self) -> dict[str, Any]:
+        """The policy in force, schedules active now and the brownout state (JSON-ready)."""
+        policy = self._policy
+        now = self.clock()
+        spec = policy.spec
+        state = self.brownout.state
+        return {
+            "source": policy.source,
+            "policy": policy.describe(),
+            "schedules_in_force": [s.name for s in spec.schedules if s.covers(now)],
+            "brownout": None
+            if spec.brownout is None
+            else {
+                "active": self.browned_out(),
+                "signal": spec.brownout.signal,
+                "value": round(state.value, 3),
+                "above": spec.brownout.above,
+                "below": spec.brownout.below,
+                "since": state.since,
+                "changes": state.changes,
+            },
+            "signals": {k: round(v, 3) for k, v in self.load.signals().items()},
+            "priority": spec.priority,
+        }
+
+
+def _quota_headers(state: LimitState, text: str) -> dict[str, str]:
+    return {"X-Quota-Limit": text, "X-Quota-Remaining": str(max(0, state.remaining))}
+
+
+def _too_many(code: str, message: str, state: LimitState, headers: dict[str, str]) -> ApiError:
+    wait = max(1.0, state.retry_after)
+    return ApiError(
+        429, code, f"{message}; retry after {wait:.0f} s", {**headers, **rate_limit_headers(state)}
+    )
