@@ -112,3 +112,24 @@ def trained(name: str, weights: dict[str, dict[str, torch.Tensor]]) -> nn.Module
     model = BUILDERS[name]()
     model.load_state_dict(weights[name])
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory):
+    """One ``redis-server`` for the session on a free loopback port (skips without the binary)."""
+    from redis_support import SKIP_REASON, redis_server
+
+    try:
+        with redis_server(tmp_path_factory.mktemp("redis")) as url:
+            yield url
+    except FileNotFoundError:
+        pytest.skip(SKIP_REASON)
+
+
+@pytest.fixture
+def redis_url(redis_server_url):
+    """``redis://127.0.0.1:N/0`` of the session's Redis, emptied before each test."""
+    from redis_support import flush
+
+    flush(redis_server_url)
+    return redis_server_url
