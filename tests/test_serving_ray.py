@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nnobfuscator.serving import KeyStore, ServeConfig
+from nnobfuscator.serving.config import RateLimit
 from nnobfuscator.serving.images import decode_image
 from nnobfuscator.serving.loader import load_artifact
 from nnobfuscator.serving.testing import free_port, random_png, torchvision_artifact
@@ -22,11 +23,11 @@ TIERS = ["free", "pro", "premium"]
 
 
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory):
+def ray_instance(tmp_path_factory):
+    """A local Ray instance with Serve's proxy on a free loopback port; yields
+    ``(artifact, keys, port)`` for the applications the tests deploy on it."""
     ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
     from ray import serve
-
-    from nnobfuscator.serving.ray_app import APP_NAME, build_application
 
     tmp = tmp_path_factory.mktemp("ray")
     artifact = torchvision_artifact(tmp / "artifact")
@@ -46,17 +47,27 @@ def ray_server(tmp_path_factory):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ServeConfig(max_wait_ms=10.0, rate_limits={})
-        serve.run(
-            build_application(artifact, keys, config, replicas=2, cpus_per_replica=0.5),
-            name=APP_NAME,
-            route_prefix="/",
-        )
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client, KeyStore(keys), load_artifact(artifact)
+        yield artifact, keys, port
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_instance):
+    from ray import serve
+
+    from nnobfuscator.serving.ray_app import APP_NAME, build_application
+
+    artifact, keys, port = ray_instance
+    config = ServeConfig(max_wait_ms=10.0, rate_limits={})
+    serve.run(
+        build_application(artifact, keys, config, replicas=2, cpus_per_replica=0.5),
+        name=APP_NAME,
+        route_prefix="/",
+    )
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client, KeyStore(keys), load_artifact(artifact)
 
 
 def _scores(body: dict) -> dict[int, float]:
@@ -107,3 +118,41 @@ def test_ray_replicas_serve_tiers_and_share_the_key_store(ray_server):
     }
     assert codes == {401}
     assert client.post("/v1/classify", files=files).status_code == 401
+
+
+def test_ray_replicas_share_rate_limits_through_redis(ray_instance, redis_server_url):
+    """Two replicas counting in one Redis: a key limited to L per minute gets L answers, not 2L."""
+    from ray import serve
+
+    from nnobfuscator.serving.ray_app import build_application
+
+    artifact, keys, port = ray_instance
+    limit = 6
+    config = ServeConfig(
+        max_wait_ms=10.0,
+        rate_limits={"*": RateLimit(limit, 60.0)},
+        limits_store=redis_server_url,
+    )
+    serve.run(
+        build_application(artifact, keys, config, replicas=2, cpus_per_replica=0.5),
+        name="limited",
+        route_prefix="/limited",
+    )
+    try:
+        _, key = KeyStore(keys).create("free", name="limited-user")
+        files = {"image": ("x.png", random_png(7), "image/png")}
+        url = f"http://127.0.0.1:{port}/limited/v1/classify"
+        client = httpx.Client(timeout=60, headers={"X-API-Key": key})
+        with client, ThreadPoolExecutor(4) as pool:  # concurrent: both replicas take requests
+            codes = list(pool.map(lambda _: client.post(url, files=files), range(3 * limit)))
+        statuses = [response.status_code for response in codes]
+        assert set(statuses) <= {200, 429}, [
+            r.text for r in codes if r.status_code not in (200, 429)
+        ]
+        answered = statuses.count(200)
+        print(f"limit {limit}/min over 2 replicas: {answered} of {len(statuses)} answered")
+        assert limit - 1 <= answered <= limit + 1, statuses
+        refused = next(r for r in codes if r.status_code == 429)
+        assert int(refused.headers["Retry-After"]) >= 1
+    finally:
+        serve.delete("limited")

@@ -2,7 +2,10 @@
 
 Each replica builds the app itself (one copy of the weights per replica) from the artifact path;
 every replica reads the same SQLite key store, so a key's tier change or revocation reaches all
-of them on the next request. Rate-limit buckets live in each replica's memory.
+of them on the next request. Rate limits and quotas are counted where
+``ServeConfig.limits_store`` says: with the default ``memory://`` each replica counts on its own
+(a key gets N times its limit from N replicas); with ``redis://host:port`` every replica counts in
+that Redis, so a key gets its limit once.
 """
 
 from __future__ import annotations
