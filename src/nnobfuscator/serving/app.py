@@ -291,7 +291,7 @@ def create_app(
         )
 
     @app.get("/v1/key", response_model=KeyInfo, responses=_ERRORS, tags=["tiers"])
-    async def key_info(principal: Principal = Depends(auth)) -> JSONResponse:
+    async def key_info(principal: Principal = Depends(auth.identify)) -> JSONResponse:
         """The calling key: its own tier, the tier a request is served at now, and why."""
         record = principal.key
         decision = principal.decision
@@ -307,13 +307,13 @@ def create_app(
 
     # --- policy (owner keys) -------------------------------------------------------------------
     @app.get("/v1/policy", responses=_ERRORS, tags=["policy"])
-    async def policy_status(principal: Principal = Depends(auth)) -> dict[str, Any]:
+    async def policy_status(principal: Principal = Depends(auth.identify)) -> dict[str, Any]:
         """Owner keys only: the policy in force, its source, the brownout state and signals."""
         auth.require_owner(principal, "reading the policy")
         return engine.status()
 
     @app.post("/v1/policy/reload", responses=_ERRORS, tags=["policy"])
-    async def policy_reload(principal: Principal = Depends(auth)) -> dict[str, Any]:
+    async def policy_reload(principal: Principal = Depends(auth.identify)) -> dict[str, Any]:
         """Owner keys only: re-read the policy file; a bad file is refused (422, with its line)
         and the policy in force stays."""
         auth.require_owner(principal, "reloading the policy")
@@ -327,7 +327,7 @@ def create_app(
 
     @app.get("/v1/owner/stats", responses=_ERRORS, tags=["policy"])
     async def owner_stats(
-        principal: Principal = Depends(auth),
+        principal: Principal = Depends(auth.identify),
         minutes: int = Query(180, ge=1, le=24 * 60, description="History length."),
     ) -> dict[str, Any]:
         """Owner keys only: requests and downgrades per tier per minute (this process), the

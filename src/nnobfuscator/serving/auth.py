@@ -77,7 +77,17 @@ class Authenticator:
         self.usage = usage
 
     async def __call__(self, request: Request) -> Principal:
-        # async on purpose: one indexed SQLite read, cheaper than a hop to the thread pool
+        """An inference request: the key, then the policy (counts against limits and quotas,
+        metered as usage)."""
+        return self._resolve(request, consume=True)
+
+    async def identify(self, request: Request) -> Principal:
+        """Any other request (key info, owner views): the key, and the tier the policy would
+        serve it at now, without counting it against limits, quotas or usage."""
+        return self._resolve(request, consume=False)
+
+    def _resolve(self, request: Request, consume: bool) -> Principal:
+        # run on the event loop on purpose: one indexed SQLite read, cheaper than a thread hop
         token = presented_key(request)
         if token is None:
             self._refuse(
@@ -91,6 +101,9 @@ class Authenticator:
             self._refuse(*refusal)
         asked = self._tier(record, request.headers.get(TIER_REQUEST_HEADER) or None)
         caller = Caller(record.id, record.name, record.tier or self.tiers[-1], asked, record.owner)
+        if not consume:
+            decision = self.engine.decide(caller, consume=False)
+            return Principal(record, decision.tier, decision)
         try:
             decision = self.engine.decide(caller)
         except ApiError as err:

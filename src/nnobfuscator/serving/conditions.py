@@ -92,14 +92,20 @@ class PolicyEngine:
         value = self.load.signals()[spec.signal]
         return self.brownout.update(value, spec.above, spec.below)
 
-    def decide(self, caller: Caller) -> Decision:
+    def decide(self, caller: Caller, consume: bool = True) -> Decision:
         """The tier ``caller``'s request is served at.
+
+        Args:
+            consume: count the request against the key's limits and quotas (an inference
+                request); ``False`` previews the decision (key info, owner views) and never
+                raises.
 
         Raises:
             ApiError: 429 when the key's rate limit, or a quota whose ``on_exhausted`` is
                 ``reject``, is used up (with ``Retry-After`` and the rate-limit headers).
         """
         policy = self._policy
+        count = self.limits.hit if consume else self.limits.peek
         if caller.owner:
             return Decision(caller.asked, caller.key_tier)
         tier, reasons = caller.asked, []
@@ -111,9 +117,9 @@ class PolicyEngine:
         rule = policy.rule(caller.key_tier, refs)
         headers: dict[str, str] = {}
         if rule.rate is not None:
-            state = self.limits.hit("rate", caller.key_id, parse_limit(rule.rate))
+            state = count("rate", caller.key_id, parse_limit(rule.rate))
             headers.update(rate_limit_headers(state))
-            if not state.allowed:
+            if not state.allowed and consume:
                 self.history.record(caller.key_tier, None, ("rate",))
                 raise _too_many(
                     "rate_limited",
@@ -122,7 +128,7 @@ class PolicyEngine:
                     headers,
                 )
         if rule.quota is not None:
-            quota = self.limits.hit("quota", caller.key_id, parse_limit(rule.quota, kind="quota"))
+            quota = count("quota", caller.key_id, parse_limit(rule.quota, kind="quota"))
             headers.update(_quota_headers(quota, rule.quota))
             if not headers.get("RateLimit-Limit"):
                 headers.update(rate_limit_headers(quota))
@@ -132,7 +138,7 @@ class PolicyEngine:
                     if policy.rank(exhausted.downgrade) < policy.rank(tier):
                         tier = exhausted.downgrade
                         reasons.append("quota")
-                else:
+                elif consume:
                     self.history.record(caller.key_tier, None, ("quota",))
                     raise _too_many(
                         "quota_exhausted",
@@ -149,7 +155,8 @@ class PolicyEngine:
         headers[KEY_TIER_HEADER] = caller.key_tier
         if reasons:
             headers[REASON_HEADER] = ",".join(reasons)
-        self.history.record(tier, caller.key_tier, tuple(reasons))
+        if consume:
+            self.history.record(tier, caller.key_tier, tuple(reasons))
         return Decision(tier, caller.key_tier, tuple(reasons), headers)
 
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,294 @@
+"""The serving policy: validation with line numbers, quotas that downgrade, schedules at their
+window edges, brownout with hysteresis, priority batching, reloads that keep a good policy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from nnobfuscator.serving import KeyStore, ServeConfig, create_app
+from nnobfuscator.serving.batcher import MicroBatcher
+from nnobfuscator.serving.conditions import Caller, PolicyEngine
+from nnobfuscator.serving.errors import ApiError
+from nnobfuscator.serving.limiter import LimitStore
+from nnobfuscator.serving.load import LoadMonitor
+from nnobfuscator.serving.policy import PolicyError, parse_policy
+from nnobfuscator.serving.testing import random_png, serve_in_thread, torchvision_artifact
+
+TIERS = ["free", "pro", "premium"]
+
+
+class Clock:
+    """A settable UTC clock."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def engine_for(text: str, *, depth=lambda: 0, clock=None) -> PolicyEngine:
+    policy = parse_policy(text, TIERS)
+    return PolicyEngine(
+        policy,
+        LimitStore("memory://"),
+        LoadMonitor(depth=depth),
+        clock or Clock(datetime(2026, 11, 27, 12, 0, tzinfo=UTC)),
+    )
+
+
+def caller(tier: str, key_id: str = "k1", asked: str | None = None) -> Caller:
+    return Caller(key_id, None, tier, asked or tier)
+
+
+# --- validation ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("tiers:\n  free:\n    rate: 60/min\n  gold:\n    rate: 1/s\n", 4, "unknown tier 'gold'"),
+        ("tiers:\n  free:\n    quota: lots/day\n", 3, "lots/day"),
+        ("tiers:\n  pro:\n    quota: 5/day\n    on_exhausted: {downgrade: premium}\n", 4, "lower"),
+        ("tiers:\n  pro:\n    rate: 5/min\n    colour: red\n", 4, "colour"),
+        (
+            "brownout:\n  signal: queue_depth\n  above: 10\n  below: 20\n  serve: {pro: free}\n",
+            1,
+            "below",
+        ),
+        (
+            "brownout:\n  signal: queue_depth\n  above: 10\n  below: 2\n"
+            "  serve:\n    free: premium\n",
+            6,
+            "higher",
+        ),
+        ("schedules:\n  - name: night\n    from: '25:00'\n    serve: {free: pro}\n", 3, "HH:MM"),
+        ("tiers:\n  free: [unclosed\n", None, "not valid YAML"),
+    ],
+)
+def test_bad_policy_names_its_line(text, line, words):
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, TIERS, source="p.yaml")
+    message = str(info.value)
+    assert words in message
+    if line is not None:
+        assert info.value.line == line
+        assert f"p.yaml, line {line}" in message
+    else:
+        assert info.value.line is not None  # YAML errors carry their line too
+
+
+# --- quotas ---------------------------------------------------------------------------------------
+def test_quota_downgrades_after_exactly_n_requests():
+    engine = engine_for("tiers:\n  pro:\n    quota: 4/day\n    on_exhausted: {downgrade: free}\n")
+    served = [engine.decide(caller("pro")) for _ in range(6)]
+    assert [d.tier for d in served] == ["pro"] * 4 + ["free"] * 2
+    assert served[3].reasons == () and served[4].reasons == ("quota",)
+    assert served[4].headers["X-Tier-Reason"] == "quota"
+    assert served[4].headers["X-Key-Tier"] == "pro"
+    assert served[2].headers["X-Quota-Remaining"] == "1"
+    # another key has its own quota
+    assert engine.decide(caller("pro", key_id="k2")).tier == "pro"
+
+
+def test_quota_reject_and_rate_limit_answer_429_with_retry_after():
+    engine = engine_for(
+        "tiers:\n  free:\n    quota: 2/day\n    on_exhausted: reject\n  pro:\n    rate: 3/min\n"
+    )
+    for _ in range(2):
+        engine.decide(caller("free"))
+    with pytest.raises(ApiError) as info:
+        engine.decide(caller("free"))
+    assert info.value.status == 429 and info.value.code == "quota_exhausted"
+    assert int(info.value.headers["Retry-After"]) >= 1
+    states = [engine.decide(caller("pro", key_id="p")) for _ in range(3)]
+    assert [s.headers["RateLimit-Remaining"] for s in states] == ["2", "1", "0"]
+    assert states[0].headers["RateLimit-Limit"] == "3"
+    with pytest.raises(ApiError) as info:
+        engine.decide(caller("pro", key_id="p"))
+    assert info.value.code == "rate_limited" and 1 <= int(info.value.headers["Retry-After"]) <= 60
+
+
+def test_key_rule_overrides_its_tier_rule_by_name():
+    engine = engine_for(
+        "tiers:\n  free: {quota: 1/day, on_exhausted: reject}\nkeys:\n  alice: {quota: 3/day}\n"
+    )
+    alice = Caller("a1", "alice", "free", "free")
+    assert [engine.decide(alice).tier for _ in range(3)] == ["free"] * 3
+    with pytest.raises(ApiError):
+        engine.decide(alice)
+
+
+# --- schedules ------------------------------------------------------------------------------------
+def test_schedule_switches_at_the_window_edges():
+    clock = Clock(datetime(2026, 11, 28, 9, 59, 59, tzinfo=UTC))  # a Saturday
+    engine = engine_for(
+        "schedules:\n  - name: promo\n    days: [sat]\n    from: '10:00'\n    to: '11:00'\n"
+        "    serve: {free: pro}\n",
+        clock=clock,
+    )
+    assert engine.decide(caller("free")).tier == "free"
+    clock.now = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
+    decision = engine.decide(caller("free"))
+    assert (decision.tier, decision.reasons) == ("pro", ("schedule",))
+    clock.now = datetime(2026, 11, 28, 10, 59, 59, tzinfo=UTC)
+    assert engine.decide(caller("free")).tier == "pro"
+    clock.now = datetime(2026, 11, 28, 11, 0, 0, tzinfo=UTC)
+    assert engine.decide(caller("free")).tier == "free"
+    clock.now = datetime(2026, 11, 29, 10, 30, tzinfo=UTC)  # Sunday: not in the window
+    assert engine.decide(caller("free")).tier == "free"
+    assert engine.decide(caller("pro")).tier == "pro"  # tiers not named are untouched
+
+
+def test_schedule_past_midnight_belongs_to_its_start_day():
+    policy = parse_policy(
+        "schedules:\n  - {name: night, days: [fri], from: '22:00', to: '06:00', "
+        "serve: {free: pro}}\n",
+        TIERS,
+    )
+    friday = datetime(2026, 11, 27, tzinfo=UTC)
+    at = [friday + timedelta(hours=h) for h in (21, 22, 23, 29, 30, 46)]
+    assert [policy.scheduled("free", t) for t in at] == [None, "pro", "pro", "pro", None, None]
+
+
+# --- brownout -------------------------------------------------------------------------------------
+def test_brownout_has_hysteresis_and_never_touches_unnamed_tiers():
+    depth = {"now": 0}
+    engine = engine_for(
+        "brownout:\n  signal: queue_depth\n  above: 50\n  below: 10\n"
+        "  serve: {pro: free, free: free}\n",
+        depth=lambda: depth["now"],
+    )
+    served = []
+    for value in (0, 60, 30, 9, 30):
+        depth["now"] = value
+        served.append(engine.decide(caller("pro")).tier)
+        assert engine.decide(caller("premium")).tier == "premium"
+    assert served == ["pro", "free", "free", "pro", "pro"]
+    depth["now"] = 80
+    decision = engine.decide(caller("pro"))
+    assert decision.reasons == ("load",) and decision.headers["X-Tier-Reason"] == "load"
+    assert engine.status()["brownout"]["active"] is True
+
+
+def test_load_monitor_p95_covers_only_its_window():
+    now = {"t": 0.0}
+    monitor = LoadMonitor(window_s=10, clock=lambda: now["t"])
+    for wait in range(1, 101):
+        monitor.record_wait(wait / 1000)
+    assert monitor.signals()["queue_wait_p95_ms"] == pytest.approx(95.0)
+    now["t"] = 11.0
+    assert monitor.signals()["queue_wait_p95_ms"] == 0.0
+
+
+# --- priority -------------------------------------------------------------------------------------
+def test_batcher_serves_higher_tiers_first_under_load():
+    order: list[list[str]] = []
+
+    def forward(batch, tiers):
+        order.append(list(tiers))
+        time.sleep(0.05)
+        return batch
+
+    async def main() -> None:
+        import torch
+
+        batcher = MicroBatcher(
+            forward, max_batch_size=2, max_wait_ms=1, rank=TIERS.index, starve_ms=10_000
+        )
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(1), "free"))
+        await asyncio.sleep(0.01)  # the first batch is running; the rest queue up
+        rest = [
+            asyncio.ensure_future(batcher.submit(torch.zeros(1), tier))
+            for tier in ("free", "free", "pro", "premium", "free", "premium")
+        ]
+        await asyncio.gather(first, *rest)
+        await batcher.aclose()
+
+    asyncio.run(main())
+    assert order[0] == ["free"]
+    assert order[1] == ["premium", "premium"]
+    assert order[2] == ["pro", "free"]
+    assert sorted(t for batch in order for t in batch) == sorted(
+        ["free"] * 4 + ["pro"] + ["premium"] * 2
+    )
+
+
+def test_batcher_lets_starving_requests_go_first():
+    order: list[list[str]] = []
+
+    def forward(batch, tiers):
+        order.append(list(tiers))
+        time.sleep(0.05)
+        return batch
+
+    async def main() -> None:
+        import torch
+
+        batcher = MicroBatcher(
+            forward, max_batch_size=1, max_wait_ms=1, rank=TIERS.index, starve_ms=20
+        )
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(1), "pro"))
+        await asyncio.sleep(0.01)
+        old = asyncio.ensure_future(batcher.submit(torch.zeros(1), "free"))
+        await asyncio.sleep(0.03)  # the free request is now older than starve_ms
+        new = asyncio.ensure_future(batcher.submit(torch.zeros(1), "premium"))
+        await asyncio.gather(first, old, new)
+        await batcher.aclose()
+
+    asyncio.run(main())
+    assert order == [["pro"], ["free"], ["premium"]]
+
+
+# --- over HTTP ------------------------------------------------------------------------------------
+def test_http_quota_downgrade_headers_reload_and_owner_views(tmp_path):
+    artifact = torchvision_artifact(tmp_path / "artifact")
+    store = KeyStore(tmp_path / "keys.sqlite")
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(
+        "tiers:\n  pro:\n    rate: 100/min\n    quota: 2/day\n"
+        "    on_exhausted: {downgrade: free}\n"
+    )
+    app = create_app(
+        artifact, keys=store, config=ServeConfig(max_wait_ms=5.0), policy=policy_file
+    )
+    pro = {"X-API-Key": store.create("pro")[1]}
+    owner = {"X-API-Key": store.create(None, owner=True)[1]}
+    image = {"files": {"image": ("x.png", random_png(0), "image/png")}}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        answers = [client.post("/v1/classify", headers=pro, **image) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 200]
+        assert [r.headers["X-Tier"] for r in answers] == ["pro", "pro", "free"]
+        assert [r.json()["tier"] for r in answers] == ["pro", "pro", "free"]
+        assert answers[2].headers["X-Tier-Reason"] == "quota"
+        assert answers[2].headers["X-Key-Tier"] == "pro"
+        assert "X-Tier-Reason" not in answers[0].headers
+        assert answers[0].headers["RateLimit-Limit"] == "100"
+        assert answers[0].headers["RateLimit-Remaining"] == "99"
+
+        tiers = client.get("/v1/tiers").json()
+        pro_row = next(t for t in tiers["tiers"] if t["name"] == "pro")
+        assert pro_row["quota"] == "2/day" and pro_row["on_exhausted"] == "downgrade to free"
+        assert client.get("/v1/policy", headers=pro).status_code == 403
+
+        # a bad file is refused with its line; the policy in force stays
+        policy_file.write_text("tiers:\n  pro:\n    quota: 2/day\n  platinum:\n    rate: 1/s\n")
+        refused = client.post("/v1/policy/reload", headers=owner)
+        assert refused.status_code == 422
+        assert "line 4" in refused.json()["detail"] and "platinum" in refused.json()["detail"]
+        assert client.post("/v1/classify", headers=pro, **image).headers["X-Tier"] == "free"
+
+        # a good one takes over without a restart
+        policy_file.write_text("tiers:\n  pro:\n    quota: 1000/day\n")
+        assert client.post("/v1/policy/reload", headers=owner).status_code == 200
+        assert client.post("/v1/classify", headers=pro, **image).headers["X-Tier"] == "pro"
+
+        stats = client.get("/v1/owner/stats", headers=owner, params={"minutes": 5}).json()
+        counts = stats["history"]["tiers"]
+        assert sum(counts["pro"]["requests"]) == 3 and sum(counts["free"]["quota"]) == 2
+        assert stats["status"]["source"] == str(policy_file)
+        assert all("…" in k["stub"] for k in stats["keys"])
+        assert client.get("/v1/owner/stats", headers=pro).status_code == 403
