@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from nnobfuscator.cli import app
 from nnobfuscator.serving.config import RateLimit, parse_rate_limits
-from nnobfuscator.serving.keystore import KeyStore, KeyStoreError
+from nnobfuscator.serving.keystore import KeyStore, KeyStoreError, key_checksum
 from nnobfuscator.serving.ratelimit import RateLimiter
 
 
@@ -24,7 +24,7 @@ def test_create_verify_and_only_hashes_stored(store):
     assert store.verify(key) == record
     with sqlite3.connect(store.path) as db:
         dump = "\n".join(db.iterdump())
-    secret = key.split("_", 2)[2]
+    secret = key.split("_", 2)[2][:-6]
     assert secret not in dump and key not in dump
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -40,8 +40,10 @@ def test_unknown_or_malformed_keys_do_not_verify(store, token):
 
 def test_wrong_secret_for_a_known_id_does_not_verify(store):
     _, key = store.create("free")
-    prefix, key_id, secret = key.split("_", 2)
-    assert store.verify(f"{prefix}_{key_id}_{secret[:-1]}x") is None
+    prefix, key_id, rest = key.split("_", 2)
+    secret = rest[:-6]
+    wrong = f"{prefix}_{key_id}_{secret[:-1]}{'x' if secret[-1] != 'x' else 'y'}"
+    assert store.verify(wrong + key_checksum(wrong)) is None  # valid checksum, wrong secret
 
 
 def test_set_tier_and_revoke_by_key_name_or_id(store):
@@ -73,8 +75,11 @@ def test_clear_errors(store):
         store.create(None)
     with pytest.raises(KeyStoreError, match="no key named 'dave'"):
         store.revoke("dave")
-    with pytest.raises(KeyStoreError, match="not in this key store"):
+    with pytest.raises(KeyStoreError, match="not a well-formed key"):
         store.set_tier("nnobf_abc_def", "pro")
+    _, key = KeyStore(store.path.with_name("other.sqlite")).create("free")
+    with pytest.raises(KeyStoreError, match="not in this key store"):
+        store.set_tier(key, "pro")
 
 
 def test_owner_key_may_omit_tier(store):

@@ -1,8 +1,35 @@
 """API keys in SQLite: salted hashes only, looked up on every request (no restart needed).
 
-A key reads ``nnobf_<id>_<secret>``: ``id`` is a public handle used to find the row, ``secret`` is
-never stored, only ``sha256(salt || secret)``, compared in constant time. The database runs in
-WAL mode so a server reads while ``nnobf keys ...`` writes, and every write is one transaction.
+Key format:
+    ``nnobf_<id>_<secret><check>``, for example ``nnobf_1a2b3c4d5e6f_<30 base62 chars><6 chars>``:
+
+    * ``nnobf_`` is a fixed prefix, so secret scanners (and people) recognise a leaked key;
+    * ``id`` (12 lowercase hex digits) is the public handle used to find the row; ``nnobf_<id>_…``
+      (the *stub*) is safe to log and display;
+    * ``secret`` (30 base62 characters, about 178 bits) is never stored: only
+      ``sha256(salt || secret)``, compared in constant time;
+    * ``check`` is the CRC32 of everything before it, written as 6 base62 digits (like GitHub's
+      tokens). :func:`parse_key` checks prefix, shape and checksum before any database lookup, so
+      a mistyped or made-up key costs no query.
+
+    Keys made before the checksum (``nnobf_<id>_<43 url-safe characters>``) keep working: they
+    have their own exact shape, are still looked up and checked against their stored hash, and
+    keep their expiry, revocation and rotation like any key. Rotate them to get the new format.
+
+Lifecycle: a key may expire (``expires_at``), be revoked (``revoked_at``) or be rotated: its
+replacement gets the same tier, owner flag and name, and the old key keeps working until
+``retires_at`` (the end of the grace period). :meth:`ApiKey.refusal` says why a key may not be
+used now. Every change (create, rotate, set-tier, set-expiry, revoke) appends a row to the
+``audit`` table, which SQLite triggers keep append-only; this module has no call that changes
+or deletes audit rows.
+
+Schema and migration: tables ``api_keys`` (``expires_at``, ``last_used_at``, ``replaced_by`` and
+``retires_at`` were added after the first release) and ``audit``; :class:`KeyStore` adds missing
+columns in place (``ALTER TABLE ... ADD COLUMN``) when it opens an older file. Per-day usage
+counts live in ``key_usage`` (see :mod:`nnobfuscator.serving.usage`).
+
+The database runs in WAL mode so a server reads while ``nnobf keys ...`` writes, and every write
+is one transaction.
 """
 
 from __future__ import annotations
@@ -13,15 +40,31 @@ import os
 import re
 import secrets
 import sqlite3
+import string
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 KEY_PREFIX = "nnobf"
+BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+ID_LENGTH = 12
+SECRET_LENGTH = 30
+CHECK_LENGTH = 6
+_KEY_PATTERN = re.compile(
+    rf"^{KEY_PREFIX}_([0-9a-f]{{{ID_LENGTH}}})_([0-9A-Za-z]{{{SECRET_LENGTH}}})"
+    rf"([0-9A-Za-z]{{{CHECK_LENGTH}}})$"
+)
+# Keys created before the checksum: token_hex(6) id, token_urlsafe(32) secret.
+_LEGACY_PATTERN = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
 _TIER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DURATION_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)\s*$")
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
@@ -31,14 +74,59 @@ CREATE TABLE IF NOT EXISTS api_keys (
     tier TEXT,
     owner INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
-    revoked_at TEXT
-)
+    revoked_at TEXT,
+    expires_at TEXT,
+    last_used_at TEXT,
+    replaced_by TEXT,
+    retires_at TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    action TEXT NOT NULL,
+    key_id TEXT,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_append_only_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
-_COLUMNS = "id, name, tier, owner, created_at, revoked_at"
+#: columns added to ``api_keys`` after the first release: name -> SQL type
+_ADDED_COLUMNS = {
+    "expires_at": "TEXT",
+    "last_used_at": "TEXT",
+    "replaced_by": "TEXT",
+    "retires_at": "TEXT",
+}
+_COLUMNS = (
+    "id, name, tier, owner, created_at, revoked_at, expires_at, last_used_at, replaced_by, "
+    "retires_at"
+)
+_NCOLUMNS = len(_COLUMNS.split(","))
+
+Clock = Callable[[], datetime]
 
 
 class KeyStoreError(ValueError):
     """A key store operation got a bad argument (unknown key, bad tier name, duplicate name)."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _parse_time(text: str) -> datetime:
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _passed(moment: str | None, now: datetime) -> bool:
+    return moment is not None and _parse_time(moment) <= now
 
 
 @dataclass(frozen=True)
@@ -52,6 +140,10 @@ class ApiKey:
         owner: owner keys may pick any tier per request and compare all tiers.
         created_at: ISO 8601 UTC time of creation.
         revoked_at: ISO 8601 UTC time of revocation, or ``None`` while the key is valid.
+        expires_at: ISO 8601 UTC time from which the key is refused, or ``None`` (never).
+        last_used_at: ISO 8601 UTC time of the last metered request (updated on usage flush).
+        replaced_by: the id of the key that replaced this one by rotation, or ``None``.
+        retires_at: for a rotated key, the end of its grace period (refused from then on).
     """
 
     id: str
@@ -60,10 +152,60 @@ class ApiKey:
     owner: bool
     created_at: str
     revoked_at: str | None
+    expires_at: str | None = None
+    last_used_at: str | None = None
+    replaced_by: str | None = None
+    retires_at: str | None = None
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+    @property
+    def stub(self) -> str:
+        """``nnobf_<id>_…``: identifies the key without its secret (safe to display)."""
+        return key_stub(self.id)
+
+    def status(self, now: datetime | None = None) -> str:
+        """``"active"``, ``"expired"``, ``"revoked"`` or ``"rotated"`` (after its grace) at ``now``."""
+        now = now or _utcnow()
+        if self.revoked:
+            return "revoked"
+        if self.replaced_by is not None and _passed(self.retires_at, now):
+            return "rotated"
+        if _passed(self.expires_at, now):
+            return "expired"
+        return "active"
+
+    def refusal(self, now: datetime | None = None) -> tuple[str, str] | None:
+        """``None`` when the key may be used at ``now``, else ``(code, message)`` for the caller.
+
+        Codes: ``"revoked_key"``, ``"rotated_key"`` (grace period over), ``"expired_key"``.
+        """
+        status = self.status(now)
+        if status == "revoked":
+            return (
+                "revoked_key",
+                f"the API key was revoked at {self.revoked_at}; ask the model owner for a new one",
+            )
+        if status == "rotated":
+            return "rotated_key", "the API key was rotated; use its replacement"
+        if status == "expired":
+            return (
+                "expired_key",
+                f"the API key expired at {self.expires_at}; ask the model owner for a new one",
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One entry of the append-only audit log (never holds a secret)."""
+
+    at: str
+    action: str
+    key_id: str | None
+    detail: str
 
 
 def default_keys_path() -> Path:
@@ -77,15 +219,67 @@ def _hash(salt: bytes, secret: str) -> bytes:
     return hashlib.sha256(salt + secret.encode()).digest()
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def _base62(number: int, width: int) -> str:
+    digits = []
+    while number:
+        number, digit = divmod(number, 62)
+        digits.append(BASE62[digit])
+    return "".join(reversed(digits)).rjust(width, BASE62[0])
 
 
-def _split_key(token: str) -> tuple[str, str] | None:
-    parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+def key_checksum(body: str) -> str:
+    """The 6 base62 digits of CRC32(``body``) that end a key whose text before them is ``body``."""
+    return _base62(zlib.crc32(body.encode()), CHECK_LENGTH)
+
+
+def key_stub(key_id: str) -> str:
+    """``nnobf_<id>_…``: a key shown without its secret."""
+    return f"{KEY_PREFIX}_{key_id}_…"
+
+
+def parse_key(token: str) -> tuple[str, str] | None:
+    """``(id, secret)`` of a well-formed key with a valid checksum, else ``None``.
+
+    Needs no database: this is the check that runs before any lookup. Keys of the old format
+    (no checksum, see the module docstring) are recognised by their exact shape.
+    """
+    if not isinstance(token, str):
         return None
-    return parts[1], parts[2]
+    match = _KEY_PATTERN.match(token)
+    if match is not None:
+        key_id, secret, check = match.groups()
+        body = token[:-CHECK_LENGTH]
+        return (key_id, secret) if hmac.compare_digest(check, key_checksum(body)) else None
+    legacy = _LEGACY_PATTERN.match(token)
+    return (legacy.group(1), legacy.group(2)) if legacy is not None else None
+
+
+def _new_key() -> tuple[str, str, str]:
+    """A fresh ``(id, secret, key)``."""
+    key_id = secrets.token_hex(ID_LENGTH // 2)
+    secret = "".join(secrets.choice(BASE62) for _ in range(SECRET_LENGTH))
+    body = f"{KEY_PREFIX}_{key_id}_{secret}"
+    return key_id, secret, body + key_checksum(body)
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """``"30d"``, ``"12h"``, ``"15m"``/``"15min"``, ``"90s"`` or ``"0"``; ``"never"`` gives ``None``.
+
+    Raises:
+        KeyStoreError: anything else.
+    """
+    value = text.strip().lower()
+    if value in {"never", "none"}:
+        return None
+    if value == "0":
+        return timedelta(0)
+    match = _DURATION_PATTERN.match(value)
+    if match is None:
+        raise KeyStoreError(
+            f"invalid duration {text!r}: use a number and a unit (s, m or min, h, d), e.g. "
+            "'30d' or '24h', or 'never'"
+        )
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def check_tier_name(tier: str) -> str:
@@ -97,30 +291,63 @@ def check_tier_name(tier: str) -> str:
     return tier
 
 
+def ensure_schema(db: sqlite3.Connection) -> None:
+    """Create the tables and add the columns an older file lacks (in the caller's transaction)."""
+    _run_script(db, _SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} {kind}")
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """``executescript`` commits first; run the statements one by one inside a transaction."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            db.execute(statement)
+            statement = ""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (explicit transactions), WAL journal, 10 s busy wait."""
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA busy_timeout=10000")
+    return db
+
+
 class KeyStore:
     """A SQLite file of API keys, safe to share between processes and threads.
 
+    Args:
+        path: the SQLite file (created, or migrated in place, on open).
+        clock: returns the current time (timezone-aware); tests inject one.
+
     Example:
         >>> store = KeyStore("keys.sqlite")
-        >>> record, key = store.create("pro", name="alice")
+        >>> record, key = store.create("pro", name="alice", expires_in=parse_duration("30d"))
         >>> store.verify(key).tier
         'pro'
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *, clock: Clock | None = None) -> None:
         self.path = Path(path) if path is not None else default_keys_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.clock: Clock = clock or _utcnow
         self._local = threading.local()
         self._dummy_salt = os.urandom(16)
         with self._transaction() as db:
-            db.execute(_SCHEMA)
+            ensure_schema(db)
+
+    def now(self) -> datetime:
+        return self.clock()
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=10000")
+            db = connect(self.path)
             self._local.db = db
         return db
 
@@ -135,33 +362,68 @@ class KeyStore:
             raise
         db.execute("COMMIT")
 
+    def _audit(self, db: sqlite3.Connection, action: str, key_id: str | None, detail: str) -> None:
+        db.execute(
+            "INSERT INTO audit (at, action, key_id, detail) VALUES (?, ?, ?, ?)",
+            (_iso(self.now()), action, key_id, detail),
+        )
+
     # --- writes ------------------------------------------------------------------------------
     def create(
-        self, tier: str | None, *, name: str | None = None, owner: bool = False
+        self,
+        tier: str | None,
+        *,
+        name: str | None = None,
+        owner: bool = False,
+        expires_in: timedelta | None = None,
     ) -> tuple[ApiKey, str]:
         """Create a key; returns its record and the key itself (shown once, never stored).
+
+        Args:
+            expires_in: the key is refused from ``now + expires_in`` on; ``None``: never.
 
         Raises:
             KeyStoreError: a bad tier name, a missing tier for a non-owner key, or a taken name.
         """
+        self._check_new(tier, name, owner)
+        with self._transaction() as db:
+            key_id, key = self._insert(db, tier, name, owner, expires_in, "")
+        return self.get(key_id), key
+
+    def _check_new(self, tier: str | None, name: str | None, owner: bool) -> None:
         if tier is None and not owner:
             raise KeyStoreError("a key needs a tier (e.g. --tier pro); only owner keys may omit it")
         if tier is not None:
             check_tier_name(tier)
         if name is not None and (not name.strip() or name.startswith(f"{KEY_PREFIX}_")):
             raise KeyStoreError(f"invalid key name {name!r}: use a non-empty label like 'alice'")
-        key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), os.urandom(16)
-        record = ApiKey(key_id, name, tier, owner, _now(), None)
+
+    def _insert(
+        self,
+        db: sqlite3.Connection,
+        tier: str | None,
+        name: str | None,
+        owner: bool,
+        expires_in: timedelta | None,
+        note: str,
+    ) -> tuple[str, str]:
+        key_id, secret, key = _new_key()
+        salt, now = os.urandom(16), self.now()
+        expires_at = _iso(now + expires_in) if expires_in is not None else None
         try:
-            with self._transaction() as db:
-                db.execute(
-                    "INSERT INTO api_keys (id, name, salt, hash, tier, owner, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key_id, name, salt, _hash(salt, secret), tier, int(owner), record.created_at),
-                )
+            db.execute(
+                "INSERT INTO api_keys (id, name, salt, hash, tier, owner, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_id, name, salt, _hash(salt, secret), tier, int(owner), _iso(now), expires_at),
+            )
         except sqlite3.IntegrityError:
             raise KeyStoreError(f"a key named {name!r} already exists; pick another name") from None
-        return record, f"{KEY_PREFIX}_{key_id}_{secret}"
+        detail = (
+            f"tier={tier or '(highest)'} name={name or '-'} owner={'yes' if owner else 'no'} "
+            f"expires={expires_at or 'never'}{note}"
+        )
+        self._audit(db, "create", key_id, detail)
+        return key_id, key
 
     def set_tier(self, ref: str, tier: str) -> ApiKey:
         """Move a key (given as the key itself, its name or its id) to ``tier``."""
@@ -169,17 +431,85 @@ class KeyStore:
         with self._transaction() as db:
             record = self._resolve(db, ref)
             db.execute("UPDATE api_keys SET tier = ? WHERE id = ?", (tier, record.id))
+            self._audit(db, "set-tier", record.id, f"{record.tier or '(highest)'} -> {tier}")
+        return self.get(record.id)
+
+    def set_expiry(self, ref: str, expires_in: timedelta | None) -> ApiKey:
+        """Make a key expire ``expires_in`` from now (``None``: never)."""
+        expires_at = _iso(self.now() + expires_in) if expires_in is not None else None
+        with self._transaction() as db:
+            record = self._resolve(db, ref)
+            db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", (expires_at, record.id))
+            self._audit(
+                db,
+                "set-expiry",
+                record.id,
+                f"{record.expires_at or 'never'} -> {expires_at or 'never'}",
+            )
         return self.get(record.id)
 
     def revoke(self, ref: str) -> ApiKey:
         """Revoke a key (given as the key itself, its name or its id); idempotent."""
         with self._transaction() as db:
             record = self._resolve(db, ref)
-            db.execute(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
-                (_now(), record.id),
-            )
+            if record.revoked_at is None:
+                db.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ?",
+                    (_iso(self.now()), record.id),
+                )
+                self._audit(db, "revoke", record.id, f"name={record.name or '-'}")
         return self.get(record.id)
+
+    def rotate(
+        self,
+        ref: str,
+        *,
+        grace: timedelta = timedelta(hours=24),
+        expires_in: timedelta | None | Literal["same"] = "same",
+    ) -> tuple[ApiKey, str, ApiKey]:
+        """Replace a key by a new one with the same tier, owner flag and name.
+
+        The old key keeps working until ``now + grace`` (then it is refused as ``rotated``);
+        its name moves to the new key, and the old record points at it (``replaced_by``).
+
+        Args:
+            grace: how long the old key keeps working (``timedelta(0)``: refused at once).
+            expires_in: the new key's lifetime; ``"same"`` keeps the old key's lifetime
+                (``expires_at - created_at``, or never), ``None`` is never.
+
+        Returns:
+            ``(new record, new key, old record)``; the new key is shown once, never stored.
+
+        Raises:
+            KeyStoreError: an unknown, revoked or already rotated key, or a negative grace.
+        """
+        if grace < timedelta(0):
+            raise KeyStoreError("the grace period cannot be negative")
+        with self._transaction() as db:
+            old = self._resolve(db, ref)
+            if old.revoked:
+                raise KeyStoreError(f"key {old.id} is revoked; create a new key instead")
+            if old.replaced_by is not None:
+                raise KeyStoreError(
+                    f"key {old.id} was already rotated; rotate its replacement {old.replaced_by}"
+                )
+            if expires_in == "same":
+                expires_in = (
+                    _parse_time(old.expires_at) - _parse_time(old.created_at)
+                    if old.expires_at is not None
+                    else None
+                )
+            retires_at = _iso(self.now() + grace)
+            db.execute("UPDATE api_keys SET name = NULL WHERE id = ?", (old.id,))
+            new_id, key = self._insert(
+                db, old.tier, old.name, old.owner, expires_in, f" rotated-from={old.id}"
+            )
+            db.execute(
+                "UPDATE api_keys SET replaced_by = ?, retires_at = ? WHERE id = ?",
+                (new_id, retires_at, old.id),
+            )
+            self._audit(db, "rotate", old.id, f"replaced-by={new_id} works-until={retires_at}")
+        return self.get(new_id), key, self.get(old.id)
 
     # --- reads -------------------------------------------------------------------------------
     def list_keys(self) -> list[ApiKey]:
@@ -199,30 +529,51 @@ class KeyStore:
             raise KeyStoreError(f"no key with id {key_id!r}; see `nnobf keys list`")
         return _record(row)
 
-    def verify(self, token: str) -> ApiKey | None:
-        """The record of a presented key, or ``None`` when it is malformed or unknown.
+    def find(self, ref: str) -> ApiKey:
+        """The record of a key given as the key itself, its name or its id."""
+        return self._resolve(self._connection(), ref)
 
-        A revoked key is returned (check ``.revoked``) so callers can say why it was refused.
+    def verify(self, token: str) -> ApiKey | None:
+        """The record of a presented key, or ``None`` when it is malformed, has a bad checksum,
+        is unknown or has the wrong secret.
+
+        Malformed keys and bad checksums are rejected before any database access. A revoked,
+        expired or rotated key is returned: ask :meth:`ApiKey.refusal` whether it may be used.
         """
-        parts = _split_key(token)
-        row = None
-        if parts is not None:
-            row = (
-                self._connection()
-                .execute(f"SELECT {_COLUMNS}, salt, hash FROM api_keys WHERE id = ?", (parts[0],))
-                .fetchone()
-            )
+        parts = parse_key(token)
+        if parts is None:
+            return None
+        row = (
+            self._connection()
+            .execute(f"SELECT {_COLUMNS}, salt, hash FROM api_keys WHERE id = ?", (parts[0],))
+            .fetchone()
+        )
         if row is None:
             # Spend the same hashing work on unknown ids as on known ones.
-            hmac.compare_digest(_hash(self._dummy_salt, token), bytes(32))
+            hmac.compare_digest(_hash(self._dummy_salt, parts[1]), bytes(32))
             return None
-        if not hmac.compare_digest(_hash(row[6], parts[1]), row[7]):
+        if not hmac.compare_digest(_hash(row[_NCOLUMNS], parts[1]), row[_NCOLUMNS + 1]):
             return None
-        return _record(row[:6])
+        return _record(row[:_NCOLUMNS])
+
+    def audit(self, limit: int | None = 50, *, key_id: str | None = None) -> list[AuditRow]:
+        """The latest ``limit`` audit entries (all with ``None``), oldest first."""
+        where, args = ("WHERE key_id = ?", [key_id]) if key_id is not None else ("", [])
+        sql = f"SELECT at, action, key_id, detail FROM audit {where} ORDER BY seq DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        rows = self._connection().execute(sql, args).fetchall()
+        return [AuditRow(*row) for row in reversed(rows)]
 
     def _resolve(self, db: sqlite3.Connection, ref: str) -> ApiKey:
         """Find a key by the key itself, its name or its id."""
-        if _split_key(ref) is not None:
+        if ref.startswith(f"{KEY_PREFIX}_"):
+            if parse_key(ref) is None:
+                raise KeyStoreError(
+                    "that is not a well-formed key (wrong length or checksum: was it copied "
+                    "whole?); pass the key, its name or its id (see `nnobf keys list`)"
+                )
             record = self.verify(ref)
             if record is None:
                 raise KeyStoreError("that key is not in this key store (check --keys PATH)")
@@ -247,5 +598,6 @@ class KeyStore:
 
 
 def _record(row: tuple) -> ApiKey:
-    key_id, name, tier, owner, created_at, revoked_at = row
-    return ApiKey(key_id, name, tier, bool(owner), created_at, revoked_at)
+    values = list(row)
+    values[3] = bool(values[3])
+    return ApiKey(*values)
