@@ -230,6 +230,11 @@ def create_app(
     async def index() -> HTMLResponse:
         return HTMLResponse((_STATIC / "index.html").read_text())
 
+    @app.get("/owner", include_in_schema=False)
+    async def owner_page() -> HTMLResponse:
+        """The owner page (it asks for an owner key and reads ``/v1/owner/stats``)."""
+        return HTMLResponse((_STATIC / "owner.html").read_text())
+
     @app.get("/healthz", response_model=HealthResponse, tags=["service"])
     async def healthz() -> HealthResponse:
         """Liveness: the model is loaded and the batcher is accepting work."""
