@@ -1,4 +1,8 @@
-"""Per-key token buckets; a key's tier sets its bucket's size and refill rate."""
+"""Per-key token buckets; a key's tier sets its bucket's size and refill rate.
+
+The server counts with :class:`nnobfuscator.serving.limiter.LimitStore` (rates, quotas, shared
+through Redis across replicas); these in-process buckets stay for code that still imports them.
+"""
 
 from __future__ import annotations
 
