@@ -21,6 +21,7 @@ import bench_calibration
 import bench_latency
 import bench_memory
 import bench_mixed
+import bench_overload
 import bench_serving
 from _common import QUICK, Section, machine
 from _results import remove_section, update_section
@@ -35,6 +36,7 @@ SECTIONS: dict[str, Callable[[], Section]] = {
     "calibration": bench_calibration.run,
     "serving": lambda: bench_serving.run_section(QUICK),
     "aim": bench_aim.run,
+    "overload": lambda: bench_overload.run_section(QUICK),
 }
 #: sections of scripts this harness replaced
 _RETIRED = (
