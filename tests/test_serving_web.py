@@ -100,3 +100,138 @@ def test_owner_key_compares_all_tiers_side_by_side(site, browser, tmp_path):
     if os.environ.get("NNOBF_SCREENSHOTS"):
         page.screenshot(path=os.environ["NNOBF_SCREENSHOTS"], full_page=True)
     page.close()
+
+
+OWNER_POLICY = """\
+tiers:
+  pro: {quota: 2/day, on_exhausted: {downgrade: free}}
+brownout: {signal: queue_depth, above: 50, below: 5, serve: {pro: free}}
+"""
+
+
+@pytest.fixture(scope="module")
+def owner_site(tmp_path_factory):
+    """A server with a quota policy and a brownout rule, after 3 requests from one pro key (the
+    third is served at free once the quota of 2 is used up)."""
+    import httpx
+
+    tmp = tmp_path_factory.mktemp("owner")
+    store = KeyStore(tmp / "keys.sqlite")
+    policy = tmp / "policy.yaml"
+    policy.write_text(OWNER_POLICY)
+    app = create_app(
+        torchvision_artifact(tmp / "artifact"),
+        keys=store,
+        config=ServeConfig(rate_limits={}),
+        policy=policy,
+    )
+    _, pro = store.create("pro", name="alice")
+    _, owner = store.create(None, owner=True, name="boss")
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        tiers = []
+        for seed in range(3):
+            answer = client.post(
+                "/v1/classify",
+                headers={"X-API-Key": pro},
+                files={"image": ("x.png", random_png(seed), "image/png")},
+            )
+            assert answer.status_code == 200, answer.text
+            tiers.append(answer.headers["X-Tier"])
+        assert tiers == ["pro", "pro", "free"]
+        yield url, store, {"pro": pro, "owner": owner}
+
+
+def _open_owner_page(browser, url: str, key: str):
+    page = browser.new_page()
+    page.goto(f"{url}/owner")
+    page.fill("#owner-key", key)
+    page.click("#use-key")
+    return page
+
+
+def test_owner_page_shows_traffic_downgrades_brownout_policy_and_keys(
+    owner_site, browser, tmp_path
+):
+    url, _, keys = owner_site
+    page = _open_owner_page(browser, url, keys["owner"])
+    page.wait_for_selector("#dashboard:not([hidden])")
+    assert page.locator("#error").is_hidden()
+    assert keys["owner"] not in page.url
+    assert page.evaluate("localStorage.length") == 0
+
+    # the chart: one series of requests served per tier, the downgrade into free drawn dashed
+    assert page.locator("#chart svg").count() == 1
+    assert page.locator('#chart svg path.series.requests[data-tier="pro"]').count() == 1
+    assert page.locator('#chart svg path.series.requests[data-tier="free"]').count() == 1
+    downgrade = page.locator('#chart svg path.series.downgrades[data-tier="free"]')
+    assert downgrade.count() == 1
+    assert downgrade.get_attribute("stroke-dasharray") != "none"
+    assert page.locator('#chart svg path.series.downgrades[data-tier="pro"]').count() == 0
+    assert "time (UTC" in page.text_content("#chart svg")
+    assert page.locator("#legend .item").count() == 3
+    assert page.text_content("#downgrades") == "1"
+    assert page.text_content('#totals tr[data-tier="pro"] td:nth-child(2)') == "2"
+    assert page.text_content('#totals tr[data-tier="free"] td:nth-child(2)') == "1"
+
+    # the brownout state and the load signals
+    assert page.text_content("#brownout-state") == "off"
+    assert page.text_content("#brownout-above") == "50"
+    assert page.text_content("#brownout-below") == "5"
+    assert "queue_depth" in page.text_content("#brownout")
+    assert "queue depth" in page.text_content("#load")
+    assert page.text_content("#schedules") == "none"
+
+    # the policy in force
+    assert page.text_content("#policy-source").endswith("policy.yaml")
+    pro_rule = page.locator('#policy-tiers tr[data-name="pro"] td').all_text_contents()
+    assert pro_rule == ["pro", "no limit", "2/day", "serve free"]
+    assert "above 50" in page.text_content("#policy-brownout")
+
+    # the keys: stubs only, the pro key's use per served tier
+    rows = page.locator("#keys tbody tr")
+    assert rows.count() == 2
+    stubs = page.eval_on_selector_all("#keys tbody tr", "rows => rows.map(r => r.dataset.stub)")
+    assert all(stub.startswith("nnobf_") and stub.endswith("…") for stub in stubs)
+    body = page.text_content("#keys")
+    assert keys["pro"] not in body and keys["owner"] not in body
+    alice = page.locator("#keys tbody tr", has_text="alice")
+    assert alice.locator('td[data-tier="pro"]').text_content() == "2"
+    assert alice.locator('td[data-tier="free"]').text_content() == "1"
+
+    # the key is kept for this tab only and refreshes happen on their own
+    assert page.evaluate("sessionStorage.getItem('nnobf-owner-key')") == keys["owner"]
+    first = page.text_content("#updated")
+    page.wait_for_function(
+        f"document.getElementById('updated').textContent !== {first!r}", timeout=15000
+    )
+    page.select_option("#range", "60")
+    page.wait_for_function("document.querySelectorAll('#chart svg path.series').length === 3")
+    page.screenshot(path=str(tmp_path / "owner.png"), full_page=True)
+    page.close()
+
+
+def test_owner_page_refuses_a_non_owner_key(owner_site, browser):
+    url, _, keys = owner_site
+    page = _open_owner_page(browser, url, keys["pro"])
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.text_content("#error")
+    assert message.startswith("403")
+    assert "this page needs an owner key: nnobf keys create --owner" in message
+    assert page.locator("#dashboard").is_hidden()
+    assert page.evaluate("sessionStorage.getItem('nnobf-owner-key')") is None
+    page.fill("#owner-key", "nnobf_wrong_key")
+    page.click("#use-key")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('401')")
+    assert "nnobf keys create --owner" in page.text_content("#error")
+    page.close()
+
+
+def test_pages_link_to_each_other(site, browser):
+    url, _, _ = site
+    page = browser.new_page()
+    page.goto(url)
+    page.click("footer a[href='/owner']")
+    page.wait_for_selector("#owner-key")
+    page.click("footer a[href='/']")
+    page.wait_for_selector("#key")
+    page.close()
