@@ -292,3 +292,30 @@ def test_http_quota_downgrade_headers_reload_and_owner_views(tmp_path):
         assert stats["status"]["source"] == str(policy_file)
         assert all("…" in k["stub"] for k in stats["keys"])
         assert client.get("/v1/owner/stats", headers=pro).status_code == 403
+
+
+def test_http_expired_and_rotated_keys_are_401_and_malformed_keys_skip_the_store(tmp_path):
+    now = {"t": datetime(2026, 11, 27, 12, 0, tzinfo=UTC)}
+    store = KeyStore(tmp_path / "keys.sqlite", clock=lambda: now["t"])
+    app = create_app(torchvision_artifact(tmp_path / "artifact"), keys=store)
+    _, expiring = store.create("pro", expires_in=timedelta(days=1))
+    _, old = store.create("free", name="rotating")
+    _, _, _ = store.rotate("rotating", grace=timedelta(hours=1))
+    image = {"files": {"image": ("x.png", random_png(0), "image/png")}}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+
+        def code(key: str) -> tuple[int, str]:
+            answer = client.post("/v1/classify", headers={"X-API-Key": key}, **image)
+            return answer.status_code, answer.json().get("error", "")
+
+        assert code(expiring)[0] == 200 and code(old)[0] == 200  # within expiry and grace
+        now["t"] += timedelta(hours=2)
+        assert code(old) == (401, "rotated_key")
+        now["t"] += timedelta(days=1)
+        assert code(expiring) == (401, "expired_key")
+        store_reads = []
+        original = store._connection
+        store._connection = lambda: store_reads.append(1) or original()  # type: ignore[method-assign]
+        assert code("nnobf_123456789abc_notavalidsecretwithoutchecksum")[0] == 401
+        assert code("sk-something-else")[0] == 401
+        assert store_reads == []

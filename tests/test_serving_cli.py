@@ -72,3 +72,57 @@ def test_serve_command_with_live_key_changes(served):
             client.post("/v1/classify", headers={"X-API-Key": key}, files=files).status_code == 401
         )
         assert client.get("/healthz").status_code == 200
+
+
+def test_serve_refuses_a_bad_policy_with_its_line(tmp_path):
+    artifact = torchvision_artifact(tmp_path / "artifact")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tiers:\n  pro:\n    quota: 10/day\n    on_exhausted: {downgrade: gold}\n")
+    result = CliRunner().invoke(app, ["serve", str(artifact), "--policy", str(policy)])
+    assert result.exit_code == 2
+    assert "line 4" in result.output and "unknown tier 'gold'" in result.output
+
+
+def test_serve_reloads_its_policy_on_sighup(tmp_path):
+    import signal
+
+    artifact = torchvision_artifact(tmp_path / "artifact")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tiers:\n  free: {quota: 10/day}\n")
+    port = free_port()
+    command = [sys.executable, "-c", "from nnobfuscator.cli import app; app()", "serve"]
+    command += [str(artifact), "--port", str(port), "--keys", str(tmp_path / "k.sqlite")]
+    command += ["--policy", str(policy)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def free_quota() -> str | None:
+        tiers = httpx.get(f"{url}/v1/tiers", timeout=5).json()["tiers"]
+        return next(t["quota"] for t in tiers if t["name"] == "free")
+
+    def wait_for(check) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if check():
+                    return True
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None:
+                return False
+            time.sleep(0.2)
+        return False
+
+    try:
+        assert wait_for(lambda: free_quota() == "10/day"), "nnobf serve did not start"
+        policy.write_text("tiers:\n  free: {quota: 20/day}\n")
+        process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: free_quota() == "20/day")
+        policy.write_text("tiers:\n  free: {quota: twenty}\n")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert free_quota() == "20/day" and process.poll() is None
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "policy not reloaded" in output and "line 2" in output

@@ -503,17 +503,16 @@ def _key_usage(store: KeyStore, usage: Any) -> list[dict[str, Any]]:
             per_tier = totals.setdefault(row.key_id, {})
             per_tier[row.tier] = per_tier.get(row.tier, 0) + row.requests
     keys = []
-    for record in store.list_keys():
-        status = getattr(record, "status", None)
+    now = store.now()
+    for record in sorted(store.list_keys(), key=lambda r: (r.name or "~", r.created_at, r.id)):
         keys.append(
             {
-                "stub": f"nnobf_{record.id}_…",
+                "stub": record.stub,
                 "name": record.name,
                 "tier": record.tier,
                 "owner": record.owner,
-                "status": status()
-                if callable(status)
-                else (status or ("revoked" if record.revoked else "active")),
+                "status": record.status(now),
+                "expires_at": record.expires_at,
                 "requests_7d": totals.get(record.id, {}),
             }
         )

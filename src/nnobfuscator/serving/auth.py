@@ -96,7 +96,7 @@ class Authenticator:
         record = self.store.verify(token)
         if record is None:
             self._refuse("invalid", "the API key is not valid; check it or ask for a new one")
-        refusal = _refusal(record)
+        refusal = record.refusal(self.store.now())
         if refusal is not None:
             self._refuse(*refusal)
         asked = self._tier(record, request.headers.get(TIER_REQUEST_HEADER) or None)
@@ -154,12 +154,3 @@ class Authenticator:
                 403, "owner_only", f"{what} needs an owner key (`nnobf keys create --owner`)"
             )
 
-
-def _refusal(record: ApiKey) -> tuple[str, str] | None:
-    """Why a stored key may not be used now (expired, revoked, rotated out), if it may not."""
-    check = getattr(record, "refusal", None)
-    if check is not None:
-        return check()
-    if record.revoked:
-        return "revoked", "the API key was revoked; ask the model owner for a new one"
-    return None

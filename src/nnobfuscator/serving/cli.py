@@ -316,6 +316,13 @@ def serve(
             "across processes or Ray Serve replicas",
         ),
     ] = "memory://",
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serving policy (YAML): quotas that downgrade, brownout under load, schedules, "
+            "priority. Reload it with SIGHUP or POST /v1/policy/reload (owner key).",
+        ),
+    ] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Deploy with Ray Serve.")] = False,
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray).")] = 1,
     allow_weak: Annotated[
@@ -354,23 +361,45 @@ def serve(
         _err.print(
             f"[yellow]warning:[/] serving the weak strategy {', '.join(weak)} (--allow-weak)"
         )
+    if policy is not None:
+        _check_policy(artifact, policy)
     if ray:
         from nnobfuscator.serving.ray_app import run_ray
 
         if replicas < 1:
             _fail("--replicas must be at least 1")
-        run_ray(artifact.resolve(), keys_path, config, host=host, port=port, replicas=replicas)
+        run_ray(
+            artifact.resolve(),
+            keys_path,
+            config,
+            host=host,
+            port=port,
+            replicas=replicas,
+            policy=policy,
+        )
         return
     import uvicorn
 
     from nnobfuscator.serving.app import create_app
 
     try:
-        app = create_app(artifact, keys=keys_path, config=config)
+        app = create_app(artifact, keys=keys_path, config=config, policy=policy)
     except ValueError as err:
         _fail(str(err))
     _err.print(f"serving {artifact} on http://{host}:{port} (keys: {keys_path})")
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _check_policy(artifact: Path, policy: Path) -> None:
+    """Refuse a bad policy file before anything starts (its line and what is wrong)."""
+    from nnobfuscator.serialization import read_config
+    from nnobfuscator.serving.policy import PolicyError, load_policy
+
+    tiers = [t["name"] for t in read_config(artifact).get("tiers", [])]
+    try:
+        load_policy(policy, tiers)
+    except PolicyError as err:
+        _fail(str(err))
 
 
 def _weak_strategies(artifact: Path) -> list[str]:

@@ -40,8 +40,8 @@ class History:
                 self._buckets.popitem(last=False)
 
     def series(self, minutes: int = 180) -> dict[str, Any]:
-        """The last ``minutes`` minutes: ``{"start": epoch, "minutes": [...], "tiers":
-        {tier: {counter: [per minute]}}}`` (zeros where nothing happened)."""
+        """The last ``minutes`` minutes: ``{"start": epoch s, "step_s": 60, "tiers": {tier:
+        {counter: [one value per minute]}}}`` (zeros where nothing happened)."""
         now = int(self._clock() // 60)
         span = list(range(now - minutes + 1, now + 1))
         with self._lock:

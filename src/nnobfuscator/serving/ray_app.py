@@ -27,8 +27,12 @@ def build_application(
     *,
     replicas: int = 1,
     cpus_per_replica: float = 1.0,
+    policy: str | Path | None = None,
 ) -> Any:
     """A bound Ray Serve application serving ``artifact`` with ``replicas`` replicas.
+
+    ``policy``: a serving policy file every replica loads (each reloads it on its own
+    ``POST /v1/policy/reload``); share ``config.limits_store`` in Redis so quotas count once.
 
     Example:
         >>> from ray import serve
@@ -37,6 +41,7 @@ def build_application(
     from ray import serve
 
     artifact, keys = str(Path(artifact).resolve()), str(Path(keys).resolve())
+    policy = None if policy is None else str(Path(policy).resolve())
     config = config or ServeConfig()
     threads = max(1, int(cpus_per_replica))
 
@@ -46,7 +51,7 @@ def build_application(
         from nnobfuscator.serving.app import create_app
 
         torch.set_num_threads(threads)
-        return create_app(artifact, keys=keys, config=config)
+        return create_app(artifact, keys=keys, config=config, policy=policy)
 
     deployment = serve.deployment(
         serve.ingress(build_app)(),
@@ -65,6 +70,7 @@ def run_ray(
     host: str = "127.0.0.1",
     port: int = 8000,
     replicas: int = 1,
+    policy: Path | None = None,
 ) -> None:
     """Start (or join, with ``RAY_ADDRESS``) a Ray cluster and serve until interrupted."""
     import ray
@@ -75,7 +81,12 @@ def run_ray(
     cpus = float(ray.available_resources().get("CPU", 1.0))
     serve.start(http_options={"host": host, "port": port})
     application = build_application(
-        artifact, keys, config, replicas=replicas, cpus_per_replica=min(1.0, cpus / replicas)
+        artifact,
+        keys,
+        config,
+        replicas=replicas,
+        cpus_per_replica=min(1.0, cpus / replicas),
+        policy=policy,
     )
     print(f"serving {artifact} with {replicas} Ray Serve replica(s) on http://{host}:{port}")
     signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly on SIGTERM as on Ctrl-C
