@@ -2,9 +2,9 @@
 output.
 
 Every path that runs a tiered model goes through :class:`TierExecutor`: ``TieredModel.forward``,
-mixed-tier batches (grouped once, here: tiers that share a compute setting run in one pass, each
-sample at its own strength; the others one pass each, scattered back), the calibration runner,
-cost accounting and serving.
+mixed-tier batches (grouped once, here: tiers that share a pass key run in one pass, each sample
+at its own strength, through its own blocks; the others one pass each, scattered back), the
+calibration runner, cost accounting and serving.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class TierExecutor:
         self.model, self.context, self.tiers, self.strategies = model, context, tiers, strategies
         #: whether tiers that share a pass key may run in one pass (``None``: not checked yet)
         self.one_pass: bool | None = None
+        #: sets of tiers whose shared passes were checked (their subsets need no check)
+        self._checked: list[frozenset[str]] = []
 
     def active(self, tier: str | None) -> str | None:
         """The tier the wrapped layers see: ``None`` for the untouched model (or a ``full`` tier).
@@ -112,10 +114,12 @@ class TierExecutor:
     def run_mixed(self, tiers: Sequence[str], *args: Any, **kwargs: Any) -> Any:
         """Run a batch with a tier per sample.
 
-        Tiers that share a pass key run in one forward pass (each sample at its own strength);
-        the rest run one pass per key, back to back, scattered back in order. Whether the model
-        can serve several tiers in one pass is checked on its first mixed batch (against one pass
-        per tier) and remembered.
+        Tiers that share a pass key run in one forward pass (each sample at its own strength,
+        through its own blocks, with its own BatchNorm statistics); the rest run one pass per key,
+        back to back, scattered back in order. Whether the model can serve a set of tiers in one
+        pass is checked on the first mixed batch holding them (against one pass per tier) and
+        remembered; a failed check, or a pass that meets :class:`MixedPassUnsupported`, makes
+        every later batch run one pass per tier.
 
         Raises:
             ValueError: ``tiers`` does not name one known tier per sample.
@@ -130,21 +134,27 @@ class TierExecutor:
         if len(groups) == 1:
             return self.run(next(iter(groups)), *args, **kwargs)
         by_tier = {name: [name] for name in groups}
-        if self.one_pass is False:
-            return self._run_passes(by_tier, groups, tiers, args, kwargs, count)
         shared: dict[tuple, list[str]] = {}
-        for name in groups:
-            shared.setdefault(self.pass_key(name), []).append(name)
-        if len(shared) == len(groups):
+        if self.one_pass is not False:
+            for name in groups:
+                shared.setdefault(self.pass_key(name), []).append(name)
+        if self.one_pass is False or len(shared) == len(groups):
             return self._run_passes(by_tier, groups, tiers, args, kwargs, count)
-        if self.one_pass:
-            return self._run_passes(shared, groups, tiers, args, kwargs, count)
+        names = frozenset(groups)
+        if any(names <= checked for checked in self._checked):
+            try:
+                return self._run_passes(shared, groups, tiers, args, kwargs, count)
+            except MixedPassUnsupported:
+                self.one_pass = False
+                return self._run_passes(by_tier, groups, tiers, args, kwargs, count)
         separate = self._run_passes(by_tier, groups, tiers, args, kwargs, count)
         try:
             merged = self._run_passes(shared, groups, tiers, args, kwargs, count)
             self.one_pass = outputs_close(merged, separate)
         except MixedPassUnsupported:
             self.one_pass = False
+        if self.one_pass:
+            self._checked.append(names)
         return separate
 
     def _run_passes(

@@ -48,6 +48,17 @@ class TierPass:
     lead: str | None
     rows: tuple[str | None, ...] | None = None
     _strengths: dict[int, float | torch.Tensor] = field(default_factory=dict, repr=False)
+    _groups: tuple[tuple[str | None, ...], torch.Tensor] | None = field(default=None, repr=False)
+
+    def groups(self) -> tuple[tuple[str | None, ...], torch.Tensor]:
+        """The distinct tiers of ``rows`` (in order of first appearance) and, per sample, the
+        index of its tier among them (``lead`` alone when ``rows`` is ``None``)."""
+        if self._groups is None:
+            rows = self.rows if self.rows is not None else (self.lead,)
+            tiers = tuple(dict.fromkeys(rows))
+            position = {tier: index for index, tier in enumerate(tiers)}
+            self._groups = tiers, torch.tensor([position[tier] for tier in rows])
+        return self._groups
 
     def strength(self, transform: Any) -> float | torch.Tensor:
         """``transform``'s strength in this pass: a number, or one per sample for mixed rows."""

@@ -3,7 +3,8 @@
 Any block registered in :mod:`nnobfuscator.strategies.blocks` whose shortcut is the identity can be
 skipped (torchvision's ResNet, MobileNet, EfficientNet, MNASNet, ConvNeXt, RegNet, ViT and Swin
 blocks out of the box). Which blocks a tier skips is chosen by calibration: the cheapest set whose
-utility still clears the tier's target.
+utility still clears the tier's target. Tiers that differ only in the blocks they skip share a
+forward pass: each block runs on the samples whose tier keeps it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class BlockSkip(ComputeStrategy):
             if isinstance(wrapper, TieredBlock):
                 wrapper.skip_rules.pop(self.name, None)
         self.layers.clear()
+
+    def pass_key(self, tier: str) -> Any:
+        """``None``: a pass mixing tiers runs each block only on the samples that keep it."""
+        return None
 
     def default_setting(self) -> Setting:
         return {"skip": []}

@@ -33,7 +33,14 @@ from torchvision.models import (
 
 from nnobfuscator.registry import TypeRegistry
 from nnobfuscator.strategies.slimmers import Slimmer, slimmer_for
-from nnobfuscator.wrapping import DerivedCache, Host, TierContext, unwrapped_name
+from nnobfuscator.wrapping import (
+    DerivedCache,
+    Host,
+    MixedPassUnsupported,
+    TierContext,
+    TierPass,
+    unwrapped_name,
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,9 @@ def stage_of(model: nn.Module, name: str, host: Host | None = None) -> str:
 class TieredBlock(nn.Module):
     """A block that is skipped, slimmed or run whole depending on the active tier.
 
+    In a pass mixing tiers it runs only on the samples whose tier keeps it (the others pass
+    through unrun), so tiers that differ only in the blocks they skip share one pass.
+
     Strategies add rules: ``skip_rules[name](tier) -> bool`` and ``keep_rules[name](tier) ->
     share of hidden channels``; the rules read the tiers' calibrated settings.
 
@@ -146,15 +156,70 @@ class TieredBlock(nn.Module):
         """The share of hidden channels this block runs with at ``tier``."""
         return min((rule(tier) for rule in self.keep_rules.values()), default=1.0)
 
+    def skips(self, tier: str | None) -> bool:
+        """Whether ``tier`` skips this block (``None``: the untouched model never does)."""
+        return tier is not None and any(rule(tier) for rule in self.skip_rules.values())
+
+    def slimming(self, tier: str | None) -> tuple:
+        """How this block is slimmed at ``tier`` (equal for tiers that share its slices)."""
+        keep = 1.0 if tier is None else self.keep(tier)
+        if keep >= 1.0 or self.slimmer is None:
+            return (1.0,)
+        keeps = getattr(self.slimmer, "keeps", None)
+        return (keep, keeps(tier, keep) if callable(keeps) else None)
+
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        tier = self._context.current
-        if tier is not None:
-            if any(rule(tier) for rule in self.skip_rules.values()):
-                return x
+        state = self._context.state
+        if state is not None and state.rows is not None:
+            return self._routed(state, x, args, kwargs)
+        tier = None if state is None else state.lead
+        if self.skips(tier):
+            return x
+        return self._run(tier, x, args, kwargs)
+
+    def _run(self, tier: str | None, x: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The block at ``tier``'s width (slimmed or whole)."""
+        if tier is not None and self.slimmer is not None:
             keep = self.keep(tier)
-            if keep < 1.0 and self.slimmer is not None:
+            if keep < 1.0:
                 return self.slimmer.forward(x, tier, keep)
         return self.base_block(x, *args, **kwargs)
+
+    def _routed(self, state: TierPass, x: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The block in a pass mixing tiers: run only on the samples whose tier keeps it.
+
+        Raises:
+            MixedPassUnsupported: the samples that run it need different widths, or the call
+                cannot be split by sample (no leading batch axis, tensors among other inputs).
+        """
+        tiers, index = state.groups()
+        skipping = [self.skips(tier) for tier in tiers]
+        if all(skipping):
+            return x
+        if len({self.slimming(t) for t, skip in zip(tiers, skipping, strict=True) if not skip}) > 1:
+            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: widths differ by sample")
+        if not any(skipping):
+            return self._run(state.lead, x, args, kwargs)
+        rows = state.rows or ()
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
+            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: no batch axis to split")
+        if any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: tensor arguments")
+        kept = (~torch.tensor(skipping)[index]).nonzero().squeeze(1)
+        lead, sub_rows = sub_pass(tuple(rows[i] for i in kept.tolist()))
+        kept = kept.to(x.device)
+        with self._context.activate(lead, sub_rows):
+            out = self._run(lead, x.index_select(0, kept), args, kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape[1:] != x.shape[1:]:
+            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: output is not x-shaped")
+        return x.index_copy(0, kept, out.to(x.dtype))
+
+
+def sub_pass(rows: tuple[str | None, ...]) -> tuple[str | None, tuple[str | None, ...] | None]:
+    """``(lead, rows)`` of a pass serving ``rows`` (one tier: no per-sample rows)."""
+    if len(set(rows)) == 1:
+        return rows[0], None
+    return next(tier for tier in rows if tier is not None), rows
 
 
 def wrap_block(host: Host, name: str) -> TieredBlock:

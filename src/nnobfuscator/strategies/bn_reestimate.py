@@ -6,7 +6,8 @@ running statistics shifts every later layer. Whenever a model has compute strate
 BatchNorm layers (any ``nn.modules.batchnorm._BatchNorm``, found by type) is wrapped as a
 :class:`TieredNorm`: at a tier with re-estimated statistics it normalises with them, otherwise
 (the untouched model, a ``full`` tier, a tier without a compute setting) the user's layer runs
-as it is, bit-exact.
+as it is, bit-exact. In a pass mixing tiers, each sample is normalised with its own tier's
+statistics, so they never split a pass.
 
 Statistics are measured by a :class:`Measurement` pass over calibration inputs at the tier: each
 norm whose input differs from the untouched model's on the same inputs (compared with a reference
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnobfuscator.wrapping import Host, TierContext, unwrapped_name
+from nnobfuscator.wrapping import Host, MixedPassUnsupported, TierContext, unwrapped_name
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 PREFIX = "bn-reestimate"
@@ -218,7 +219,8 @@ def find_store(host: Host | None) -> NormStore | None:
 
 
 class TieredNorm(nn.Module):
-    """A BatchNorm that normalises with the active tier's re-estimated statistics, if any.
+    """A BatchNorm that normalises with the active tier's re-estimated statistics, if any (in a
+    pass mixing tiers, each sample with its own tier's).
 
     The user's layer stays reachable as ``base_layer`` and runs untouched otherwise.
     """
@@ -245,24 +247,82 @@ class TieredNorm(nn.Module):
         store = self._store()
         return None if store is None else store.lookup(tier, self.norm_name)
 
+    def pass_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The statistics of each distinct tier of the pass in flight (one entry unless it mixes
+        tiers; ``None``: the user's running statistics)."""
+        state = self._context.state
+        if state is None or state.rows is None:
+            return [self.statistics(self._context.current)]
+        return [self.statistics(tier) for tier in state.groups()[0]]
+
     def normalise(self, x: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
-        """This norm on ``x``, which holds ``channels`` of its features (all when ``None``)."""
+        """This norm on ``x``, which holds ``channels`` of its features (all when ``None``); in
+        a pass mixing tiers, each sample with its own tier's statistics."""
         store = self._store()
         if store is not None and store.session is not None:
             return store.session.normalise(self, x, channels)
-        stats = self.statistics(self._context.current)
+        return self._normalise(x, self.pass_statistics(), channels)
+
+    def _normalise(
+        self,
+        x: torch.Tensor,
+        found: list[tuple[torch.Tensor, torch.Tensor] | None],
+        channels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """This norm on ``x`` with ``found`` (:meth:`pass_statistics`)."""
+        if any(stats is not found[0] for stats in found[1:]):
+            return self._per_sample(x, found, channels)
+        stats = found[0]
         if stats is not None:
             stats = tuple(t.to(x.device, x.dtype) for t in stats)  # type: ignore[assignment]
             if channels is not None:
                 stats = tuple(t.index_select(0, channels) for t in stats)  # type: ignore[assignment]
         return _apply(self.base_layer, x, stats, channels)
 
+    def _per_sample(
+        self,
+        x: torch.Tensor,
+        found: list[tuple[torch.Tensor, torch.Tensor] | None],
+        channels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``x * scale + shift`` with a scale and shift per sample (its tier's statistics folded
+        with the layer's affine parameters).
+
+        Raises:
+            MixedPassUnsupported: ``x`` has no leading batch axis of the pass's size.
+        """
+        state = self._context.state
+        assert state is not None
+        index = state.groups()[1].to(x.device)
+        if x.dim() < 2 or x.shape[0] != len(index):
+            raise MixedPassUnsupported(f"{self.norm_name}: no batch axis of {len(index)} samples")
+        base = self.base_layer
+        scales, shifts = [], []
+        for stats in found:
+            mean, var = stats if stats is not None else (base.running_mean, base.running_var)
+            scale = torch.rsqrt(var.to(x.device, torch.float32) + base.eps)
+            if base.weight is not None:
+                scale = scale * base.weight.float()
+            shift = -mean.to(x.device, torch.float32) * scale
+            if base.bias is not None:
+                shift = shift + base.bias.float()
+            scales.append(scale)
+            shifts.append(shift)
+        scale, shift = torch.stack(scales), torch.stack(shifts)
+        if channels is not None:
+            scale, shift = scale.index_select(1, channels), shift.index_select(1, channels)
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        scale = scale.index_select(0, index).to(x.dtype).view(shape)
+        shift = shift.index_select(0, index).to(x.dtype).view(shape)
+        return torch.addcmul(shift, x, scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         store = self._store()
-        if (
-            self.base_layer.training
-            or store is None
-            or (store.session is None and self.statistics(self._context.current) is None)
-        ):
+        if self.base_layer.training or store is None:
             return self.base_layer(x)
-        return self.normalise(x)
+        if store.session is not None:
+            return store.session.normalise(self, x, None)
+        found = self.pass_statistics()
+        if all(stats is None for stats in found):
+            return self.base_layer(x)
+        return self._normalise(x, found, None)
