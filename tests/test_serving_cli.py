@@ -126,3 +126,28 @@ def test_serve_reloads_its_policy_on_sighup(tmp_path):
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert "policy not reloaded" in output and "line 2" in output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve"],
+        *[
+            ["keys", name]
+            for name in (
+                "create",
+                "rotate",
+                "list",
+                "set-tier",
+                "set-expiry",
+                "revoke",
+                "audit",
+                "usage",
+            )
+        ],
+    ],
+)
+def test_every_serving_command_renders_its_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output

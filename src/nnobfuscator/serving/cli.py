@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nnobfuscator.serving.keystore import (
@@ -44,14 +45,14 @@ UsageStoreOption = Annotated[
     typer.Option(
         "--limits-store",
         metavar="URI",
-        help="Where the server meters usage (its --limits-store): redis://host:port[/db] reads "
+        help="Where the server meters usage (its --limits-store): redis://host:port/DB reads "
         "Redis; anything else reads the key store file.",
     ),
 ]
 
 
 def _fail(message: str) -> None:
-    _err.print(f"[bold red]error:[/] {message}")
+    _err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code=2)
 
 
