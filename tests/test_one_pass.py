@@ -83,12 +83,18 @@ def test_a_mixed_batch_runs_in_one_pass_and_equals_per_tier_runs(digits8):
 
 
 @torch.inference_mode()
-def test_compute_tiers_group_by_setting_and_share_a_pass_otherwise(digits8):
-    tiered = _tiered(tiers="free=60%,pro=70%,plus=85%,premium=full", compute="block-skip")
+def test_compute_tiers_group_by_input_size_and_share_a_pass_across_skipped_blocks(digits8):
+    tiered = _tiered(
+        tiers="free=60%,pro=70%,plus=85%,premium=full", compute="block-skip+input-resolution"
+    )
     skippable = sorted(tiered.compute["block-skip"].layers)
-    for tier in ("free", "pro"):
-        tiered.set_setting(tier, "block-skip", {"skip": skippable[:1]})
-    tiered.set_setting("plus", "block-skip", {"skip": []})
+    for tier, skip, scale in (
+        ("free", skippable[:2], 0.75),
+        ("pro", skippable[:1], 0.75),
+        ("plus", skippable[:1], 1.0),
+    ):
+        tiered.set_setting(tier, "block-skip", {"skip": skip})
+        tiered.set_setting(tier, "input-resolution", {"scale": scale})
     x = digits8["test"].images[:16]
     tiers = ["free", "pro", "plus", "premium"] * 4
     keys = {t: tiered.executor.pass_key(t) for t in set(tiers)}
@@ -96,7 +102,7 @@ def test_compute_tiers_group_by_setting_and_share_a_pass_otherwise(digits8):
     tiered(x, tiers=tiers)
     calls = _count_forwards(tiered.base_model)
     mixed = tiered(x, tiers=tiers)
-    assert calls[0] == 2  # two compute settings, two passes
+    assert calls[0] == 2  # two input sizes, two passes; skipped blocks are routed per row
     for tier in set(tiers):
         rows = torch.tensor([i for i, t in enumerate(tiers) if t == tier])
         torch.testing.assert_close(mixed[rows], tiered(x[rows], tier=tier), rtol=1e-5, atol=1e-5)
