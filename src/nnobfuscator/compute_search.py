@@ -63,6 +63,10 @@ class SearchCounts:
     costed: int = 0
 
 
+#: default least FLOPs share a step that splits mixed-tier passes must save (see ComputeSearch)
+MIN_SPLIT_SAVING = 0.02
+
+
 class ComputeSearch:
     """Evaluates and searches compute settings of a tiered model on one calibration split.
 
@@ -73,6 +77,9 @@ class ComputeSearch:
         task: the task (metric).
         beam: how many candidates survive each step (1: lazy greedy, see :meth:`_lazy`).
         screen: drop candidates whose measuring batch is far below the requirement.
+        min_split_saving: a step of a strategy whose settings cannot share a forward pass
+            (input size, channel width) must save at least this share of the full model's
+            FLOPs: each distinct setting costs a pass of its own in a batch mixing tiers.
         report: called with a short line after each candidate (progress).
     """
 
@@ -85,9 +92,11 @@ class ComputeSearch:
         *,
         beam: int = 1,
         screen: bool = True,
+        min_split_saving: float = MIN_SPLIT_SAVING,
         report: Callable[[str], None] | None = None,
     ) -> None:
         self.model, self.runner, self.labels, self.task = model, runner, labels, task
+        self.min_split_saving = min_split_saving
         self.beam = max(1, beam)
         self.screen = screen
         self.report = report
@@ -249,7 +258,7 @@ class ComputeSearch:
                     failed.append(settings)
                     continue
                 saved = point.cost - found.cost
-                if saved <= 1e-9:
+                if saved <= self._least_saving(name):
                     continue
                 ratio = (point.utility - found.utility) / saved
                 self.ratios[key] = ratio
@@ -261,6 +270,12 @@ class ComputeSearch:
             point = chosen[1]
             if (point.cost, -point.utility) < (best.cost, -best.utility):
                 best = point
+
+    def _least_saving(self, name: str) -> float:
+        """What a step of strategy ``name`` must save to be taken (a step that splits mixed
+        passes must pay for its pass)."""
+        strategy = self.model.compute[name]
+        return 1e-9 if getattr(strategy, "shares_passes", False) else self.min_split_saving
 
     def _refusal(self, found: ComputePoint | None, name: str, settings: Settings) -> None:
         key = json.dumps(settings, sort_keys=True)
@@ -293,7 +308,7 @@ class ComputeSearch:
                             failed.append(settings)
                             continue
                         saved = point.cost - found.cost
-                        if saved <= 1e-9:
+                        if saved <= self._least_saving(name):
                             continue
                         candidates[key] = ((point.utility - found.utility) / saved, found)
                         self._say(tier, best)

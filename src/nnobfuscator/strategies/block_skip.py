@@ -41,6 +41,8 @@ def matching(names: list[str], patterns: list[str] | None, strategy: str, what: 
 class BlockSkip(ComputeStrategy):
     name = "block-skip"
     description = "skip residual blocks at lower tiers (skipped blocks never run)"
+    #: a pass mixing tiers runs each block only on the samples whose tier keeps it
+    shares_passes = True
 
     def attach(self, host: Host) -> None:
         super().attach(host)
@@ -62,10 +64,6 @@ class BlockSkip(ComputeStrategy):
             if isinstance(wrapper, TieredBlock):
                 wrapper.skip_rules.pop(self.name, None)
         self.layers.clear()
-
-    def pass_key(self, tier: str) -> Any:
-        """``None``: a pass mixing tiers runs each block only on the samples that keep it."""
-        return None
 
     def default_setting(self) -> Setting:
         return {"skip": []}

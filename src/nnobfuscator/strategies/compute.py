@@ -32,6 +32,13 @@ class ComputeStrategy(Strategy):
 
     kind: ClassVar[str] = "compute"
     role: ClassVar[str] = "compute"
+    #: whether tiers with different settings of this strategy can share one forward pass (each
+    #: sample routed by its own tier, as skipped blocks are); otherwise a tier whose setting
+    #: differs needs a pass of its own in a batch mixing tiers
+    shares_passes: ClassVar[bool] = False
+
+    def pass_key(self, tier: str) -> Any:
+        return None if self.shares_passes else super().pass_key(tier)
 
     def attach(self, host: Host) -> None:
         """Prepare the model (wrap blocks and so on); compute strategies override this.
