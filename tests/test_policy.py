@@ -217,7 +217,7 @@ def test_batcher_serves_higher_tiers_first_under_load():
     )
 
 
-def test_batcher_lets_starving_requests_go_first():
+def test_batcher_ages_waiting_requests_so_none_starves():
     order: list[list[str]] = []
 
     def forward(batch, tiers):
@@ -229,12 +229,12 @@ def test_batcher_lets_starving_requests_go_first():
         import torch
 
         batcher = MicroBatcher(
-            forward, max_batch_size=1, max_wait_ms=1, rank=TIERS.index, starve_ms=20
+            forward, max_batch_size=1, max_wait_ms=1, rank=TIERS.index, starve_ms=5
         )
         first = asyncio.ensure_future(batcher.submit(torch.zeros(1), "pro"))
         await asyncio.sleep(0.01)
         old = asyncio.ensure_future(batcher.submit(torch.zeros(1), "free"))
-        await asyncio.sleep(0.03)  # the free request is now older than starve_ms
+        await asyncio.sleep(0.03)  # the free request has aged ranks past premium's
         new = asyncio.ensure_future(batcher.submit(torch.zeros(1), "premium"))
         await asyncio.gather(first, old, new)
         await batcher.aclose()

@@ -42,8 +42,8 @@ class MicroBatcher:
         on_wait: called with each request's seconds in the queue when its batch starts.
         rank: a tier's priority (higher first); with more requests waiting than a batch holds,
             higher tiers go first. ``None``: first come, first served.
-        starve_ms: a request waiting longer than this goes first whatever its tier (so lower
-            tiers are slowed under load, never starved).
+        starve_ms: aging: a request gains one rank per ``starve_ms`` it waits (so lower tiers
+            are slowed under load, never starved, and higher tiers still go first).
     """
 
     def __init__(
@@ -113,15 +113,14 @@ class MicroBatcher:
                 await self._run_group(loop, group)
 
     def _next_batch(self) -> list[_Item]:
-        """Take up to ``max_batch_size`` waiting requests: by tier rank when ranked (requests
-        older than ``starve_ms`` first), else in arrival order."""
+        """Take up to ``max_batch_size`` waiting requests: by tier rank plus age (one rank per
+        ``starve_ms`` waited) when ranked, oldest first among equals; else in arrival order."""
         waiting = self._waiting
         if self.rank is not None and len(waiting) > self.max_batch_size:
-            now = time.perf_counter()
+            now, rank = time.perf_counter(), self.rank
             waiting.sort(
                 key=lambda item: (
-                    now - item.enqueued < self.starve,
-                    -self.rank(item.tier),  # type: ignore[misc]
+                    -(rank(item.tier) + int((now - item.enqueued) / self.starve)),
                     item.enqueued,
                 )
             )
