@@ -5,7 +5,7 @@ Run: ``python benchmarks/bench_overload.py [--seconds 15]`` (``make bench`` runs
 weights; time does not depend on them) on 96x96 RGB uploads, with four tiers whose compute is set
 by hand (lower tiers skip residual blocks and shrink the input; their relative FLOPs are in the
 table), served with a policy. The load generator sends requests at a fixed rate (open loop: a
-slow server does not slow the arrivals), 20% premium, 30% pro, 50% free keys, each with a
+slow server does not slow the arrivals), 10% premium, 30% pro, 60% free keys, each with a
 client timeout; a timed-out or refused request counts as an error.
 
 Steps, each on a fresh server: the sustainable rate *C* (closed loop, brownout off), then per
@@ -30,9 +30,9 @@ import numpy as np
 
 HEADING = "## Overload: brownout and priority under twice the sustainable rate (`make bench`)"
 TIERS = "lite=40%,free=60%,pro=85%,premium=full"
-MIX = {"premium": 0.2, "pro": 0.3, "free": 0.5}
-IMAGE = 160
-MAX_BATCH = 4
+MIX = {"premium": 0.1, "pro": 0.3, "free": 0.6}
+IMAGE = 224
+MAX_BATCH = 8
 #: hand-set compute per tier: blocks skipped and input scale
 SETTINGS = {
     "lite": (["layer1.1", "layer2.1", "layer3.1", "layer4.1", "layer1.0"], 0.5),
@@ -272,8 +272,8 @@ def write_section(result: dict) -> tuple[str, list[tuple[str, str]]]:
         f"thread). resnet18 at {IMAGE}x{IMAGE} RGB, tiers `{TIERS}` with hand-set compute "
         f"(relative FLOPs: {flops}); micro-batches of up to {MAX_BATCH}. Sustainable rate "
         f"*C* = **{result['capacity_rps']:.0f} requests/s** (closed loop, 32 clients, brownout "
-        f"off). Each run: {result['seconds']:g} s of open-loop arrivals, keys 20% premium, 30% "
-        f"pro, 50% free, client timeout {TIMEOUT_S:g} s (a timeout or refusal is an error). "
+        f"off). Each run: {result['seconds']:g} s of open-loop arrivals, keys 10% premium, 30% "
+        f"pro, 60% free, client timeout {TIMEOUT_S:g} s (a timeout or refusal is an error). "
         "*Brownout on*: `queue_depth` above "
         f"{4 * MAX_BATCH} serves pro and free as lite until it falls below {MAX_BATCH}, "
         "and higher tiers are batched first; *off*: first come, first served, no brownout.",

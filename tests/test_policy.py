@@ -217,6 +217,39 @@ def test_batcher_serves_higher_tiers_first_under_load():
     )
 
 
+def test_batcher_under_load_batches_one_tier_by_its_cost():
+    order: list[list[str]] = []
+    cost = {"free": 0.25, "pro": 0.5, "premium": 1.0}
+
+    def forward(batch, tiers):
+        order.append(list(tiers))
+        time.sleep(0.05)
+        return batch
+
+    async def main() -> None:
+        import torch
+
+        batcher = MicroBatcher(
+            forward,
+            max_batch_size=2,
+            max_wait_ms=1,
+            rank=TIERS.index,
+            cost=cost.get,
+            starve_ms=10_000,
+        )
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(1), "pro"))
+        await asyncio.sleep(0.01)
+        rest = [
+            asyncio.ensure_future(batcher.submit(torch.zeros(1), tier))
+            for tier in ["free"] * 6 + ["premium"] * 3
+        ]
+        await asyncio.gather(first, *rest)
+        await batcher.aclose()
+
+    asyncio.run(main())
+    assert order == [["pro"], ["premium", "premium"], ["premium"], ["free"] * 6]
+
+
 def test_batcher_ages_waiting_requests_so_none_starves():
     order: list[list[str]] = []
 
@@ -249,12 +282,9 @@ def test_http_quota_downgrade_headers_reload_and_owner_views(tmp_path):
     store = KeyStore(tmp_path / "keys.sqlite")
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(
-        "tiers:\n  pro:\n    rate: 100/min\n    quota: 2/day\n"
-        "    on_exhausted: {downgrade: free}\n"
+        "tiers:\n  pro:\n    rate: 100/min\n    quota: 2/day\n    on_exhausted: {downgrade: free}\n"
     )
-    app = create_app(
-        artifact, keys=store, config=ServeConfig(max_wait_ms=5.0), policy=policy_file
-    )
+    app = create_app(artifact, keys=store, config=ServeConfig(max_wait_ms=5.0), policy=policy_file)
     pro = {"X-API-Key": store.create("pro")[1]}
     owner = {"X-API-Key": store.create(None, owner=True)[1]}
     image = {"files": {"image": ("x.png", random_png(0), "image/png")}}

@@ -135,6 +135,7 @@ def create_app(
         on_batch=on_batch,
         on_wait=load.record_wait,
         rank=rank,
+        cost=lambda tier: served.model.get_tier(tier).relative_cost or 1.0,
     )
     load._depth = lambda: batcher.pending
     usage = _usage_meter(store, config)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 Forward = Callable[[Any, list[str]], Any]
+#: under load, a batch of a cheap tier holds at most this many times ``max_batch_size`` samples
+_MOST_PER_FULL_SAMPLE = 8
 
 
 @dataclass
@@ -44,6 +46,10 @@ class MicroBatcher:
             higher tiers go first. ``None``: first come, first served.
         starve_ms: aging: a request gains one rank per ``starve_ms`` it waits (so lower tiers
             are slowed under load, never starved, and higher tiers still go first).
+        cost: a tier's compute per sample relative to the full tier. Under load (more requests
+            waiting than a batch holds) a batch takes one tier only, the first in line, and
+            holds ``max_batch_size`` full-tier samples' worth of compute: more samples of a
+            cheap tier, one forward pass each (tiers of different input sizes never share one).
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class MicroBatcher:
         on_wait: Callable[[float], None] | None = None,
         rank: Callable[[str], int] | None = None,
         starve_ms: float = 2000.0,
+        cost: Callable[[str], float] | None = None,
     ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
@@ -63,6 +70,7 @@ class MicroBatcher:
         self.on_batch, self.on_wait = on_batch, on_wait
         self.rank = rank
         self.starve = starve_ms / 1000.0
+        self.cost = cost
         self._waiting: list[_Item] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -113,18 +121,30 @@ class MicroBatcher:
                 await self._run_group(loop, group)
 
     def _next_batch(self) -> list[_Item]:
-        """Take up to ``max_batch_size`` waiting requests: by tier rank plus age (one rank per
-        ``starve_ms`` waited) when ranked, oldest first among equals; else in arrival order."""
+        """The next batch: every waiting request while they fit in one; under load, by tier
+        rank plus age (one rank per ``starve_ms`` waited), oldest first among equals, and with
+        ``cost``, the first in line's tier only, up to a full-tier batch's worth of compute."""
         waiting = self._waiting
-        if self.rank is not None and len(waiting) > self.max_batch_size:
-            now, rank = time.perf_counter(), self.rank
-            waiting.sort(
-                key=lambda item: (
-                    -(rank(item.tier) + int((now - item.enqueued) / self.starve)),
-                    item.enqueued,
-                )
+        if self.rank is None or len(waiting) <= self.max_batch_size:
+            batch, self._waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
+            return batch
+        now, rank = time.perf_counter(), self.rank
+        waiting.sort(
+            key=lambda item: (
+                -(rank(item.tier) + int((now - item.enqueued) / self.starve)),
+                item.enqueued,
             )
-        batch, self._waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
+        )
+        if self.cost is None:
+            batch, self._waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
+            return batch
+        tier = waiting[0].tier
+        budget = self.max_batch_size / max(self.cost(tier), 1.0 / _MOST_PER_FULL_SAMPLE)
+        batch: list[_Item] = []
+        rest: list[_Item] = []
+        for item in waiting:
+            (batch if item.tier == tier and len(batch) < budget else rest).append(item)
+        self._waiting = rest
         return batch
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Item]) -> None:
