@@ -32,7 +32,7 @@ HEADING = "## Overload: brownout and priority under twice the sustainable rate (
 TIERS = "lite=40%,free=60%,pro=85%,premium=full"
 MIX = {"premium": 0.1, "pro": 0.3, "free": 0.6}
 IMAGE = 224
-MAX_BATCH = 8
+MAX_BATCH = 2
 #: hand-set compute per tier: blocks skipped and input scale
 SETTINGS = {
     "lite": (["layer1.1", "layer2.1", "layer3.1", "layer4.1", "layer1.0"], 0.5),
