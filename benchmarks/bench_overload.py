@@ -57,6 +57,7 @@ def build_model():
     from torchvision.models import resnet18
 
     from nnobfuscator import InputSpec, obfuscate
+    from nnobfuscator.cost import relative_costs
 
     torch.manual_seed(0)
     tiered = obfuscate(
@@ -72,21 +73,16 @@ def build_model():
         tiered.set_strength(tier, "feature-mix", 0.05)
         tiered.set_setting(tier, "block-skip", {"skip": skip})
         tiered.set_setting(tier, "input-resolution", {"scale": scale})
+    # what calibration records, and the batcher sizes batches by
+    for name, cost in relative_costs(tiered, torch.zeros(1, 3, IMAGE, IMAGE)).items():
+        tiered.tiers[name].relative_cost = cost
     return tiered
 
 
 def relative_flops() -> dict[str, float]:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Each tier's FLOPs relative to the full model (what calibration would record)."""
     tiered = build_model()
-    x = torch.zeros(1, 3, IMAGE, IMAGE)
-    flops = {}
-    for tier in tiered.tier_names:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            tiered(x, tier=tier)
-        flops[tier] = counter.get_total_flops()
-    return {t: flops[t] / flops["premium"] for t in flops}
+    return {name: tier.relative_cost for name, tier in tiered.tiers.items()}
 
 
 def serve(port: int, keys: str, policy: str) -> None:
