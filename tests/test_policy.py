@@ -112,6 +112,18 @@ def test_quota_reject_and_rate_limit_answer_429_with_retry_after():
     assert info.value.code == "rate_limited" and 1 <= int(info.value.headers["Retry-After"]) <= 60
 
 
+def test_none_lifts_a_default_limit_for_a_tier_or_a_key():
+    engine = engine_for(
+        "tiers:\n  '*': {rate: 1/min}\n  premium: {rate: none}\nkeys:\n  bot: {rate: unlimited}\n"
+    )
+    assert [engine.decide(caller("premium")).tier for _ in range(3)] == ["premium"] * 3
+    bot = Caller("b1", "bot", "free", "free")
+    assert [engine.decide(bot).tier for _ in range(3)] == ["free"] * 3
+    engine.decide(caller("pro"))
+    with pytest.raises(ApiError):
+        engine.decide(caller("pro"))
+
+
 def test_key_rule_overrides_its_tier_rule_by_name():
     engine = engine_for(
         "tiers:\n  free: {quota: 1/day, on_exhausted: reject}\nkeys:\n  alice: {quota: 3/day}\n"

@@ -60,8 +60,12 @@ class Downgrade(_Strict):
 class Rule(_Strict):
     """Limits of a tier, or of one key (a key's rule overrides its tier's, field by field)."""
 
-    rate: str | None = Field(None, description="Requests per window per key, e.g. '60/min'.")
-    quota: str | None = Field(None, description="Requests per window per key, e.g. '1000/day'.")
+    rate: str | None = Field(
+        None, description="Requests per window per key, e.g. '60/min'; 'none' lifts a default."
+    )
+    quota: str | None = Field(
+        None, description="Requests per window per key, e.g. '1000/day'; 'none' lifts a default."
+    )
     on_exhausted: Literal["reject"] | Downgrade | None = Field(
         None, description="'reject' (429) or {downgrade: TIER} once the quota is used up."
     )
@@ -69,11 +73,12 @@ class Rule(_Strict):
     @field_validator("rate", "quota")
     @classmethod
     def _limit_text(cls, value: str | None) -> str | None:
-        if value is not None:
-            from nnobfuscator.serving.limiter import parse_limit
+        """A valid limit, or ``None`` for ``none`` / ``unlimited`` / ``off``."""
+        if value is None:
+            return None
+        from nnobfuscator.serving.limiter import parse_optional_limit
 
-            parse_limit(value)
-        return value
+        return None if parse_optional_limit(str(value)) is None else str(value)
 
 
 class Brownout(_Strict):
