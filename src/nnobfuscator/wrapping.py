@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -126,16 +127,18 @@ class DerivedCache:
         #: the model's tiers (how many a derived tensor may be kept for)
         self.tiers = tiers or {}
         self.reserved = 0
+        self._lock = threading.Lock()  # forwards may run in several threads (serving lanes)
 
     def reserve(self, nbytes_per_tier: int) -> bool:
         """Reserve room for a derived tensor at every tier (up to half the budget, first come);
         whether it was granted. A grant is a fixed decision, so outputs never depend on what the
         cache holds at the time of a call."""
         total = nbytes_per_tier * max(1, len(self.tiers))
-        if self.reserved + total > self.budget // 2:
-            return False
-        self.reserved += total
-        return True
+        with self._lock:
+            if self.reserved + total > self.budget // 2:
+                return False
+            self.reserved += total
+            return True
 
     @property
     def budget(self) -> int:
@@ -145,24 +148,28 @@ class DerivedCache:
 
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
         """The entry for ``key``, made with ``make()`` on a miss (kept while the budget allows)."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[1]
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry[1]
         value = make()
         size = tensor_bytes(value)
-        if size <= self.budget:
-            while self._entries and self.nbytes + size > self.budget:
-                _, (freed, _) = self._entries.popitem(last=False)
-                self.nbytes -= freed
-            self._entries[key] = (size, value)
-            self.nbytes += size
+        budget = self.budget
+        with self._lock:
+            if size <= budget and key not in self._entries:
+                while self._entries and self.nbytes + size > budget:
+                    _, (freed, _) = self._entries.popitem(last=False)
+                    self.nbytes -= freed
+                self._entries[key] = (size, value)
+                self.nbytes += size
         return value
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-        self.reserved = 0
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+            self.reserved = 0
 
 
 def tensor_identity(tensor: torch.Tensor) -> tuple:
