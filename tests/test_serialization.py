@@ -88,3 +88,20 @@ def test_loading_onto_an_already_wrapped_model_is_refused(artifact):
     obfuscate(base, tiers="free=0.5,premium=full")
     with pytest.raises(ValueError, match="already wrapped"):
         TieredModel.from_pretrained(str(artifact), base)
+
+
+def test_tensors_shared_between_tiers_are_written_as_copies(tmp_path):
+    from safetensors.torch import load_file
+
+    from nnobfuscator.serialization import TENSORS_NAME, write_artifact
+
+    shared = torch.arange(4.0)
+    write_artifact(
+        tmp_path / "a",
+        {"model_name": "x"},
+        {"free/bn1/mean": shared, "pro/bn1/mean": shared, "pro/bn1/var": shared[:2]},
+    )
+    loaded = load_file(str(tmp_path / "a" / TENSORS_NAME))
+    assert torch.equal(loaded["free/bn1/mean"], shared)
+    assert torch.equal(loaded["pro/bn1/mean"], shared)
+    assert torch.equal(loaded["pro/bn1/var"], shared[:2])

@@ -41,6 +41,19 @@ class ArtifactError(ValueError):
     """An artifact directory is missing, corrupt or does not match the given base model."""
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with no two sharing memory (safetensors refuses shared storage; two tiers
+    may hold the very same statistics): later sharers are copied."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        out[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+        seen.add(key)
+    return out
+
+
 def write_artifact(
     directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> Path:
@@ -48,7 +61,7 @@ def write_artifact(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {**config, "format": FORMAT, "version": __version__}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     # Write to temporary names first, so a crash never leaves a half-written artifact behind.
     _atomic_write(directory / TENSORS_NAME, lambda p: save_file(tensors, str(p)))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
