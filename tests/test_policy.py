@@ -361,3 +361,105 @@ def test_http_expired_and_rotated_keys_are_401_and_malformed_keys_skip_the_store
         assert code("nnobf_123456789abc_notavalidsecretwithoutchecksum")[0] == 401
         assert code("sk-something-else")[0] == 401
         assert store_reads == []
+
+
+def test_http_limits_store_down_is_503_and_compare_needs_an_owner_before_counting(tmp_path):
+    from nnobfuscator.serving.limiter import LimitStoreError
+
+    store = KeyStore(tmp_path / "keys.sqlite")
+    app = create_app(torchvision_artifact(tmp_path / "artifact"), keys=store)
+    pro = {"X-API-Key": store.create("pro")[1]}
+    image = {"files": {"image": ("x.png", random_png(0), "image/png")}}
+    limits = app.state.engine.limits
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/v1/compare", headers=pro, **image).status_code == 403
+        assert app.state.engine.history.series(1)["tiers"] == {}  # the 403 counted nothing
+
+        def down(*args, **kwargs):
+            raise LimitStoreError("cannot reach Redis at redis://127.0.0.1:1/0")
+
+        limits.hit = down
+        answer = client.post("/v1/classify", headers=pro, **image)
+        assert answer.status_code == 503 and answer.json()["error"] == "limits_unavailable"
+        assert answer.headers["Retry-After"] == "5"
+
+
+# --- review fixes -----------------------------------------------------------------------------
+def test_a_key_override_can_downgrade_and_a_downgrade_that_is_not_lower_rejects():
+    engine = engine_for(
+        "tiers:\n  pro: {quota: 1/day, on_exhausted: reject}\n"
+        "  '*': {quota: 1/day, on_exhausted: {downgrade: premium}}\n"
+        "keys:\n  alice: {on_exhausted: {downgrade: free}}\n"
+    )
+    alice = Caller("a1", "alice", "pro", "pro")
+    assert [engine.decide(alice).tier for _ in range(2)] == ["pro", "free"]
+    engine.decide(caller("free", key_id="f"))
+    with pytest.raises(ApiError) as info:  # "downgrade" to a higher tier: the quota still holds
+        engine.decide(caller("free", key_id="f"))
+    assert info.value.code == "quota_exhausted"
+
+
+def test_brownout_with_below_zero_turns_off_when_the_signal_is_zero():
+    depth = {"now": 5}
+    engine = engine_for(
+        "brownout: {signal: queue_depth, above: 1, below: 0, serve: {pro: free}}\n",
+        depth=lambda: depth["now"],
+    )
+    assert engine.decide(caller("pro")).tier == "free"
+    depth["now"] = 0
+    assert engine.decide(caller("pro")).tier == "pro"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("tiers:\n  free: {rate: 1/s}\n  free: {rate: 2/s}\n", "appears twice"),
+        ("brownout: {above: 5, below: 1, serve: {}}\n", "at least 1"),
+        ("schedules:\n  - {name: a, days: [], serve: {free: pro}}\n", "no days"),
+        ("schedules:\n  - {name: a, from: '08:00', to: '08:00', serve: {free: pro}}\n", "empty"),
+        ("schedules:\n  - {name: a, serve: {free: pro}}\n  - {name: a, serve: {pro: free}}\n", "a"),
+        ("schedules:\n  - {name: a, from: 8:00, serve: {free: pro}}\n", "in quotes"),
+        ("tiers:\n  free: {rate: 60}\n", "COUNT/PERIOD"),
+    ],
+)
+def test_more_bad_policies_are_refused(text, words):
+    with pytest.raises(PolicyError, match=words):
+        parse_policy(text, TIERS)
+
+
+def test_default_policy_keeps_fractional_and_large_rates():
+    from nnobfuscator.serving.config import parse_rate_limits
+    from nnobfuscator.serving.policy import default_policy
+
+    rules = default_policy(TIERS, parse_rate_limits("free=0.5/s,*=1000000/h")).spec.tiers
+    assert rules["free"].rate == "1/2 seconds" and rules["*"].rate == "1000000/hour"
+
+
+def test_a_batch_the_model_answers_wrongly_fails_its_requests_and_the_batcher_goes_on():
+    import torch
+
+    def forward(batch, tiers):
+        return batch[:1] if len(tiers) == 2 else batch  # drops a row of two-sample batches
+
+    async def main() -> tuple[list, object]:
+        batcher = MicroBatcher(forward, max_batch_size=2, max_wait_ms=20)
+        pair = await asyncio.gather(
+            batcher.submit(torch.zeros(1), "free"),
+            batcher.submit(torch.zeros(1), "pro"),
+            return_exceptions=True,
+        )
+        alone = await batcher.submit(torch.ones(1), "free")
+        await batcher.aclose()
+        return pair, alone
+
+    pair, alone = asyncio.run(main())
+    assert all(isinstance(p, RuntimeError) for p in pair)
+    assert torch.equal(alone, torch.ones(1))
+
+
+def test_a_key_name_that_reads_like_an_id_is_refused(tmp_path):
+    from nnobfuscator.serving.keystore import KeyStoreError
+
+    store = KeyStore(tmp_path / "k.sqlite")
+    with pytest.raises(KeyStoreError, match="reads like a key id"):
+        store.create("pro", name="0123456789ab")

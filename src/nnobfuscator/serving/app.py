@@ -113,7 +113,7 @@ def create_app(
     metrics = Metrics()
     tiers = served.model.tier_names
     policy_path = None if policy is None or isinstance(policy, Policy) else Path(policy)
-    if policy is None:
+    if policy is None:  # with a policy file, its rules replace config.rate_limits
         policy = default_policy(tiers, config.rate_limits)
     elif policy_path is not None:
         policy = load_policy(policy_path, tiers)
@@ -425,7 +425,7 @@ def create_app(
     )
     async def compare(
         request: Request,
-        principal: Principal = Depends(auth),
+        principal: Principal = Depends(auth.identify),
         top_k: int | None = Query(None, ge=1, le=1000),
         format: str | None = Query(None, pattern="^(png|rle)$"),
     ) -> CompareResponse:

@@ -153,4 +153,3 @@ class Authenticator:
             raise ApiError(
                 403, "owner_only", f"{what} needs an owner key (`nnobf keys create --owner`)"
             )
-

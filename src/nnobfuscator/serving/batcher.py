@@ -83,7 +83,12 @@ class MicroBatcher:
 
     def _ensure_worker(self) -> asyncio.Event:
         loop = asyncio.get_running_loop()
-        if self._arrived is None or self._loop is not loop or self._worker is None:
+        if (
+            self._arrived is None
+            or self._loop is not loop
+            or self._worker is None
+            or self._worker.done()  # a worker that died is replaced, never waited on
+        ):
             self._loop, self._arrived, self._waiting = loop, asyncio.Event(), []
             self._worker = loop.create_task(self._run(self._arrived), name="nnobf-batcher")
         return self._arrived
@@ -113,12 +118,17 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             items = [item for item in self._next_batch() if not item.future.cancelled()]
-            started = time.perf_counter()
-            if self.on_wait is not None:
-                for item in items:
-                    self.on_wait(started - item.enqueued)
-            for group in _group_by_shape(items):
-                await self._run_group(loop, group)
+            try:
+                started = time.perf_counter()
+                if self.on_wait is not None:
+                    for item in items:
+                        self.on_wait(started - item.enqueued)
+                for group in _group_by_shape(items):
+                    await self._run_group(loop, group)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the worker must outlive any one batch
+                _fail(items, err)
 
     def _next_batch(self) -> list[_Item]:
         """The next batch: every waiting request while they fit in one; under load, by tier
@@ -154,10 +164,12 @@ class MicroBatcher:
             outputs = await loop.run_in_executor(
                 self._executor, _forward_split, self.forward, [i.sample for i in group], tiers
             )
+            if len(outputs) != len(group):
+                raise RuntimeError(
+                    f"the model answered {len(outputs)} samples for a batch of {len(group)}"
+                )
         except Exception as err:  # one bad batch fails its requests, not the server
-            for item in group:
-                if not item.future.done():
-                    item.future.set_exception(err)
+            _fail(group, err)
             return
         if self.on_batch is not None:
             self.on_batch(tiers, time.perf_counter() - started)
@@ -176,6 +188,12 @@ class MicroBatcher:
             item.future.cancel()
         self._waiting = []
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _fail(items: list[_Item], err: Exception) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(err)
 
 
 def _group_by_shape(items: list[_Item]) -> list[list[_Item]]:

@@ -321,7 +321,8 @@ def serve(
         Path | None,
         typer.Option(
             help="Serving policy (YAML): quotas that downgrade, brownout under load, schedules, "
-            "priority. Reload it with SIGHUP or POST /v1/policy/reload (owner key).",
+            "priority; its rules replace --rate-limit. Reload it with SIGHUP or "
+            "POST /v1/policy/reload (owner key).",
         ),
     ] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Deploy with Ray Serve.")] = False,
@@ -382,10 +383,11 @@ def serve(
     import uvicorn
 
     from nnobfuscator.serving.app import create_app
+    from nnobfuscator.serving.limiter import LimitStoreError
 
     try:
         app = create_app(artifact, keys=keys_path, config=config, policy=policy)
-    except ValueError as err:
+    except (ValueError, LimitStoreError) as err:
         _fail(str(err))
     _err.print(f"serving {artifact} on http://{host}:{port} (keys: {keys_path})")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -107,7 +107,7 @@ class PolicyEngine:
         policy = self._policy
         count = self.limits.hit if consume else self.limits.peek
         if caller.owner:
-            return Decision(caller.asked, caller.key_tier)
+            return Decision(caller.asked, caller.key_tier, (), {KEY_TIER_HEADER: caller.key_tier})
         tier, reasons = caller.asked, []
         scheduled = policy.scheduled(tier, self.clock())
         if scheduled is not None and scheduled != tier:
@@ -134,11 +134,15 @@ class PolicyEngine:
                 headers.update(rate_limit_headers(quota))
             if not quota.allowed:
                 exhausted = rule.on_exhausted
-                if isinstance(exhausted, Downgrade):
-                    if policy.rank(exhausted.downgrade) < policy.rank(tier):
-                        tier = exhausted.downgrade
-                        reasons.append("quota")
-                elif consume:
+                lower = (
+                    isinstance(exhausted, Downgrade)
+                    and exhausted.downgrade in policy.tiers
+                    and policy.rank(exhausted.downgrade) < policy.rank(tier)
+                )
+                if lower:
+                    tier = exhausted.downgrade  # type: ignore[union-attr]
+                    reasons.append("quota")
+                elif consume:  # reject, or a "downgrade" that would not serve lower
                     self.history.record(caller.key_tier, None, ("quota",))
                     raise _too_many(
                         "quota_exhausted",

@@ -74,6 +74,11 @@ def check_store_uri(uri: str) -> str:
         if parts.netloc or db:
             raise ValueError(f"invalid limits store {text!r}: write just 'memory://'")
         return "memory://"
+    if "password" in parts.query.lower():
+        raise ValueError(
+            f"invalid limits store {redact_uri(text.split('?')[0])!r}: put the password in the "
+            "address, redis://:PASSWORD@host:port/db (it is then kept out of every message)"
+        )
     if not parts.hostname or (db and not db.isdigit()) or (port is not None and port < 1):
         raise ValueError(
             f"invalid limits store {redact_uri(text)!r}: write {parts.scheme}://host:port[/db] "

@@ -58,6 +58,15 @@ def install_error_handlers(app: FastAPI) -> None:
             422, "invalid_request", f"the request is not valid: {problems}", errors=_plain(exc)
         )
 
+    from nnobfuscator.serving.limiter import LimitStoreError
+
+    @app.exception_handler(LimitStoreError)
+    async def _limits_down(request: Request, exc: LimitStoreError) -> JSONResponse:
+        # the message names the store without its password
+        return error_response(
+            503, "limits_unavailable", f"{exc}; retry shortly", {"Retry-After": "5"}
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")

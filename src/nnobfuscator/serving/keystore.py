@@ -397,6 +397,11 @@ class KeyStore:
             check_tier_name(tier)
         if name is not None and (not name.strip() or name.startswith(f"{KEY_PREFIX}_")):
             raise KeyStoreError(f"invalid key name {name!r}: use a non-empty label like 'alice'")
+        if name is not None and re.fullmatch(r"[0-9a-f]{12}", name):
+            raise KeyStoreError(
+                f"invalid key name {name!r}: it reads like a key id, so commands given it could "
+                "act on another key; pick a label like 'alice'"
+            )
 
     def _insert(
         self,

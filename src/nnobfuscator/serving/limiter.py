@@ -169,6 +169,8 @@ def limit_from_rate(rate: RateLimit | None, kind: Kind = "rate") -> Limit | None
     if rate is None:
         return None
     units = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+    if rate.requests != round(rate.requests):  # 0.5/s: one per 2 seconds, the same mean rate
+        return Limit(1, max(1, round(rate.period / rate.requests)), "second", kind)
     if rate.period in units:
         multiples, unit = 1, units[rate.period]
     else:

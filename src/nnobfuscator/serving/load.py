@@ -2,8 +2,8 @@
 
 The batcher reports each request's queue wait and each forward's duration; the signals are
 the 95th percentile of those over the last ``window_s`` seconds, and the queue depth now.
-Brownout turns on when the chosen signal exceeds ``above`` and off only once it falls below
-``below`` (hysteresis: no flapping around one threshold).
+Brownout turns on when the chosen signal exceeds ``above`` and off only once it falls to
+``below`` or under (hysteresis: no flapping around one threshold).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class BrownoutState:
 
 
 class BrownoutSwitch:
-    """Hysteresis on one load signal: on above ``above``, off below ``below``."""
+    """Hysteresis on one load signal: on above ``above``, off at or below ``below``."""
 
     def __init__(self) -> None:
         self.state = BrownoutState()
@@ -98,7 +98,7 @@ class BrownoutSwitch:
             state.value = value
             if not state.active and value > above:
                 state.active, state.since, state.changes = True, time.time(), state.changes + 1
-            elif state.active and value < below:
+            elif state.active and value <= below:
                 state.active, state.since, state.changes = False, time.time(), state.changes + 1
             return state.active
 

@@ -70,23 +70,36 @@ class Rule(_Strict):
         None, description="'reject' (429) or {downgrade: TIER} once the quota is used up."
     )
 
-    @field_validator("rate", "quota")
+    @field_validator("rate", "quota", mode="before")
     @classmethod
-    def _limit_text(cls, value: str | None) -> str | None:
+    def _limit_text(cls, value: Any) -> str | None:
         """A valid limit, or ``None`` for ``none`` / ``unlimited`` / ``off``."""
         if value is None:
             return None
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{value!r} is not a limit: write COUNT/PERIOD, e.g. 60/min or 1000/day"
+            )
         from nnobfuscator.serving.limiter import parse_optional_limit
 
-        return None if parse_optional_limit(str(value)) is None else str(value)
+        return None if parse_optional_limit(value) is None else value
+
+    @model_validator(mode="after")
+    def _exhausted_needs_quota(self) -> Rule:
+        fields = self.model_fields_set
+        if "on_exhausted" in fields and "quota" in fields and self.quota is None:
+            raise ValueError("on_exhausted is set but the quota is 'none'")
+        return self
 
 
 class Brownout(_Strict):
     signal: Literal["queue_wait_p95_ms", "queue_depth", "batch_p95_ms"] = "queue_wait_p95_ms"
     above: float = Field(gt=0, description="Brownout turns on when the signal exceeds this.")
-    below: float = Field(ge=0, description="...and off when it falls below this.")
+    below: float = Field(ge=0, description="...and off when it falls to this or under.")
     window_s: float = Field(10.0, gt=0, description="Seconds of history the signal covers.")
-    serve: dict[str, str] = Field(description="Tier -> lower tier served while browned out.")
+    serve: dict[str, str] = Field(
+        min_length=1, description="Tier -> lower tier served while browned out."
+    )
 
     @model_validator(mode="after")
     def _hysteresis(self) -> Brownout:
@@ -100,14 +113,31 @@ class Schedule(_Strict):
     days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = list(DAYS)  # type: ignore[assignment]
     start: str = Field("00:00", alias="from", description="UTC HH:MM, inclusive.")
     end: str = Field("24:00", alias="to", description="UTC HH:MM, exclusive (24:00: midnight).")
-    serve: dict[str, str] = Field(description="Tier -> tier served inside the window.")
+    serve: dict[str, str] = Field(
+        min_length=1, description="Tier -> tier served inside the window."
+    )
 
-    @field_validator("start", "end")
+    @field_validator("start", "end", mode="before")
     @classmethod
-    def _clock(cls, value: str) -> str:
-        if not _CLOCK.match(str(value)):
+    def _clock(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{value!r} is not a UTC time: write it in quotes, e.g. '08:00' (YAML reads an "
+                "unquoted 08:00 as a number)"
+            )
+        if not _CLOCK.match(value):
             raise ValueError(f"{value!r} is not a UTC time HH:MM (00:00 to 24:00)")
-        return str(value)
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> Schedule:
+        if not self.days:
+            raise ValueError(f"schedule {self.name!r} has no days")
+        if self.start == self.end:
+            raise ValueError(
+                f"schedule {self.name!r} starts and ends at {self.start}: an empty window"
+            )
+        return self
 
     def covers(self, now: datetime) -> bool:
         """Whether ``now`` (UTC) falls in the window; a window whose end is before its start
@@ -129,6 +159,14 @@ class PolicySpec(_Strict):
     schedules: list[Schedule] = Field(default_factory=list)
     priority: bool = True
 
+    @model_validator(mode="after")
+    def _unique_schedules(self) -> PolicySpec:
+        names = [s.name for s in self.schedules]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"schedule names must be unique; used twice: {', '.join(twice)}")
+        return self
+
 
 def _minutes(clock: str) -> int:
     hours, minutes = clock.split(":")
@@ -147,12 +185,13 @@ class Policy:
         """The limits of a key at ``tier``: its own rule over the tier's (``*`` for tiers not
         named)."""
         base = self.spec.tiers.get(tier) or self.spec.tiers.get("*") or Rule()
-        for ref in key_refs:
-            override = self.spec.keys.get(ref)
-            if override is not None:
-                fields = override.model_dump(exclude_unset=True)
-                return base.model_copy(update=fields)
-        return base
+        overrides = [self.spec.keys[ref] for ref in reversed(key_refs) if ref in self.spec.keys]
+        if not overrides:
+            return base
+        fields = base.model_dump(exclude_unset=True)
+        for override in overrides:  # the id's rule, then the name's over it
+            fields.update(override.model_dump(exclude_unset=True))
+        return Rule.model_validate(fields)
 
     def scheduled(self, tier: str, now: datetime) -> str | None:
         """The tier the first schedule in force at ``now`` serves ``tier`` at, if any."""
@@ -171,10 +210,16 @@ class Policy:
 
 def default_policy(tiers: list[str], rate_limits: dict[str, Any] | None = None) -> Policy:
     """The policy without a file: per-tier rate limits only (``--rate-limit``)."""
-    rules = {
-        tier: Rule(rate=None if limit is None else str(limit))
-        for tier, limit in (rate_limits or {}).items()
-    }
+    from nnobfuscator.serving.limiter import limit_from_rate
+
+    rules = {}
+    for tier, limit in (rate_limits or {}).items():
+        converted = limit_from_rate(limit)
+        if converted is None:
+            rules[tier] = Rule(rate=None)
+            continue
+        text = str(limit)  # as the user wrote it ("60/min") when the limits library reads it
+        rules[tier] = Rule(rate=text if "e" not in text and "." not in text else str(converted))
     return Policy(PolicySpec(tiers=rules), tuple(tiers), "default policy")
 
 
@@ -205,7 +250,7 @@ def parse_policy(text: str, tiers: list[str], source: str = "policy") -> Policy:
         raise PolicyError(f"not valid YAML: {problem}", line, source) from err
     lines: dict[tuple, int] = {}
     if root is not None:
-        _record_lines(root, (), lines)
+        _record_lines(root, (), lines, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -215,7 +260,7 @@ def parse_policy(text: str, tiers: list[str], source: str = "policy") -> Policy:
     except ValidationError as err:
         first = err.errors()[0]
         loc = tuple(first["loc"])
-        field = ".".join(str(part) for part in loc) or "policy"
+        field = _field(loc)
         raise PolicyError(f"{field}: {_plain(first['msg'])}", _line_of(loc, lines), source) from err
     policy = Policy(spec, tuple(tiers), source)
     _check_tiers(policy, lines, source)
@@ -226,17 +271,30 @@ def _plain(message: str) -> str:
     return message.removeprefix("Value error, ")
 
 
-def _record_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> None:
+def _field(loc: tuple) -> str:
+    """A validation error's location as the file names it (without pydantic's union tags)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p == "Downgrade"))]
+    return ".".join(parts) or "policy"
+
+
+def _record_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str) -> None:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        names = [key.value for key, _ in node.value]
         for key, value in node.value:
+            if names.count(key.value) > 1:
+                raise PolicyError(
+                    f"{key.value!r} appears twice in {'.'.join(map(str, path)) or 'the policy'}",
+                    key.start_mark.line + 1,
+                    source,
+                )
             child = (*path, key.value)
             lines[child] = key.start_mark.line + 1
-            _record_lines(value, child, lines)
+            _record_lines(value, child, lines, source)
             lines[child] = key.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, value in enumerate(node.value):
-            _record_lines(value, (*path, index), lines)
+            _record_lines(value, (*path, index), lines, source)
 
 
 def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
