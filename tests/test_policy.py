@@ -463,3 +463,19 @@ def test_a_key_name_that_reads_like_an_id_is_refused(tmp_path):
     store = KeyStore(tmp_path / "k.sqlite")
     with pytest.raises(KeyStoreError, match="reads like a key id"):
         store.create("pro", name="0123456789ab")
+
+
+def test_http_a_rotated_key_shares_its_replacements_limits_during_the_grace(tmp_path):
+    store = KeyStore(tmp_path / "keys.sqlite")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tiers:\n  pro: {rate: 3/min}\nkeys:\n  alice: {rate: 2/min}\n")
+    app = create_app(torchvision_artifact(tmp_path / "artifact"), keys=store, policy=policy)
+    _, old = store.create("pro", name="alice")
+    _, new, _ = store.rotate("alice", grace=timedelta(hours=1))
+    image = {"files": {"image": ("x.png", random_png(0), "image/png")}}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        codes = [
+            client.post("/v1/classify", headers={"X-API-Key": key}, **image).status_code
+            for key in (old, new, old)
+        ]
+    assert codes == [200, 200, 429]  # alice's 2/min, shared by the old and the new key

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from nnobfuscator.serving.conditions import Caller, Decision, PolicyEngine
 from nnobfuscator.serving.errors import ApiError
-from nnobfuscator.serving.keystore import ApiKey, KeyStore
+from nnobfuscator.serving.keystore import ApiKey, KeyStore, KeyStoreError
 from nnobfuscator.serving.metrics import Metrics
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nnobfuscator"'}
@@ -100,7 +100,8 @@ class Authenticator:
         if refusal is not None:
             self._refuse(*refusal)
         asked = self._tier(record, request.headers.get(TIER_REQUEST_HEADER) or None)
-        caller = Caller(record.id, record.name, record.tier or self.tiers[-1], asked, record.owner)
+        holder = self._successor(record)  # a rotated key counts and is ruled as its replacement
+        caller = Caller(holder.id, holder.name, record.tier or self.tiers[-1], asked, record.owner)
         if not consume:
             decision = self.engine.decide(caller, consume=False)
             return Principal(record, decision.tier, decision)
@@ -109,12 +110,25 @@ class Authenticator:
         except ApiError as err:
             self.metrics.rate_limited.labels(caller.key_tier).inc()
             raise err
-        for reason in decision.reasons:
-            self.metrics.downgrades.labels(decision.key_tier, reason).inc()
+        if self.tiers.index(decision.tier) < self.tiers.index(decision.key_tier):
+            for reason in decision.reasons:
+                self.metrics.downgrades.labels(decision.key_tier, reason).inc()
         request.state.tier = decision.tier
         if self.usage is not None:
             self.usage.record(record.id, decision.tier)
         return Principal(record, decision.tier, decision)
+
+    def _successor(self, record: ApiKey) -> ApiKey:
+        """The newest key of ``record``'s rotations (itself when never rotated): during a grace
+        period the old and new key share one set of limits and the per-key rules by name."""
+        current, hops = record, 0
+        while current.replaced_by is not None and hops < 16:
+            try:
+                current = self.store.get(current.replaced_by)
+            except KeyStoreError:
+                break
+            hops += 1
+        return current
 
     def _tier(self, record: ApiKey, requested: str | None) -> str:
         own = record.tier or self.tiers[-1]
