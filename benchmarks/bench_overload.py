@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from nnobfuscator.serving.testing import free_port, wait_until_serving
+
 HEADING = "## Overload: brownout and priority under twice the sustainable rate (`make bench`)"
 TIERS = "lite=40%,free=60%,pro=85%,premium=full"
 MIX = {"premium": 0.1, "pro": 0.3, "free": 0.6}
@@ -102,8 +104,6 @@ class Server:
     """The server in its own process, for the length of a ``with`` block."""
 
     def __init__(self, keys: str, policy_text: str, tmp: str) -> None:
-        from nnobfuscator.serving.testing import free_port
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.policy = Path(tmp) / f"policy-{self.port}.yaml"
@@ -114,15 +114,8 @@ class Server:
         command = [sys.executable, __file__, "--serve", "--port", str(self.port)]
         command += ["--keys", self.keys, "--policy", str(self.policy)]
         self.process = subprocess.Popen(command)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            if self.process.poll() is not None:
-                break
+        if wait_until_serving(self.url, self.process):
+            return self
         self.process.kill()
         raise RuntimeError(f"the server did not start on port {self.port}")
 

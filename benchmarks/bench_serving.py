@@ -29,6 +29,8 @@ import numpy as np
 from _results import update_section
 from fastapi import FastAPI, File, UploadFile
 
+from nnobfuscator.serving.testing import wait_until_serving
+
 HEADING = "## HTTP serving: full tier vs a plain FastAPI server (`benchmarks/bench_serving.py`)"
 STRENGTHS = {"free": 1.0, "pro": 0.5}
 
@@ -119,15 +121,8 @@ def start_server(kind: str, port: int, keys: str, args: argparse.Namespace) -> s
         str(args.max_wait_ms),
     ]
     process = subprocess.Popen(command)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if process.poll() is not None:
-            break
+    if wait_until_serving(f"http://127.0.0.1:{port}", process):
+        return process
     process.kill()
     raise RuntimeError(f"{kind} server did not start on port {port}")
 

@@ -197,7 +197,11 @@ def test_load_monitor_p95_covers_only_its_window():
 
 
 # --- priority -------------------------------------------------------------------------------------
-def test_batcher_serves_higher_tiers_first_under_load():
+def batches_run(first: str, waves: list[tuple[float, list[str]]], **options) -> list[list[str]]:
+    """The tiers of each batch a :class:`MicroBatcher` runs (each forward takes 50 ms): a request
+    at ``first``, then for each wave, after its delay, requests at its tiers."""
+    import torch
+
     order: list[list[str]] = []
 
     def forward(batch, tiers):
@@ -206,21 +210,26 @@ def test_batcher_serves_higher_tiers_first_under_load():
         return batch
 
     async def main() -> None:
-        import torch
-
-        batcher = MicroBatcher(
-            forward, max_batch_size=2, max_wait_ms=1, rank=TIERS.index, starve_ms=10_000
-        )
-        first = asyncio.ensure_future(batcher.submit(torch.zeros(1), "free"))
-        await asyncio.sleep(0.01)  # the first batch is running; the rest queue up
-        rest = [
-            asyncio.ensure_future(batcher.submit(torch.zeros(1), tier))
-            for tier in ("free", "free", "pro", "premium", "free", "premium")
-        ]
-        await asyncio.gather(first, *rest)
+        batcher = MicroBatcher(forward, max_wait_ms=1, rank=TIERS.index, **options)
+        pending = [asyncio.ensure_future(batcher.submit(torch.zeros(1), first))]
+        for delay, tiers in waves:
+            await asyncio.sleep(delay)
+            pending += [asyncio.ensure_future(batcher.submit(torch.zeros(1), t)) for t in tiers]
+        await asyncio.gather(*pending)
         await batcher.aclose()
 
     asyncio.run(main())
+    return order
+
+
+def test_batcher_serves_higher_tiers_first_under_load():
+    # the first batch is running while the rest queue up
+    order = batches_run(
+        "free",
+        [(0.01, ["free", "free", "pro", "premium", "free", "premium"])],
+        max_batch_size=2,
+        starve_ms=10_000,
+    )
     assert order[0] == ["free"]
     assert order[1] == ["premium", "premium"]
     assert order[2] == ["pro", "free"]
@@ -230,61 +239,22 @@ def test_batcher_serves_higher_tiers_first_under_load():
 
 
 def test_batcher_under_load_batches_one_tier_by_its_cost():
-    order: list[list[str]] = []
     cost = {"free": 0.25, "pro": 0.5, "premium": 1.0}
-
-    def forward(batch, tiers):
-        order.append(list(tiers))
-        time.sleep(0.05)
-        return batch
-
-    async def main() -> None:
-        import torch
-
-        batcher = MicroBatcher(
-            forward,
-            max_batch_size=2,
-            max_wait_ms=1,
-            rank=TIERS.index,
-            cost=cost.get,
-            starve_ms=10_000,
-        )
-        first = asyncio.ensure_future(batcher.submit(torch.zeros(1), "pro"))
-        await asyncio.sleep(0.01)
-        rest = [
-            asyncio.ensure_future(batcher.submit(torch.zeros(1), tier))
-            for tier in ["free"] * 6 + ["premium"] * 3
-        ]
-        await asyncio.gather(first, *rest)
-        await batcher.aclose()
-
-    asyncio.run(main())
+    order = batches_run(
+        "pro",
+        [(0.01, ["free"] * 6 + ["premium"] * 3)],
+        max_batch_size=2,
+        cost=cost.get,
+        starve_ms=10_000,
+    )
     assert order == [["pro"], ["premium", "premium"], ["premium"], ["free"] * 6]
 
 
 def test_batcher_ages_waiting_requests_so_none_starves():
-    order: list[list[str]] = []
-
-    def forward(batch, tiers):
-        order.append(list(tiers))
-        time.sleep(0.05)
-        return batch
-
-    async def main() -> None:
-        import torch
-
-        batcher = MicroBatcher(
-            forward, max_batch_size=1, max_wait_ms=1, rank=TIERS.index, starve_ms=5
-        )
-        first = asyncio.ensure_future(batcher.submit(torch.zeros(1), "pro"))
-        await asyncio.sleep(0.01)
-        old = asyncio.ensure_future(batcher.submit(torch.zeros(1), "free"))
-        await asyncio.sleep(0.03)  # the free request has aged ranks past premium's
-        new = asyncio.ensure_future(batcher.submit(torch.zeros(1), "premium"))
-        await asyncio.gather(first, old, new)
-        await batcher.aclose()
-
-    asyncio.run(main())
+    # after 30 ms the free request has aged ranks past premium's
+    order = batches_run(
+        "pro", [(0.01, ["free"]), (0.03, ["premium"])], max_batch_size=1, starve_ms=5
+    )
     assert order == [["pro"], ["free"], ["premium"]]
 
 

@@ -11,7 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from nnobfuscator.cli import app
-from nnobfuscator.serving.testing import free_port, random_png, torchvision_artifact
+from nnobfuscator.serving.testing import (
+    free_port,
+    random_png,
+    torchvision_artifact,
+    wait_until_serving,
+)
 
 
 def _keys(*args: str) -> str:
@@ -34,17 +39,9 @@ def served(tmp_path):
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"nnobf serve did not start:\n{process.communicate()[0]}")
-        time.sleep(0.2)
+    if not wait_until_serving(url, process, timeout_s=60):
+        process.kill()
+        pytest.fail(f"nnobf serve did not start:\n{process.communicate()[0]}")
     try:
         yield url, keys
     finally:

@@ -59,6 +59,7 @@ from nnobfuscator.serving.schemas import (
     TierInfo,
     TiersResponse,
 )
+from nnobfuscator.serving.usage import UsageMeter, usage_meter
 from nnobfuscator.version import __version__
 
 TIER_HEADER = "X-Tier"
@@ -117,9 +118,8 @@ def create_app(
         policy = default_policy(tiers, config.rate_limits)
     elif policy_path is not None:
         policy = load_policy(policy_path, tiers)
-    load = LoadMonitor()
+    load = LoadMonitor(depth=lambda: batcher.pending)
     engine = PolicyEngine(policy, LimitStore(config.limits_store), load, clock)
-    engine.reload(policy)
 
     def rank(tier: str) -> int:
         return tiers.index(tier) if engine.policy.spec.priority else 0
@@ -137,7 +137,6 @@ def create_app(
         rank=rank,
         cost=lambda tier: served.model.get_tier(tier).relative_cost or 1.0,
     )
-    load._depth = lambda: batcher.pending
     usage = _usage_meter(store, config)
     auth = Authenticator(store, tiers, engine, metrics, usage)
 
@@ -155,13 +154,11 @@ def create_app(
         if policy_path is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signal.SIGHUP, _reload_logged, reload_policy)
-        if usage is not None and hasattr(usage, "start_background_flush"):
-            usage.start_background_flush()
+        usage.start_background_flush()
         yield
         await batcher.aclose()
-        if usage is not None:
-            with contextlib.suppress(Exception):
-                (getattr(usage, "stop", None) or usage.flush)()
+        with contextlib.suppress(Exception):  # a store that is down loses only the last second
+            usage.stop()
 
     app = FastAPI(
         title="nnobfuscator",
@@ -259,7 +256,8 @@ def create_app(
         policy in force (limits, quotas, brownout, schedules)."""
         rows = []
         current = engine.policy
-        browned = engine.browned_out()
+        status = engine.status()
+        browned = bool(status["brownout"] and status["brownout"]["active"])
         now = clock()
         brownout = current.spec.brownout
         for row in served.model.status():
@@ -286,7 +284,6 @@ def create_app(
                     served_now=served_now,
                 )
             )
-        status = engine.status()
         return TiersResponse(
             task=served.task,
             model=served.model.model_name,
@@ -484,25 +481,20 @@ def _reload_logged(reload: Callable[[], Policy]) -> None:
         log.info("policy reloaded from %s", fresh.source)
 
 
-def _usage_meter(store: KeyStore, config: ServeConfig) -> Any:
+def _usage_meter(store: KeyStore, config: ServeConfig) -> UsageMeter:
     """The usage meter: in Redis when limits are shared there, else in the key store's file."""
-    try:
-        from nnobfuscator.serving.usage import usage_meter
-    except ImportError:
-        return None
     redis_url = config.limits_store if config.limits_store.startswith("redis") else None
     return usage_meter(store.path, redis_url)
 
 
-def _key_usage(store: KeyStore, usage: Any) -> list[dict[str, Any]]:
+def _key_usage(store: KeyStore, usage: UsageMeter) -> list[dict[str, Any]]:
     """Every key as the owner page lists it: stub, tier, status and requests per tier (7 days)."""
     totals: dict[str, dict[str, int]] = {}
-    if usage is not None:
-        with contextlib.suppress(Exception):
-            usage.flush()
-        for row in usage.rows(None, 7):
-            per_tier = totals.setdefault(row.key_id, {})
-            per_tier[row.tier] = per_tier.get(row.tier, 0) + row.requests
+    with contextlib.suppress(Exception):  # show what is stored even if the buffer cannot go
+        usage.flush()
+    for row in usage.rows(None, 7):
+        per_tier = totals.setdefault(row.key_id, {})
+        per_tier[row.tier] = per_tier.get(row.tier, 0) + row.requests
     keys = []
     now = store.now()
     for record in sorted(store.list_keys(), key=lambda r: (r.name or "~", r.created_at, r.id)):

@@ -8,7 +8,6 @@ the request is served at, or refuses it (429).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
@@ -16,6 +15,7 @@ from nnobfuscator.serving.conditions import Caller, Decision, PolicyEngine
 from nnobfuscator.serving.errors import ApiError
 from nnobfuscator.serving.keystore import ApiKey, KeyStore, KeyStoreError
 from nnobfuscator.serving.metrics import Metrics
+from nnobfuscator.serving.usage import UsageMeter
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nnobfuscator"'}
 TIER_REQUEST_HEADER = "X-Request-Tier"
@@ -68,7 +68,7 @@ class Authenticator:
         tiers: list[str],
         engine: PolicyEngine,
         metrics: Metrics,
-        usage: Any = None,
+        usage: UsageMeter | None = None,
     ) -> None:
         self.store = store
         self.tiers = tiers

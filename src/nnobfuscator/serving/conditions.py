@@ -8,6 +8,7 @@ far (:func:`~nnobfuscator.serving.policy.load_policy` refuses it).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,14 @@ from typing import Any
 
 from nnobfuscator.serving.errors import ApiError
 from nnobfuscator.serving.history import History
-from nnobfuscator.serving.limiter import LimitState, LimitStore, parse_limit, rate_limit_headers
+from nnobfuscator.serving.limiter import (
+    Kind,
+    Limit,
+    LimitState,
+    LimitStore,
+    parse_limit,
+    rate_limit_headers,
+)
 from nnobfuscator.serving.load import BrownoutSwitch, LoadMonitor
 from nnobfuscator.serving.policy import Downgrade, Policy, utc_now
 
@@ -65,11 +73,11 @@ class PolicyEngine:
         clock: Callable[[], datetime] = utc_now,
         history: History | None = None,
     ) -> None:
-        self._policy = policy
         self.limits, self.load, self.clock = limits, load, clock
         self.brownout = BrownoutSwitch()
         self.history = history or History()
         self._lock = threading.Lock()
+        self.reload(policy)
 
     @property
     def policy(self) -> Policy:
@@ -117,18 +125,19 @@ class PolicyEngine:
         rule = policy.rule(caller.key_tier, refs)
         headers: dict[str, str] = {}
         if rule.rate is not None:
-            state = count("rate", caller.key_id, parse_limit(rule.rate))
+            state = count("rate", caller.key_id, _limit(rule.rate, "rate"))
             headers.update(rate_limit_headers(state))
             if not state.allowed and consume:
-                self.history.record(caller.key_tier, None, ("rate",))
-                raise _too_many(
-                    "rate_limited",
-                    f"rate limit of tier {caller.key_tier!r} reached ({rule.rate} per key)",
+                raise self._refused(
+                    caller,
+                    "rate",
+                    f"rate limit of tier {caller.key_tier!r} reached",
+                    rule.rate,
                     state,
                     headers,
                 )
         if rule.quota is not None:
-            quota = count("quota", caller.key_id, parse_limit(rule.quota, kind="quota"))
+            quota = count("quota", caller.key_id, _limit(rule.quota, "quota"))
             headers.update(_quota_headers(quota, rule.quota))
             if not headers.get("RateLimit-Limit"):
                 headers.update(rate_limit_headers(quota))
@@ -143,10 +152,11 @@ class PolicyEngine:
                     tier = exhausted.downgrade  # type: ignore[union-attr]
                     reasons.append("quota")
                 elif consume:  # reject, or a "downgrade" that would not serve lower
-                    self.history.record(caller.key_tier, None, ("quota",))
-                    raise _too_many(
-                        "quota_exhausted",
-                        f"quota of tier {caller.key_tier!r} used up ({rule.quota} per key)",
+                    raise self._refused(
+                        caller,
+                        "quota",
+                        f"quota of tier {caller.key_tier!r} used up",
+                        rule.quota,
                         quota,
                         headers,
                     )
@@ -162,6 +172,25 @@ class PolicyEngine:
         if consume:
             self.history.record(tier, caller.key_tier, tuple(reasons))
         return Decision(tier, caller.key_tier, tuple(reasons), headers)
+
+    def _refused(
+        self,
+        caller: Caller,
+        reason: str,
+        what: str,
+        limit: str,
+        state: LimitState,
+        headers: dict[str, str],
+    ) -> ApiError:
+        """A 429 for ``reason`` (``rate`` or ``quota``), counted in the history."""
+        self.history.record(caller.key_tier, None, (reason,))
+        wait = max(1.0, state.retry_after)
+        return ApiError(
+            429,
+            {"rate": "rate_limited", "quota": "quota_exhausted"}[reason],
+            f"{what} ({limit} per key); retry after {wait:.0f} s",
+            {**headers, **rate_limit_headers(state)},
+        )
 
     def status(self) -> dict[str, Any]:
         """The policy in force, schedules active now and the brownout state (JSON-ready)."""
@@ -189,12 +218,11 @@ class PolicyEngine:
         }
 
 
+@functools.lru_cache(maxsize=256)
+def _limit(text: str, kind: Kind) -> Limit:
+    """A policy's limit text, parsed once (decisions run on every request)."""
+    return parse_limit(text, kind)
+
+
 def _quota_headers(state: LimitState, text: str) -> dict[str, str]:
     return {"X-Quota-Limit": text, "X-Quota-Remaining": str(max(0, state.remaining))}
-
-
-def _too_many(code: str, message: str, state: LimitState, headers: dict[str, str]) -> ApiError:
-    wait = max(1.0, state.retry_after)
-    return ApiError(
-        429, code, f"{message}; retry after {wait:.0f} s", {**headers, **rate_limit_headers(state)}
-    )

@@ -27,7 +27,7 @@ exhausted) and brownout. Each step that changes the tier adds its reason (``sche
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -180,6 +180,8 @@ class Policy:
     spec: PolicySpec
     tiers: tuple[str, ...]
     source: str = "policy"
+    #: merged rules by (tier, key refs): the policy never changes, and decisions run per request
+    _merged: dict[tuple, Rule] = field(default_factory=dict, repr=False, compare=False)
 
     def rule(self, tier: str, key_refs: tuple[str, ...] = ()) -> Rule:
         """The limits of a key at ``tier``: its own rule over the tier's (``*`` for tiers not
@@ -188,10 +190,13 @@ class Policy:
         overrides = [self.spec.keys[ref] for ref in reversed(key_refs) if ref in self.spec.keys]
         if not overrides:
             return base
-        fields = base.model_dump(exclude_unset=True)
-        for override in overrides:  # the id's rule, then the name's over it
-            fields.update(override.model_dump(exclude_unset=True))
-        return Rule.model_validate(fields)
+        merged = self._merged.get((tier, key_refs))
+        if merged is None:
+            fields = base.model_dump(exclude_unset=True)
+            for override in overrides:  # the id's rule, then the name's over it
+                fields.update(override.model_dump(exclude_unset=True))
+            merged = self._merged[(tier, key_refs)] = Rule.model_validate(fields)
+        return merged
 
     def scheduled(self, tier: str, now: datetime) -> str | None:
         """The tier the first schedule in force at ``now`` serves ``tier`` at, if any."""
@@ -260,8 +265,8 @@ def parse_policy(text: str, tiers: list[str], source: str = "policy") -> Policy:
     except ValidationError as err:
         first = err.errors()[0]
         loc = tuple(first["loc"])
-        field = _field(loc)
-        raise PolicyError(f"{field}: {_plain(first['msg'])}", _line_of(loc, lines), source) from err
+        where = _field(loc)
+        raise PolicyError(f"{where}: {_plain(first['msg'])}", _line_of(loc, lines), source) from err
     policy = Policy(spec, tuple(tiers), source)
     _check_tiers(policy, lines, source)
     return policy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +90,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 120.0) -> bool:
+    """Poll ``url``/healthz until it answers 200; ``False`` when ``process`` exits first or the
+    time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
 
 
 @contextmanager
