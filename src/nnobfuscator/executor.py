@@ -19,7 +19,7 @@ from torch import nn
 from nnobfuscator.outputs import batch_size, main_input, scatter, select, select_call
 from nnobfuscator.strategies import Strategy
 from nnobfuscator.tiers import Tier
-from nnobfuscator.wrapping import MixedPassUnsupported, TierContext
+from nnobfuscator.wrapping import MixedPassUnsupported, TierContext, pass_of
 
 Body = Callable[..., Any]
 
@@ -179,11 +179,8 @@ class TierExecutor:
 
     def _run_rows(self, tiers: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> Any:
         """One pass serving each sample at its own tier (all sharing one pass key)."""
-        actives = tuple(self.active(name) for name in tiers)
-        if len(set(actives)) == 1:
-            return self._pass(actives[0], None, args, kwargs)
-        lead = next(name for name in actives if name is not None)
-        return self._pass(lead, actives, args, kwargs)
+        lead, rows = pass_of(tuple(self.active(name) for name in tiers))
+        return self._pass(lead, rows, args, kwargs)
 
     def _pass(
         self,

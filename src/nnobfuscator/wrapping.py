@@ -35,6 +35,14 @@ class MixedPassUnsupported(RuntimeError):
     the executor then runs the tiers one group at a time."""
 
 
+def pass_of(rows: tuple[str | None, ...]) -> tuple[str | None, tuple[str | None, ...] | None]:
+    """``(lead, rows)`` of a pass serving ``rows``, one active tier per sample (``None``: the
+    untouched model): a single tier needs no per-sample rows; else the lead is the first tier."""
+    if len(set(rows)) == 1:
+        return rows[0], None
+    return next(tier for tier in rows if tier is not None), rows
+
+
 @dataclass
 class TierPass:
     """The tiers of one forward pass.

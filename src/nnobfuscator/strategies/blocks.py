@@ -39,6 +39,7 @@ from nnobfuscator.wrapping import (
     MixedPassUnsupported,
     TierContext,
     TierPass,
+    pass_of,
     unwrapped_name,
 )
 
@@ -206,20 +207,13 @@ class TieredBlock(nn.Module):
         if any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
             raise MixedPassUnsupported(f"{type(self.base_block).__name__}: tensor arguments")
         kept = (~torch.tensor(skipping)[index]).nonzero().squeeze(1)
-        lead, sub_rows = sub_pass(tuple(rows[i] for i in kept.tolist()))
+        lead, sub_rows = pass_of(tuple(rows[i] for i in kept.tolist()))
         kept = kept.to(x.device)
         with self._context.activate(lead, sub_rows):
             out = self._run(lead, x.index_select(0, kept), args, kwargs)
         if not isinstance(out, torch.Tensor) or out.shape[1:] != x.shape[1:]:
             raise MixedPassUnsupported(f"{type(self.base_block).__name__}: output is not x-shaped")
         return x.index_copy(0, kept, out.to(x.dtype))
-
-
-def sub_pass(rows: tuple[str | None, ...]) -> tuple[str | None, tuple[str | None, ...] | None]:
-    """``(lead, rows)`` of a pass serving ``rows`` (one tier: no per-sample rows)."""
-    if len(set(rows)) == 1:
-        return rows[0], None
-    return next(tier for tier in rows if tier is not None), rows
 
 
 def wrap_block(host: Host, name: str) -> TieredBlock:
