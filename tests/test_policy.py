@@ -15,7 +15,7 @@ from nnobfuscator.serving.batcher import MicroBatcher
 from nnobfuscator.serving.conditions import Caller, PolicyEngine
 from nnobfuscator.serving.errors import ApiError
 from nnobfuscator.serving.limiter import LimitStore
-from nnobfuscator.serving.load import LoadMonitor
+from nnobfuscator.serving.load import BrownoutSwitch, LoadMonitor
 from nnobfuscator.serving.policy import PolicyError, parse_policy
 from nnobfuscator.serving.testing import random_png, serve_in_thread, torchvision_artifact
 
@@ -186,6 +186,18 @@ def test_brownout_has_hysteresis_and_never_touches_unnamed_tiers():
     assert engine.status()["brownout"]["active"] is True
 
 
+def test_brownout_turns_off_only_after_the_signal_stayed_low_for_hold_s():
+    now = {"t": 0.0}
+    switch = BrownoutSwitch(clock=lambda: now["t"])
+    states = []
+    # on above 8; a dip to 2 at t=1 is too short; calm from t=3, off at t=6 (3 s held)
+    for t, value in ((0, 9), (1, 2), (2, 5), (3, 1), (4, 0), (5.9, 2), (6, 2), (7, 5)):
+        now["t"] = t
+        states.append(switch.update(value, above=8, below=2, hold_s=3))
+    assert states == [True, True, True, True, True, True, False, False]
+    assert switch.state.changes == 2
+
+
 def test_load_monitor_p95_covers_only_its_window():
     now = {"t": 0.0}
     monitor = LoadMonitor(window_s=10, clock=lambda: now["t"])
@@ -197,16 +209,22 @@ def test_load_monitor_p95_covers_only_its_window():
 
 
 # --- priority -------------------------------------------------------------------------------------
-def batches_run(first: str, waves: list[tuple[float, list[str]]], **options) -> list[list[str]]:
-    """The tiers of each batch a :class:`MicroBatcher` runs (each forward takes 50 ms): a request
-    at ``first``, then for each wave, after its delay, requests at its tiers."""
+def batches_run(
+    first: str,
+    waves: list[tuple[float, list[str]]],
+    per_sample_s: float | None = None,
+    **options,
+) -> list[list[str]]:
+    """The tiers of each batch a :class:`MicroBatcher` runs (each forward takes 50 ms, or
+    ``per_sample_s`` per sample): a request at ``first``, then for each wave, after its delay,
+    requests at its tiers."""
     import torch
 
     order: list[list[str]] = []
 
     def forward(batch, tiers):
         order.append(list(tiers))
-        time.sleep(0.05)
+        time.sleep(0.05 if per_sample_s is None else per_sample_s * len(tiers))
         return batch
 
     async def main() -> None:
@@ -248,6 +266,18 @@ def test_batcher_under_load_batches_one_tier_by_its_cost():
         starve_ms=10_000,
     )
     assert order == [["pro"], ["premium", "premium"], ["premium"], ["free"] * 6]
+
+
+def test_a_higher_tier_cuts_into_a_cheap_batch_after_one_chunk():
+    # 30 ms per sample: pro runs 0-30 ms; the 8 free requests form one batch by their cost, whose
+    # first chunk (2 samples, the probe that measures free's time) runs 30-90 ms; premium arrives
+    # at 50 ms and goes next; then free runs on in chunks of 1 (a 40 ms budget over 30 ms)
+    waves = [(0.005, ["free"] * 8), (0.045, ["premium"])]
+    options = dict(max_batch_size=2, cost={"free": 0.25, "pro": 0.5, "premium": 1.0}.get)
+    chunked = batches_run("pro", waves, per_sample_s=0.03, preempt_ms=40, **options)
+    assert chunked == [["pro"], ["free"] * 2, ["premium"]] + [["free"]] * 6
+    whole = batches_run("pro", waves, per_sample_s=0.03, **options)
+    assert whole == [["pro"], ["free"] * 8, ["premium"]]
 
 
 def test_batcher_ages_waiting_requests_so_none_starves():
@@ -390,6 +420,7 @@ def test_brownout_with_below_zero_turns_off_when_the_signal_is_zero():
         ("schedules:\n  - {name: a, serve: {free: pro}}\n  - {name: a, serve: {pro: free}}\n", "a"),
         ("schedules:\n  - {name: a, from: 8:00, serve: {free: pro}}\n", "in quotes"),
         ("tiers:\n  free: {rate: 60}\n", "COUNT/PERIOD"),
+        ("brownout: {above: 5, below: 1, hold_s: -1, serve: {pro: free}}\n", "hold_s"),
     ],
 )
 def test_more_bad_policies_are_refused(text, words):

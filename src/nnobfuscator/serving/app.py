@@ -136,6 +136,7 @@ def create_app(
         on_wait=load.record_wait,
         rank=rank,
         cost=lambda tier: served.model.get_tier(tier).relative_cost or 1.0,
+        preempt_ms=config.preempt_ms,
     )
     usage = _usage_meter(store, config)
     auth = Authenticator(store, tiers, engine, metrics, usage)

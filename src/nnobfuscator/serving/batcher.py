@@ -50,6 +50,11 @@ class MicroBatcher:
             waiting than a batch holds) a batch takes one tier only, the first in line, and
             holds ``max_batch_size`` full-tier samples' worth of compute: more samples of a
             cheap tier, one forward pass each (tiers of different input sizes never share one).
+        preempt_ms: with ``rank``, a batch of one tier runs in chunks of about
+            this many milliseconds (from the tier's measured time per sample); each chunk's
+            answers go out when it ends, and when a request of a higher rank is waiting, the
+            rest of the batch goes back to the queue. A higher tier then waits for one chunk,
+            not a whole batch of a cheap tier. ``None``: batches run whole.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class MicroBatcher:
         rank: Callable[[str], int] | None = None,
         starve_ms: float = 2000.0,
         cost: Callable[[str], float] | None = None,
+        preempt_ms: float | None = None,
     ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
@@ -71,6 +77,9 @@ class MicroBatcher:
         self.rank = rank
         self.starve = starve_ms / 1000.0
         self.cost = cost
+        self.preempt = None if preempt_ms is None else preempt_ms / 1000.0
+        #: measured seconds per sample of each tier (moving average over its batches)
+        self._sample_seconds: dict[str, float] = {}
         self._waiting: list[_Item] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -123,8 +132,12 @@ class MicroBatcher:
                 if self.on_wait is not None:
                     for item in items:
                         self.on_wait(started - item.enqueued)
-                for group in _group_by_shape(items):
-                    await self._run_group(loop, group)
+                groups = _group_by_shape(items)
+                for index, group in enumerate(groups):
+                    left = await self._run_group(loop, group)
+                    if left:  # outranked: the rest waits again, in its place by age
+                        self._waiting[:0] = left + [i for g in groups[index + 1 :] for i in g]
+                        break
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # the worker must outlive any one batch
@@ -138,13 +151,8 @@ class MicroBatcher:
         if self.rank is None or len(waiting) <= self.max_batch_size:
             batch, self._waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
             return batch
-        now, rank = time.perf_counter(), self.rank
-        waiting.sort(
-            key=lambda item: (
-                -(rank(item.tier) + int((now - item.enqueued) / self.starve)),
-                item.enqueued,
-            )
-        )
+        now = time.perf_counter()
+        waiting.sort(key=lambda item: (-self._standing(item, now), item.enqueued))
         if self.cost is None:
             batch, self._waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
             return batch
@@ -157,7 +165,42 @@ class MicroBatcher:
         self._waiting = rest
         return batch
 
-    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Item]) -> None:
+    def _standing(self, item: _Item, now: float) -> int:
+        """An item's rank plus one per ``starve_ms`` it has waited."""
+        assert self.rank is not None
+        return self.rank(item.tier) + int((now - item.enqueued) / self.starve)
+
+    def _chunk_size(self, group: list[_Item]) -> int:
+        """How many samples of ``group`` run before the next preemption check."""
+        tiers = {item.tier for item in group}
+        if self.preempt is None or self.rank is None or len(tiers) > 1:
+            return len(group)
+        (tier,) = tiers
+        seconds = self._sample_seconds.get(tier)
+        if seconds is None:  # not measured yet: a batch-sized probe measures it
+            return min(len(group), self.max_batch_size)
+        return max(1, min(len(group), int(self.preempt / seconds)))
+
+    def _outranked(self, rest: list[_Item]) -> bool:
+        """Whether a waiting request stands above every item of ``rest``."""
+        if not self._waiting:
+            return False
+        now = time.perf_counter()
+        best_waiting = max(self._standing(item, now) for item in self._waiting)
+        return best_waiting > max(self._standing(item, now) for item in rest)
+
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Item]) -> list[_Item]:
+        """Run one shape group, in chunks when preemption is on; the items left when a higher
+        request cut in (empty when the whole group ran)."""
+        size = self._chunk_size(group)
+        for start in range(0, len(group), size):
+            await self._run_chunk(loop, group[start : start + size])
+            rest = group[start + size :]
+            if rest and size < len(group) and self._outranked(rest):
+                return rest
+        return []
+
+    async def _run_chunk(self, loop: asyncio.AbstractEventLoop, group: list[_Item]) -> None:
         tiers = [item.tier for item in group]
         started = time.perf_counter()
         try:
@@ -171,8 +214,13 @@ class MicroBatcher:
         except Exception as err:  # one bad batch fails its requests, not the server
             _fail(group, err)
             return
+        seconds = time.perf_counter() - started
+        if len(set(tiers)) == 1:
+            last = self._sample_seconds.get(tiers[0])
+            now = seconds / len(tiers)
+            self._sample_seconds[tiers[0]] = now if last is None else 0.7 * last + 0.3 * now
         if self.on_batch is not None:
-            self.on_batch(tiers, time.perf_counter() - started)
+            self.on_batch(tiers, seconds)
         for item, output in zip(group, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(output)

@@ -98,7 +98,7 @@ class PolicyEngine:
         if spec is None:
             return False
         value = self.load.signals()[spec.signal]
-        return self.brownout.update(value, spec.above, spec.below)
+        return self.brownout.update(value, spec.above, spec.below, spec.hold_s)
 
     def decide(self, caller: Caller, consume: bool = True) -> Decision:
         """The tier ``caller``'s request is served at.
@@ -210,6 +210,7 @@ class PolicyEngine:
                 "value": round(state.value, 3),
                 "above": spec.brownout.above,
                 "below": spec.brownout.below,
+                "hold_s": spec.brownout.hold_s,
                 "since": state.since,
                 "changes": state.changes,
             },

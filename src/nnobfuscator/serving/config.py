@@ -117,6 +117,9 @@ class ServeConfig:
         limits_store: where rate limits, quotas and usage are counted: ``"memory://"`` (each
             process or Ray Serve replica counts on its own) or ``"redis://host:port[/db]"``
             (one count shared by every process and replica).
+        preempt_ms: under load, a batch of one tier runs in chunks of about this long, and a
+            request of a higher tier (policy ``priority``) waits for one chunk rather than a
+            whole batch of a cheaper tier; ``None`` runs batches whole.
     """
 
     max_batch_size: int = 32
@@ -129,6 +132,7 @@ class ServeConfig:
     )
     default_top_k: int = 5
     limits_store: str = "memory://"
+    preempt_ms: float | None = 25.0
 
     def __post_init__(self) -> None:
         self.limits_store = check_store_uri(self.limits_store)
@@ -138,6 +142,8 @@ class ServeConfig:
             raise ValueError("max_wait_ms must be >= 0")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
+        if self.preempt_ms is not None and self.preempt_ms <= 0:
+            raise ValueError("preempt_ms must be positive (or None to run batches whole)")
 
     def rate_limit(self, tier: str) -> RateLimit | None:
         """The limit for ``tier`` (its own entry, else ``"*"``, else unlimited)."""

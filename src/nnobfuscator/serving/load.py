@@ -2,8 +2,9 @@
 
 The batcher reports each request's queue wait and each forward's duration; the signals are
 the 95th percentile of those over the last ``window_s`` seconds, and the queue depth now.
-Brownout turns on when the chosen signal exceeds ``above`` and off only once it falls to
-``below`` or under (hysteresis: no flapping around one threshold).
+Brownout turns on when the chosen signal exceeds ``above`` and off only once it has stayed at
+``below`` or under for ``hold_s`` seconds (hysteresis and a hold: no flapping around one
+threshold, nor on a queue that drains for a moment under a load that has not gone).
 """
 
 from __future__ import annotations
@@ -85,23 +86,34 @@ class BrownoutState:
 
 
 class BrownoutSwitch:
-    """Hysteresis on one load signal: on above ``above``, off at or below ``below``."""
+    """Hysteresis on one load signal: on above ``above``, off once it has stayed at or below
+    ``below`` for ``hold_s`` seconds.
 
-    def __init__(self) -> None:
+    Args:
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.state = BrownoutState()
+        self._clock = clock
+        self._calm_since: float | None = None
         self._lock = threading.Lock()
 
-    def update(self, value: float, above: float, below: float) -> bool:
+    def update(self, value: float, above: float, below: float, hold_s: float = 0.0) -> bool:
         """Feed the signal's current value; returns whether brownout is on."""
         with self._lock:
-            state = self.state
+            state, now = self.state, self._clock()
             state.value = value
+            if value > below:
+                self._calm_since = None
+            elif self._calm_since is None:
+                self._calm_since = now
             if not state.active and value > above:
                 state.active, state.since, state.changes = True, time.time(), state.changes + 1
-            elif state.active and value <= below:
+            elif state.active and self._calm_since is not None and now - self._calm_since >= hold_s:
                 state.active, state.since, state.changes = False, time.time(), state.changes + 1
             return state.active
 
     def reset(self) -> None:
         with self._lock:
-            self.state = BrownoutState()
+            self.state, self._calm_since = BrownoutState(), None

@@ -13,6 +13,7 @@ with errors that name the line. Example::
       signal: queue_wait_p95_ms               # or queue_depth, batch_p95_ms
       above: 200                              # turns on above this
       below: 50                               # and off again below this (hysteresis)
+      hold_s: 5                               # ...once it has stayed there 5 s (default 0)
       serve: {pro: free, free: lite}          # tiers not named (premium) are never touched
     schedules:                                # UTC windows that change a tier's served tier
       - {name: weekend, days: [sat, sun], from: "00:00", to: "24:00", serve: {free: pro}}
@@ -97,6 +98,9 @@ class Brownout(_Strict):
     above: float = Field(gt=0, description="Brownout turns on when the signal exceeds this.")
     below: float = Field(ge=0, description="...and off when it falls to this or under.")
     window_s: float = Field(10.0, gt=0, description="Seconds of history the signal covers.")
+    hold_s: float = Field(
+        0.0, ge=0, description="...and only after it has stayed there this many seconds."
+    )
     serve: dict[str, str] = Field(
         min_length=1, description="Tier -> lower tier served while browned out."
     )
