@@ -305,6 +305,13 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Most requests per forward pass.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="Batch collection window (ms).")] = 2.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body (MiB).")] = 8.0,
+    preempt_ms: Annotated[
+        float,
+        typer.Option(
+            help="Under load, a cheaper tier's batch runs in chunks of about this long that a "
+            "higher tier may cut between (0: run batches whole)."
+        ),
+    ] = 25.0,
     rate_limit: Annotated[
         str, typer.Option(help="Per-key limits by tier, e.g. 'free=60/min,*=600/min' or '*=none'.")
     ] = "*=600/min",
@@ -342,6 +349,7 @@ def serve(
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_body_bytes=int(max_body_mb * 1024 * 1024),
+            preempt_ms=preempt_ms or None,
             rate_limits=parse_rate_limits(rate_limit),
             limits_store=limits_store,
         )
