@@ -174,3 +174,32 @@ def test_different_keys_give_different_tiers(digits8):
         with torch.inference_mode():
             outputs.append(tiered(x, tier="free"))
     assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_max_pooling_runs_channels_last_exactly_and_unloads():
+    from torch import nn
+
+    from nnobfuscator.wrapping import ChannelsLastMaxPool
+
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.MaxPool2d(4),  # 4x4 -> 1x1: both layouts count as contiguous
+        nn.Conv2d(4, 3, 1),
+        nn.Flatten(),
+    )
+    reference = [module for module in base]
+    x = torch.randn(5, 1, 8, 8)
+    with torch.inference_mode():
+        expected = base(x)
+        tiered = obfuscate(
+            base, tiers="free=60%,premium=full", key=KEY, input_spec=InputSpec(1, 8, 8)
+        )
+        assert isinstance(base[1], ChannelsLastMaxPool) and isinstance(base[3], ChannelsLastMaxPool)
+        pooled = base[3](torch.randn(2, 4, 4, 4))
+        assert pooled.stride() == (4, 1, 1, 1)  # the default layout's strides, not channels-last
+        assert torch.equal(tiered(x, tier="premium"), expected)
+        tiered.unload()
+    assert [module for module in base] == reference

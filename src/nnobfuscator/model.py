@@ -23,7 +23,7 @@ from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, lis
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
 from nnobfuscator.strategies.feature_mix import LEGACY_BLOCK
 from nnobfuscator.tiers import Tier, parse_tiers
-from nnobfuscator.wrapping import Host, TierContext, unwrapped_name
+from nnobfuscator.wrapping import Host, TierContext, unwrapped_name, wrap_max_pooling
 
 
 @dataclass
@@ -144,6 +144,7 @@ class TieredModel(nn.Module):
             strategy = get_strategy(spec.pop("name"))(key, **spec)
             strategy.attach(self.host)
             self.strategies[strategy.name] = strategy
+        wrap_max_pooling(self.host)
         for tier in self.tiers.values():
             for name, params in list(tier.params.items()):
                 if name in self.strategies:

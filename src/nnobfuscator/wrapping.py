@@ -629,6 +629,39 @@ class Host:
         return self.root
 
 
+class ChannelsLastMaxPool(nn.Module):
+    """A 2-D max-pooling layer run in channels-last memory on the CPU, its output handed back in
+    the default layout.
+
+    The maximum is exact in any layout (the same values, bit for bit), and torch's CPU kernel for
+    the default layout is 3-5x slower (``benchmarks/RESULTS.md``): with it, pooling was a fifth of
+    a cheap tier's time. Other devices and layouts go straight through.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+            return self.base_layer(x)
+        pooled = self.base_layer(x.contiguous(memory_format=torch.channels_last))
+        # a copy with the default strides even where size-1 dimensions make both layouts count
+        # as contiguous (the next layer picks its kernel by strides)
+        return pooled.clone(memory_format=torch.contiguous_format)
+
+
+def wrap_max_pooling(host: Host) -> None:
+    """Run every plain ``nn.MaxPool2d`` of the host's model channels-last on the CPU (exact)."""
+    for name, module in list(host.root.named_modules()):
+        if (
+            isinstance(module, nn.MaxPool2d)
+            and type(module).forward is nn.MaxPool2d.forward
+            and not module.return_indices
+        ):
+            host.wrap(unwrapped_name(name), ChannelsLastMaxPool)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The user's module inside a wrapper (the module itself when it is not wrapped)."""
     while getattr(module, "nnobf_wrapper", False):
