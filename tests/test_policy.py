@@ -271,11 +271,12 @@ def test_batcher_under_load_batches_one_tier_by_its_cost():
 def test_a_higher_tier_cuts_into_a_cheap_batch_after_one_chunk():
     # 30 ms per sample: pro runs 0-30 ms; the 8 free requests form one batch by their cost, whose
     # first chunk (2 samples, the probe that measures free's time) runs 30-90 ms; premium arrives
-    # at 50 ms and goes next; then free runs on in chunks of 1 (a 40 ms budget over 30 ms)
+    # at 50 ms and goes next; then free runs on in chunks of 2 (a 40 ms budget over 30 ms holds
+    # one sample, but a chunk never holds fewer than max_batch_size)
     waves = [(0.005, ["free"] * 8), (0.045, ["premium"])]
     options = dict(max_batch_size=2, cost={"free": 0.25, "pro": 0.5, "premium": 1.0}.get)
     chunked = batches_run("pro", waves, per_sample_s=0.03, preempt_ms=40, **options)
-    assert chunked == [["pro"], ["free"] * 2, ["premium"]] + [["free"]] * 6
+    assert chunked == [["pro"], ["free"] * 2, ["premium"]] + [["free"] * 2] * 3
     whole = batches_run("pro", waves, per_sample_s=0.03, **options)
     assert whole == [["pro"], ["free"] * 8, ["premium"]]
 

@@ -50,11 +50,12 @@ class MicroBatcher:
             waiting than a batch holds) a batch takes one tier only, the first in line, and
             holds ``max_batch_size`` full-tier samples' worth of compute: more samples of a
             cheap tier, one forward pass each (tiers of different input sizes never share one).
-        preempt_ms: with ``rank``, a batch of one tier runs in chunks of about
-            this many milliseconds (from the tier's measured time per sample); each chunk's
-            answers go out when it ends, and when a request of a higher rank is waiting, the
-            rest of the batch goes back to the queue. A higher tier then waits for one chunk,
-            not a whole batch of a cheap tier. ``None``: batches run whole.
+        preempt_ms: with ``rank``, a batch larger than ``max_batch_size`` (a cheap tier's,
+            under load) runs in chunks of about this many milliseconds (from the tier's measured
+            time per sample; at least ``max_batch_size`` samples each); each chunk's answers go
+            out when it ends, and when a request of a higher rank is waiting, the rest of the
+            batch goes back to the queue. A higher tier then waits for one chunk, not a whole
+            batch of a cheap tier. ``None``: batches run whole.
     """
 
     def __init__(
@@ -171,15 +172,21 @@ class MicroBatcher:
         return self.rank(item.tier) + int((now - item.enqueued) / self.starve)
 
     def _chunk_size(self, group: list[_Item]) -> int:
-        """How many samples of ``group`` run before the next preemption check."""
+        """How many samples of ``group`` run before the next preemption check: a batch larger
+        than ``max_batch_size`` (a cheap tier's, under load) runs in chunks of about
+        ``preempt_ms``, never fewer than ``max_batch_size`` samples; other batches run whole."""
         tiers = {item.tier for item in group}
-        if self.preempt is None or self.rank is None or len(tiers) > 1:
+        if (
+            self.preempt is None
+            or self.rank is None
+            or len(tiers) > 1
+            or len(group) <= self.max_batch_size
+        ):
             return len(group)
-        (tier,) = tiers
-        seconds = self._sample_seconds.get(tier)
+        seconds = self._sample_seconds.get(group[0].tier)
         if seconds is None:  # not measured yet: a batch-sized probe measures it
-            return min(len(group), self.max_batch_size)
-        return max(1, min(len(group), int(self.preempt / seconds)))
+            return self.max_batch_size
+        return max(self.max_batch_size, min(len(group), int(self.preempt / seconds)))
 
     def _outranked(self, rest: list[_Item]) -> bool:
         """Whether a waiting request stands above every item of ``rest``."""
