@@ -166,6 +166,16 @@ def test_schedule_past_midnight_belongs_to_its_start_day():
     assert [policy.scheduled("free", t) for t in at] == [None, "pro", "pro", "pro", None, None]
 
 
+def test_owner_history_counts_scheduled_downgrades_as_moved_but_not_upgrades():
+    engine = engine_for(
+        "schedules:\n  - {name: promo, serve: {free: pro, premium: pro}}\n",
+    )
+    assert engine.decide(caller("free")).tier == "pro"
+    assert engine.decide(caller("premium")).tier == "pro"
+    counts = engine.history.series(1)["tiers"]["pro"]
+    assert sum(counts["requests"]) == 2 and sum(counts["schedule"]) == 1
+
+
 # --- brownout -------------------------------------------------------------------------------------
 def test_brownout_has_hysteresis_and_never_touches_unnamed_tiers():
     depth = {"now": 0}

@@ -30,6 +30,7 @@ class _Item:
     tier: str
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    waited: bool = False
 
 
 class MicroBatcher:
@@ -132,7 +133,9 @@ class MicroBatcher:
                 started = time.perf_counter()
                 if self.on_wait is not None:
                     for item in items:
-                        self.on_wait(started - item.enqueued)
+                        if not item.waited:  # once, not again after a preemption
+                            self.on_wait(started - item.enqueued)
+                        item.waited = True
                 groups = _group_by_shape(items)
                 for index, group in enumerate(groups):
                     left = await self._run_group(loop, group)

@@ -169,8 +169,9 @@ class PolicyEngine:
         headers[KEY_TIER_HEADER] = caller.key_tier
         if reasons:
             headers[REASON_HEADER] = ",".join(reasons)
-        if consume:
-            self.history.record(tier, caller.key_tier, tuple(reasons))
+        if consume:  # the history's "moved" counts downgrades; a scheduled upgrade is not one
+            lowered = policy.rank(tier) < policy.rank(caller.key_tier)
+            self.history.record(tier, caller.key_tier, tuple(reasons) if lowered else ())
         return Decision(tier, caller.key_tier, tuple(reasons), headers)
 
     def _refused(
