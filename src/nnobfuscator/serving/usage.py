@@ -266,7 +266,8 @@ class RedisUsage(UsageMeter):
         )
 
     def _write(self, counts: Counter[tuple[str, str, str]], last_used: dict[str, str]) -> None:
-        pipe = self._client.pipeline(transaction=False)
+        # MULTI/EXEC: a flush that fails applies nothing, so its retry cannot count twice
+        pipe = self._client.pipeline(transaction=True)
         for (day, key_id, tier), n in counts.items():
             pipe.hincrby(f"{REDIS_PREFIX}{day}", f"{key_id}:{tier}", n)
         for day in {day for day, _, _ in counts}:
