@@ -143,6 +143,15 @@ def schedule(count: int, seed: int = 0) -> list[str]:
     return list(rng.choice(names, size=count, p=[MIX[n] for n in names]))
 
 
+def arrivals(rate: float, seconds: float, seed: int = 0) -> list[float]:
+    """Poisson arrival times (s from the start) at ``rate`` per second over ``seconds``: the
+    same process for the unloaded and the overloaded runs, so both see requests that happen to
+    arrive together."""
+    rng = np.random.default_rng(seed + 1)
+    times = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * seconds * 1.5) + 10))
+    return [float(t) for t in times[times < seconds]]
+
+
 async def open_loop(
     url: str,
     keys: dict[str, str],
@@ -151,10 +160,11 @@ async def open_loop(
     seconds: float,
     only: str | None = None,
 ):
-    """Send requests at ``rate`` per second for ``seconds``, or with ``only``, just that key
-    tier's requests at the same moments; each result is ``(key tier, served tier or None,
-    latency s, ok, sent at s from the start)``."""
-    tiers = schedule(int(rate * seconds))
+    """Send requests arriving at ``rate`` per second (Poisson) for ``seconds``, or with ``only``,
+    just that key tier's requests at the same moments; each result is ``(key tier, served tier
+    or None, latency s, ok, sent at s from the start)``."""
+    moments = arrivals(rate, seconds)
+    tiers = schedule(len(moments))
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
     results = []
     begin = time.perf_counter()
@@ -178,10 +188,10 @@ async def open_loop(
             results.append((tier, served, time.perf_counter() - started, ok, started - begin))
 
         tasks = []
-        for index, tier in enumerate(tiers):
+        for moment, tier in zip(moments, tiers, strict=True):
             if only is not None and tier != only:
                 continue
-            delay = begin + index / rate - time.perf_counter()
+            delay = begin + moment - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(one(tier)))
@@ -299,7 +309,7 @@ def write_section(result: dict) -> tuple[str, list[tuple[str, str]]]:
         f"thread). resnet18 at {IMAGE}x{IMAGE} RGB, tiers `{TIERS}` with hand-set compute "
         f"(relative FLOPs: {flops}); micro-batches of up to {MAX_BATCH}. Sustainable rate "
         f"*C* = **{result['capacity_rps']:.0f} requests/s** (closed loop, 32 clients, brownout "
-        f"off). Each overload run: {result['seconds']:g} s of open-loop arrivals "
+        f"off). Each overload run: {result['seconds']:g} s of open-loop Poisson arrivals "
         f"({UNLOADED_RUNS * result['seconds']:g} s unloaded), keys 10% premium, 30% "
         f"pro, 60% free, client timeout {TIMEOUT_S:g} s (a timeout or refusal is an error). "
         "*Brownout on*: `queue_depth` above "
