@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
@@ -106,7 +107,7 @@ def serve(port: int, keys: str, policy: str) -> None:
         max_batch_size=MAX_BATCH,
         max_wait_ms=2.0,
         rate_limits={"*": None},
-        preempt_ms=float(os.environ.get("PREEMPT_MS", PREEMPT_MS)),
+        preempt_ms=PREEMPT_MS,
     )
     app = create_app(build_model(), keys=keys, config=config, policy=policy)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -236,12 +237,12 @@ def smooth_png() -> bytes:
     return image_png(rgb.astype(np.uint8))
 
 
-def summarise(results: list[tuple], tiers: dict[str, float] | None = None) -> dict[str, dict]:
+def summarise(results: list[tuple], tiers: Iterable[str] = tuple(MIX)) -> dict[str, dict]:
     """Per key tier: requests and errors over the whole run; latencies and served tiers of the
     requests sent after the first ``SETTLE_S`` (the load's onset, while brownout engages, is
     reported apart as its worst latency)."""
     rows = {}
-    for tier in tiers or MIX:
+    for tier in tiers:
         mine = [r for r in results if r[0] == tier]
         settled = [r for r in mine if r[4] >= SETTLE_S and r[3]]
         onset = [r[2] for r in mine if r[4] < SETTLE_S and r[3]]
@@ -276,7 +277,7 @@ def run(seconds: float, quick: bool = False) -> dict:
                 open_loop(server.url, keys, png, 2 * capacity, seconds, only="premium")
             )
         out["capacity_rps"] = capacity
-        out["premium alone"] = summarise(alone, {"premium": 1.0})
+        out["premium alone"] = summarise(alone, ["premium"])
         calm_runs = []
         for name, policy in (("brownout on", POLICY_ON), ("brownout off", POLICY_OFF)):
             with Server(store_path, policy, tmp) as server:

@@ -15,6 +15,7 @@ from nnobfuscator.serving.testing import (
     free_port,
     random_png,
     torchvision_artifact,
+    wait_until,
     wait_until_serving,
 )
 
@@ -98,17 +99,7 @@ def test_serve_reloads_its_policy_on_sighup(tmp_path):
         return next(t["quota"] for t in tiers if t["name"] == "free")
 
     def wait_for(check) -> bool:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if check():
-                    return True
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None:
-                return False
-            time.sleep(0.2)
-        return False
+        return wait_until(check, process, timeout_s=60)
 
     try:
         assert wait_for(lambda: free_quota() == "10/day"), "nnobf serve did not start"

@@ -634,7 +634,7 @@ class ChannelsLastMaxPool(nn.Module):
     the default layout.
 
     The maximum is exact in any layout (the same values, bit for bit), and torch's CPU kernel for
-    the default layout is 3-5x slower (``benchmarks/RESULTS.md``): with it, pooling was a fifth of
+    the default layout is 2.5-5x slower (``benchmarks/RESULTS.md``): with it, pooling was a fifth of
     a cheap tier's time. Other devices and layouts go straight through.
     """
 

@@ -110,7 +110,7 @@ class Authenticator:
         except ApiError as err:
             self.metrics.rate_limited.labels(caller.key_tier).inc()
             raise err
-        if self.tiers.index(decision.tier) < self.tiers.index(decision.key_tier):
+        if decision.downgraded:
             for reason in decision.reasons:
                 self.metrics.downgrades.labels(decision.key_tier, reason).inc()
         request.state.tier = decision.tier

@@ -177,14 +177,10 @@ class MicroBatcher:
     def _chunk_size(self, group: list[_Item]) -> int:
         """How many samples of ``group`` run before the next preemption check: a batch larger
         than ``max_batch_size`` (a cheap tier's, under load) runs in chunks of about
-        ``preempt_ms``, never fewer than ``max_batch_size`` samples; other batches run whole."""
-        tiers = {item.tier for item in group}
-        if (
-            self.preempt is None
-            or self.rank is None
-            or len(tiers) > 1
-            or len(group) <= self.max_batch_size
-        ):
+        ``preempt_ms``, never fewer than ``max_batch_size`` samples; other batches run whole.
+        Only :meth:`_next_batch` under load (``rank`` and ``cost``) forms such a batch, and it
+        holds one tier."""
+        if self.preempt is None or len(group) <= self.max_batch_size:
             return len(group)
         seconds = self._sample_seconds.get(group[0].tier)
         if seconds is None:  # not measured yet: a batch-sized probe measures it
@@ -225,7 +221,7 @@ class MicroBatcher:
             _fail(group, err)
             return
         seconds = time.perf_counter() - started
-        if len(set(tiers)) == 1:
+        if self.preempt is not None and len(set(tiers)) == 1:
             last = self._sample_seconds.get(tiers[0])
             now = seconds / len(tiers)
             self._sample_seconds[tiers[0]] = now if last is None else 0.7 * last + 0.3 * now

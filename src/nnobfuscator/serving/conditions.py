@@ -35,12 +35,14 @@ REASON_HEADER = "X-Tier-Reason"
 @dataclass(frozen=True)
 class Decision:
     """Where a request runs: the served ``tier``, the key's own tier, the reasons they differ
-    (``schedule``, ``quota``, ``load``) and the headers its answer carries."""
+    (``schedule``, ``quota``, ``load``), the headers its answer carries, and whether the served
+    tier is below the key's (a scheduled upgrade is not a downgrade)."""
 
     tier: str
     key_tier: str
     reasons: tuple[str, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
+    downgraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,10 +171,10 @@ class PolicyEngine:
         headers[KEY_TIER_HEADER] = caller.key_tier
         if reasons:
             headers[REASON_HEADER] = ",".join(reasons)
-        if consume:  # the history's "moved" counts downgrades; a scheduled upgrade is not one
-            lowered = policy.rank(tier) < policy.rank(caller.key_tier)
-            self.history.record(tier, caller.key_tier, tuple(reasons) if lowered else ())
-        return Decision(tier, caller.key_tier, tuple(reasons), headers)
+        downgraded = policy.rank(tier) < policy.rank(caller.key_tier)
+        if consume:  # the history's "moved" columns count downgrades only
+            self.history.record(tier, caller.key_tier, tuple(reasons) if downgraded else ())
+        return Decision(tier, caller.key_tier, tuple(reasons), headers, downgraded)
 
     def _refused(
         self,

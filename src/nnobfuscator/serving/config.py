@@ -117,9 +117,9 @@ class ServeConfig:
         limits_store: where rate limits, quotas and usage are counted: ``"memory://"`` (each
             process or Ray Serve replica counts on its own) or ``"redis://host:port[/db]"``
             (one count shared by every process and replica).
-        preempt_ms: under load, a batch of one tier runs in chunks of about this long, and a
-            request of a higher tier (policy ``priority``) waits for one chunk rather than a
-            whole batch of a cheaper tier; ``None`` runs batches whole.
+        preempt_ms: under load, a cheap tier's batch larger than ``max_batch_size`` runs in
+            chunks of about this long, and a request of a higher tier (policy ``priority``)
+            waits for one chunk rather than the whole batch; ``None`` runs batches whole.
     """
 
     max_batch_size: int = 32

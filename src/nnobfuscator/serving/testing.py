@@ -7,7 +7,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -92,15 +92,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 120.0) -> bool:
-    """Poll ``url``/healthz until it answers 200; ``False`` when ``process`` exits first or the
-    time runs out."""
+def wait_until(
+    check: Callable[[], bool], process: subprocess.Popen, timeout_s: float = 120.0
+) -> bool:
+    """Poll ``check()`` (HTTP errors count as not yet) until it is true; ``False`` when
+    ``process`` exits first or the time runs out."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if check():
                 return True
         except httpx.HTTPError:
             pass
@@ -108,6 +110,15 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 1
             return False
         time.sleep(0.2)
     return False
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 120.0) -> bool:
+    """Poll ``url``/healthz until it answers 200 (:func:`wait_until`)."""
+    import httpx
+
+    return wait_until(
+        lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, process, timeout_s
+    )
 
 
 @contextmanager
