@@ -237,7 +237,7 @@ def outputs_close(first: Any, second: Any) -> bool:
     for a, b in zip(left, right, strict=True):
         if a.shape != b.shape:
             return False
-        a, b = a.float(), b.float()
+        a, b = a.detach().float(), b.detach().float()
         scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * scale):
             return False

@@ -189,6 +189,15 @@ def tensor_identity(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.device, version
 
 
+def ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as an ordinary tensor, detached: calibrated state measured under
+    ``torch.inference_mode`` must not refuse later calls that run with autograd on."""
+    if tensor.is_inference():
+        with torch.inference_mode(False):
+            return tensor.clone()
+    return tensor.detach()
+
+
 def tensor_bytes(value: Any) -> int:
     """Bytes of the tensors in ``value`` (a tensor, or nested tuples, lists and dicts of them)."""
     if isinstance(value, torch.Tensor):

@@ -39,6 +39,7 @@ from nnobfuscator.wrapping import (
     MixedPassUnsupported,
     TierContext,
     TierPass,
+    ordinary,
     pass_of,
     unwrapped_name,
 )
@@ -260,6 +261,7 @@ def collect_statistics(
                 break
             count, total, squares = sums[(name, space)]
             mean = total / count
-            stats.append((mean, (squares / count - mean * mean).clamp_min(0).sqrt()))
+            std = (squares / count - mean * mean).clamp_min(0).sqrt()
+            stats.append((ordinary(mean), ordinary(std)))
         else:
             slimmer.set_statistics(stats)

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnobfuscator.wrapping import Host, MixedPassUnsupported, TierContext, unwrapped_name
+from nnobfuscator.wrapping import (
+    Host,
+    MixedPassUnsupported,
+    TierContext,
+    ordinary,
+    unwrapped_name,
+)
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 PREFIX = "bn-reestimate"
@@ -132,7 +138,8 @@ class NormStore:
 
     def install(self, tier: str, stats: Stats) -> None:
         """Use ``stats`` at ``tier`` (for its current compute settings)."""
-        self.tiers[tier] = (_snapshot(self.compute_params(tier)), dict(stats))
+        plain = {name: (ordinary(mean), ordinary(var)) for name, (mean, var) in stats.items()}
+        self.tiers[tier] = (_snapshot(self.compute_params(tier)), plain)
 
     def clear(self, tier: str) -> None:
         self.tiers.pop(tier, None)

@@ -21,7 +21,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.vision_transformer import VisionTransformer
 
-from nnobfuscator.zoo.cache import cache_dir
+from nnobfuscator.zoo.cache import cache_dir, quick
 from nnobfuscator.zoo.digits import Split, digits_splits
 from nnobfuscator.zoo.scenes import SCENE_CLASSES, digit_scenes
 from nnobfuscator.zoo.segmenters import small_deeplabv3, small_fcn
@@ -87,6 +87,7 @@ def _small_vit(num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
+QUICK_EPOCHS = 2  # epochs in quick mode (NNOBF_ZOO_QUICK=1: tests of examples)
 TRAIN_THREADS = 2  # demo models train with this many threads, wherever they train
 
 
@@ -116,6 +117,8 @@ class ZooEntry:
 
         ``seed`` fixes the initial weights and the training order (0: the demo models).
         """
+        if epochs is None and quick():
+            epochs = QUICK_EPOCHS
         return {
             "builder": f"{self.builder.__name__}/r{self.revision}",
             "image_size": self.image_size,
