@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from nnobfuscator.compute_search import ComputeSearch
 from nnobfuscator.cost import relative_costs, tier_latency_ms
-from nnobfuscator.data import DataLike, as_split
+from nnobfuscator.data import DataLike, Split, as_split
 from nnobfuscator.model import TieredModel
+from nnobfuscator.outputs import select
 from nnobfuscator.report import build_report
 from nnobfuscator.runner import SettingRunner, SplitRunner
 from nnobfuscator.tasks import Task, get_task
@@ -47,9 +48,13 @@ class _Curve:
         self._shared: dict[float, float] = {0.0: self.base}
         self._own: dict[str, dict[float, float]] = {}
 
-    def start(self, tier: str, utility_at_zero: float | None) -> None:
-        """Begin the curve of ``tier``; ``utility_at_zero`` when its compute setting saves work."""
-        if utility_at_zero is not None:
+    def start(self, tier: str, utility_at_zero: float | None, own: bool = False) -> None:
+        """Begin the curve of ``tier``; ``utility_at_zero`` when its compute setting saves work;
+        ``own``: the tier's curve is its own (a strategy fit to it), measured from the start."""
+        if own:
+            self._own[tier] = {}
+            self(tier, 0.0)
+        elif utility_at_zero is not None:
             self._own[tier] = {0.0: utility_at_zero}
 
     def points(self, tier: str) -> dict[float, float]:
@@ -89,6 +94,27 @@ def _search(curve: _Curve, tier: str, target: float, tolerance: float, max_evals
     return min(points, key=lambda u: (abs(points[u] - target), u))
 
 
+def _fit_to_tiers(
+    model: TieredModel,
+    strategies: list[Any],
+    tiers: list[Tier],
+    data: Split,
+    task: Task,
+    batch_size: int,
+) -> None:
+    """Fit the strategies that learn from labelled data (class-merge's order and readouts) on
+    ``data`` (the search half), each tier at its compute setting."""
+    runner = SplitRunner(model, data.inputs, task.logits, batch_size)
+    predicted = runner.full_logits().argmax(dim=1)
+    classes = int(runner.full_logits().shape[1])
+    for strategy in strategies:
+        strategy.fit_order(predicted, data.labels, classes)
+        for tier in tiers:
+            _set_knob(model, tier.name, 0.0)
+            features = strategy.head_inputs(lambda t=tier.name: runner.logits(t))
+            strategy.fit_tier(tier.name, features, data.labels)
+
+
 def _headroom(target: float, n: int, headroom: float | None) -> float:
     """Utility a compute setting must keep above the target: one standard error by default.
 
@@ -125,6 +151,18 @@ def _choose_compute(
     return point.utility, point.settings
 
 
+def halves(split: Split) -> tuple[Split, Split]:
+    """Two disjoint halves of a split, each with the classes' shares of the whole when labels
+    are classes (alternate samples of each class), else alternate samples."""
+    labels = split.labels
+    order = torch.argsort(labels, stable=True) if labels.dim() == 1 else torch.arange(len(split))
+    first, second = order[0::2].sort().values, order[1::2].sort().values
+    return (
+        Split(f"{split.name}-search", select(split.inputs, first), labels[first]),
+        Split(f"{split.name}-land", select(split.inputs, second), labels[second]),
+    )
+
+
 def calibrate(
     model: TieredModel,
     calibration: DataLike,
@@ -159,10 +197,21 @@ def calibrate(
     task = task or get_task(model.task)
     cal = as_split(calibration, "calibration")
     started = time.perf_counter()
-    runner = SplitRunner(model, cal.inputs, task.logits, batch_size)
-    curve = _Curve(model, runner, cal.labels, task)
-    base = curve.base
-    tolerance = 0.5 / len(cal)
+    # With compute strategies the search picks the cheapest of many settings, whose score on
+    # the data it was picked on is optimistic: it searches on one half of the split, and the
+    # strengths land the targets on the other half.
+    fitted = [s for s in model.degrading.values() if getattr(s, "needs_labels", False)]
+    search_part, land_part = halves(cal) if model.compute or fitted else (cal, cal)
+    runner = SplitRunner(model, land_part.inputs, task.logits, batch_size)
+    curve = _Curve(model, runner, land_part.labels, task)
+    base = (
+        curve.base
+        if land_part is cal
+        else task.score(
+            SplitRunner(model, cal.inputs, task.logits, batch_size).full_logits(), cal.labels
+        )
+    )
+    tolerance = 0.5 / len(land_part)
     tiers = [t for t in model.tiers.values() if not t.is_full]
     budgeted = [t.name for t in tiers if t.max_cost is not None]
     if budgeted and not model.compute:
@@ -170,16 +219,17 @@ def calibrate(
             f"tiers {budgeted} have a cost budget (max_cost) but the model has no compute "
             "strategy to save work with; pass compute='auto' (CLI: --compute)"
         )
-    for strategy in model.compute.values():
-        strategy.fit(lambda batch: model.forward_tier(batch, None), runner.batches)
     bar = tqdm(tiers, desc="calibrating", disable=not progress, unit="tier")
     search = None
     if model.compute:
+        search_runner = SettingRunner(model, search_part.inputs, task.logits, batch_size)
+        for strategy in model.compute.values():
+            strategy.fit(lambda batch: model.forward_tier(batch, None), search_runner.batches)
         bar.set_postfix_str("measuring the full model for the compute search")
         search = ComputeSearch(
             model,
-            SettingRunner(model, cal.inputs, task.logits, batch_size),
-            cal.labels,
+            search_runner,
+            search_part.labels,
             task,
             beam=beam,
             report=bar.set_postfix_str,
@@ -198,7 +248,9 @@ def calibrate(
     if search is not None:
         # strictest tier first; each looser tier continues the descent where the last one stopped
         required = {
-            t.name: min(t.target_value + _headroom(t.target_value, len(cal), headroom), base)
+            t.name: min(
+                t.target_value + _headroom(t.target_value, len(search_part), headroom), base
+            )
             for t in tiers
         }
         start = None
@@ -207,10 +259,17 @@ def calibrate(
                 search, tier, tier.target_value, required[tier.name], task.metric, start
             )
             compute_utility[tier.name] = utility
+    if fitted:
+        _fit_to_tiers(model, fitted, tiers, search_part, task, batch_size)
     for tier in bar:
         target = tier.target_value
-        if tier.name in compute_utility:
-            curve.start(tier.name, compute_utility[tier.name])
+        curve.start(tier.name, compute_utility.get(tier.name), own=bool(fitted))
+        if fitted and target > curve(tier.name, 0.0) + tolerance:
+            raise CalibrationError(
+                f"tier {tier.name!r}: target {target:.3f} is above what "
+                f"{'+'.join(s.name for s in fitted)} answers at strength 0 "
+                f"({curve(tier.name, 0.0):.3f}); lower the target"
+            )
         bar.set_postfix_str(f"{tier.name}: bisecting the degrading strength")
         floor = curve(tier.name, 1.0)
         if target < floor - tolerance:
@@ -226,6 +285,8 @@ def calibrate(
         bar.set_postfix(
             tier=tier.name, knob=f"{knob:.3f}", metric=f"{tier.metrics['calibration']:.3f}"
         )
+    for strategy in fitted:
+        strategy.finish()
     for name, reason in (search.refused if search is not None else {}).items():
         warnings.warn(
             f"{name}: the model does not run with some of its settings, which were skipped "
@@ -238,7 +299,7 @@ def calibrate(
             tier.metrics["calibration"] = base
     calibration_s = time.perf_counter() - started
     if search is not None:
-        passes = search.runner.stage_samples / (len(cal) * len(search.runner.stages))
+        passes = search.runner.stage_samples / (len(search_part) * len(search.runner.stages))
         logger.info(
             "compute search: %s, %.1f equivalent passes over the calibration split",
             search.counts,

@@ -3,10 +3,11 @@
 A *source* is a small dict stored in the artifact (``meta``) so that ``nnobf eval`` can rebuild
 the base model and reload the data:
 
-- model: ``{"zoo": "resnet18"}`` or ``{"arch": "resnet18", "weights": "w.pt", "num_classes": 10}``
+- model: ``{"zoo": "resnet18", "dataset": "fashion-mnist"}`` (a demo model; ``dataset`` defaults to
+  the model's own) or ``{"arch": "resnet18", "weights": "w.pt", "num_classes": 10}``
   (any torchvision classification or segmentation builder, e.g. ``deeplabv3_resnet50``), or a
   diffusers pipeline directory ``{"diffusers": "path/to/stable-diffusion"}`` (loaded offline)
-- data: ``{"zoo": "digits", "image_size": 16}``, ``{"zoo": "digit-scenes", "image_size": 48}`` or
+- data: ``{"zoo": "fashion-mnist", "image_size": 28}``, ``{"zoo": "digits", "image_size": 16}``, ``{"zoo": "digit-scenes", "image_size": 48}`` or
   ``{"calibration": "dir", "test": "dir", "image_size": 224, "mean": [...], "std": [...]}``, where
   each dir is an ImageFolder (classification) or holds ``images/`` and ``masks/`` (segmentation:
   masks are single-channel PNGs of class indices, matched to images by file stem), or the
@@ -64,7 +65,7 @@ def load_base_model(source: dict[str, Any], *, progress: bool = True) -> tuple[A
     if "zoo" in source:
         from nnobfuscator.zoo import load_zoo_model
 
-        return load_zoo_model(source["zoo"], progress=progress)
+        return load_zoo_model(source["zoo"], dataset=source.get("dataset"), progress=progress)
     arch, weights = source.get("arch"), source.get("weights")
     if not arch or not weights:
         raise SourceError("model source needs 'zoo: NAME' or both 'arch' and 'weights'")
@@ -89,7 +90,7 @@ def build_architecture(source: dict[str, Any], state: dict[str, torch.Tensor]) -
     if "zoo" in source:
         from nnobfuscator.zoo.classifiers import build_model
 
-        return build_model(source["zoo"])
+        return build_model(source["zoo"], dataset=source.get("dataset"))
     arch = source.get("arch")
     if not arch:
         raise SourceError("model source needs 'zoo: NAME' or 'arch' to build an architecture")
@@ -160,6 +161,10 @@ def load_split(data: dict[str, Any], split: str) -> Split:
     if "zoo" in data:
         from nnobfuscator.zoo import digit_scenes, digits_splits
 
+        if data["zoo"] == "fashion-mnist":
+            from nnobfuscator.zoo.fashion import fashion_mnist_splits
+
+            return fashion_mnist_splits(int(data.get("image_size", 28)))[split]
         if data["zoo"] == "digits":
             return digits_splits(int(data.get("image_size", 16)))[split]
         if data["zoo"] == "digit-scenes":
@@ -169,8 +174,8 @@ def load_split(data: dict[str, Any], split: str) -> Split:
 
             return prompt_splits()[split]
         raise SourceError(
-            f"unknown demo dataset {data['zoo']!r}; the zoo has 'digits', 'digit-scenes' and "
-            "'digit-prompts'"
+            f"unknown demo dataset {data['zoo']!r}; the zoo has 'fashion-mnist', 'digits', "
+            "'digit-scenes' and 'digit-prompts'"
         )
     folder = data.get(split)
     if not folder:

@@ -10,6 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from nnobfuscator.answers import AnswerFormat, default_format
+
 TargetKind = Literal["absolute", "relative", "full"]
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -76,6 +78,9 @@ class Tier:
         max_cost: optional budget, FLOPs relative to the full model.
         params: calibrated parameters per strategy, e.g. ``{"feature-mix": {"strength": 0.7}}``.
         metrics: what the tier achieved, e.g. ``{"calibration": 0.61, "test": 0.60}``.
+        answer_format: what a user of the tier receives from a classifier (``scores``,
+            ``top_k:N``, ``top1``, ``label``; see :class:`~nnobfuscator.answers.AnswerFormat`);
+            ``None``: ``top_k:5`` below the full tier, ``scores`` at it.
     """
 
     name: str
@@ -85,8 +90,11 @@ class Tier:
     metrics: dict[str, float] = field(default_factory=dict)
     target_value: float | None = None
     relative_cost: float = 1.0
+    answer_format: str | None = None
 
     def __post_init__(self) -> None:
+        if self.answer_format is not None:
+            self.answer_format = AnswerFormat.parse(self.answer_format).spec
         if not _NAME_RE.match(self.name):
             raise ValueError(
                 f"bad tier name {self.name!r}: use a letter followed by letters, digits, '-' or '_'"
@@ -99,6 +107,11 @@ class Tier:
     @property
     def is_full(self) -> bool:
         return self.target.kind == "full"
+
+    @property
+    def format(self) -> AnswerFormat:
+        """The tier's answer format (its own, or the default for its place)."""
+        return AnswerFormat.parse(self.answer_format or default_format(self.is_full))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -115,14 +128,17 @@ class Tier:
             metrics=dict(data.get("metrics", {})),
             target_value=data.get("target_value"),
             relative_cost=float(data.get("relative_cost", 1.0)),
+            answer_format=data.get("answer_format"),
         )
 
 
 def parse_tiers(spec: str | list[Any] | dict[str, Any]) -> list[Tier]:
     """Build an ordered tier list from ``"free=60%,pro=85%,premium=full"``, a list or a mapping.
 
-    List items may be ``"name=target"`` strings or ``{"name": ..., "target": ..., "max_cost": ...}``.
-    A string item may carry a cost budget after ``@``: ``"free=60%@0.5"`` (at most half the FLOPs).
+    List items may be ``"name=target"`` strings or ``{"name": ..., "target": ..., "max_cost": ...,
+    "answer_format": ...}``. A string item may carry a cost budget after ``@``: ``"free=60%@0.5"``
+    (at most half the FLOPs), and an answer format after ``:``: ``"free=60%:label"``,
+    ``"pro=85%@0.6:top_k:3"``.
     The result is sorted from lowest to highest target (``full`` last).
 
     Raises:
@@ -141,11 +157,24 @@ def parse_tiers(spec: str | list[Any] | dict[str, Any]) -> list[Tier]:
             name, sep, target = item.partition("=")
             if not sep:
                 raise ValueError(f"bad tier {item!r}: write it as name=target, e.g. free=60%")
+            target, _, answer_format = target.partition(":")
             target, _, budget = target.partition("@")
-            tiers.append(Tier(name.strip(), Target.parse(target), _parse_budget(item, budget)))
+            tiers.append(
+                Tier(
+                    name.strip(),
+                    Target.parse(target),
+                    _parse_budget(item, budget),
+                    answer_format=answer_format.strip() or None,
+                )
+            )
         elif isinstance(item, dict) and "name" in item and "target" in item:
             tiers.append(
-                Tier(str(item["name"]), Target.parse(item["target"]), item.get("max_cost"))
+                Tier(
+                    str(item["name"]),
+                    Target.parse(item["target"]),
+                    item.get("max_cost"),
+                    answer_format=item.get("answer_format"),
+                )
             )
         else:
             raise ValueError(f"bad tier {item!r}: give 'name=target' or {{name:, target:}}")

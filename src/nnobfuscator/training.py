@@ -32,6 +32,12 @@ def _shift(
     return images, labels
 
 
+def _flip_half(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the images left to right."""
+    mask = torch.rand(len(images), generator=generator) < 0.5
+    return torch.where(mask.view(-1, *([1] * (images.dim() - 1))), images.flip(-1), images)
+
+
 def train_model(
     model: nn.Module,
     split: Split,
@@ -43,13 +49,17 @@ def train_model(
     read_logits: Callable[[Any], torch.Tensor] | None = None,
     progress: bool = True,
     description: str = "training",
+    flips: bool = False,
+    label_smoothing: float = 0.0,
 ) -> float:
     """Train ``model`` in place with cross-entropy and a one-cycle schedule; returns seconds.
 
     Labels are class indices per sample (classification) or per pixel (segmentation; shifted
     along with the images, and classes weighted by inverse square-root frequency so that a small
-    foreground is not drowned by the background). ``read_logits`` turns model outputs (e.g.
-    torchvision's ``{"out": ...}``) into logits.
+    foreground is not drowned by the background), or class probabilities ``(N, C)`` (soft
+    targets, e.g. a teacher's scores). ``read_logits`` turns model outputs (e.g. torchvision's
+    ``{"out": ...}``) into logits. ``flips``: mirror a random half of each batch left to right
+    (for data whose meaning a mirror image keeps: clothes, not digits).
     """
     generator = torch.Generator().manual_seed(0)
     if optimizer == "sgd":
@@ -72,9 +82,13 @@ def train_model(
                 images, labels = _shift(
                     split.images[index], split.labels[index], generator, max_shift
                 )
+                if flips:
+                    images = _flip_half(images, generator)
                 output = model(images)
                 logits = read_logits(output) if read_logits else output
-                loss = F.cross_entropy(logits, labels, weight=weight)
+                loss = F.cross_entropy(
+                    logits, labels, weight=weight, label_smoothing=label_smoothing
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

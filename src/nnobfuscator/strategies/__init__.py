@@ -12,6 +12,7 @@ from nnobfuscator.strategies.base import (
 from nnobfuscator.strategies.block_skip import BlockSkip
 from nnobfuscator.strategies.blocks import TieredBlock, register_block
 from nnobfuscator.strategies.channel_slim import ChannelSlim
+from nnobfuscator.strategies.class_merge import ClassMerge
 from nnobfuscator.strategies.compute import ComputeStrategy
 from nnobfuscator.strategies.denoising import FewerSteps, GuidanceCutoff
 from nnobfuscator.strategies.feature_mix import FeatureMix
@@ -23,6 +24,7 @@ __all__ = [
     "AimNoise",
     "BlockSkip",
     "ChannelSlim",
+    "ClassMerge",
     "ComputeStrategy",
     "FeatureMix",
     "FewerSteps",

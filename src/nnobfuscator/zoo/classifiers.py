@@ -1,7 +1,7 @@
 """The demo model zoo: torchvision models adapted to small inputs, trained once and cached.
 
-Classifiers (resnet18, vgg16, mobilenet_v3_small, vit) train on digits; segmenters (deeplabv3,
-fcn) on digit scenes.
+An entry is a model on a dataset: resnet18 on Fashion-MNIST (its default) and on digits; vgg16,
+mobilenet_v3_small and vit on digits; the segmenters deeplabv3 and fcn on digit scenes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from nnobfuscator.zoo.cache import cache_dir, quick
 from nnobfuscator.zoo.digits import Split, digits_splits
+from nnobfuscator.zoo.fashion import fashion_mnist_splits
 from nnobfuscator.zoo.scenes import SCENE_CLASSES, digit_scenes
 from nnobfuscator.zoo.segmenters import small_deeplabv3, small_fcn
 from nnobfuscator.zoo.training import evaluate_metric, recalibrate_batchnorm, train_model
@@ -32,6 +33,15 @@ def _small_resnet18(num_classes: int, in_channels: int) -> nn.Module:
     model = models.resnet18(weights=None, num_classes=num_classes)
     # A 3x3 stride-1 stem keeps spatial detail of 16x16 inputs (the ImageNet stem is 7x7 stride 2).
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    return model
+
+
+def _fashion_resnet18(num_classes: int, in_channels: int) -> nn.Module:
+    model = models.resnet18(weights=None, num_classes=num_classes)
+    # A 3x3 stride-2 stem and no max-pool: 28x28 inputs run at 14x14 in layer1 (a stride-1 stem
+    # trains about three times slower on 2 cores for about a point of accuracy).
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1, bias=False)
+    model.maxpool = nn.Identity()
     return model
 
 
@@ -98,6 +108,7 @@ class ZooEntry:
     ``reestimate_bn``: after training, recompute the BatchNorm running statistics on the
     training split (:func:`recalibrate_batchnorm`) before the model is evaluated and cached.
     ``train_size``: training scenes to draw (digit scenes; ``None``: the dataset's default).
+    ``flips``: mirror random halves of training batches (data whose meaning a mirror keeps).
     """
 
     builder: Callable[[int, int], nn.Module]
@@ -111,6 +122,7 @@ class ZooEntry:
     reestimate_bn: bool = False
     train_size: int | None = None
     revision: int = 1  # bump when the builder changes, so cached weights are retrained
+    flips: bool = False
 
     def recipe(self, epochs: int | None = None, seed: int = 0) -> dict[str, Any]:
         """Everything that decides the trained weights (stored with them, and in artifacts).
@@ -130,6 +142,8 @@ class ZooEntry:
             "seed": seed,
             "threads": TRAIN_THREADS,
             **({"train_size": self.train_size} if self.train_size else {}),
+            **({"flips": True} if self.flips else {}),
+            **({"quick": True} if quick() else {}),
         }
 
     @property
@@ -140,19 +154,34 @@ class ZooEntry:
         if self.dataset == "digit-scenes":
             counts = {"train": self.train_size} if self.train_size else None
             return digit_scenes(self.image_size, counts=counts)
+        if self.dataset == "fashion-mnist":
+            return fashion_mnist_splits(self.image_size)
         return digits_splits(self.image_size)
 
 
-_ZOO: dict[str, ZooEntry] = {
-    "resnet18": ZooEntry(_small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"),
-    "vgg16": ZooEntry(
+#: (model, dataset) -> entry; a model's first dataset here is its default
+_ZOO: dict[tuple[str, str], ZooEntry] = {
+    ("resnet18", "fashion-mnist"): ZooEntry(
+        _fashion_resnet18,
+        image_size=28,
+        epochs=3,
+        lr=2e-3,
+        optimizer="adamw",
+        dataset="fashion-mnist",
+        batch_size=128,
+        flips=True,
+    ),
+    ("resnet18", "digits"): ZooEntry(
+        _small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"
+    ),
+    ("vgg16", "digits"): ZooEntry(
         _small_vgg16, image_size=32, epochs=20, lr=2e-3, optimizer="adamw", revision=2
     ),
-    "mobilenet_v3_small": ZooEntry(
+    ("mobilenet_v3_small", "digits"): ZooEntry(
         _small_mobilenet_v3, 32, epochs=20, lr=2e-3, optimizer="adamw", reestimate_bn=True
     ),
-    "vit": ZooEntry(_small_vit, _VIT_IMAGE_SIZE, epochs=60, lr=1e-3, optimizer="adamw"),
-    "deeplabv3": ZooEntry(
+    ("vit", "digits"): ZooEntry(_small_vit, _VIT_IMAGE_SIZE, epochs=60, lr=1e-3, optimizer="adamw"),
+    ("deeplabv3", "digit-scenes"): ZooEntry(
         small_deeplabv3,
         48,
         24,
@@ -164,7 +193,7 @@ _ZOO: dict[str, ZooEntry] = {
         train_size=1600,
         revision=2,
     ),
-    "fcn": ZooEntry(
+    ("fcn", "digit-scenes"): ZooEntry(
         small_fcn,
         48,
         20,
@@ -181,39 +210,66 @@ _ZOO: dict[str, ZooEntry] = {
 
 def list_models(task: str | None = None) -> list[str]:
     """Names of the demo models (of one task, when given)."""
-    return sorted(name for name, entry in _ZOO.items() if task in (None, entry.task))
+    return sorted({name for (name, _), entry in _ZOO.items() if task in (None, entry.task)})
 
 
-def zoo_entry(name: str) -> ZooEntry:
-    try:
-        return _ZOO[name]
-    except KeyError:
-        raise ValueError(f"unknown demo model {name!r}; choose one of {list_models()}") from None
+def model_datasets(name: str) -> list[str]:
+    """The datasets a demo model trains on, its default first."""
+    found = [dataset for (model, dataset) in _ZOO if model == name]
+    if not found:
+        raise ValueError(f"unknown demo model {name!r}; choose one of {list_models()}")
+    return found
 
 
-def build_model(name: str, *, num_classes: int | None = None, in_channels: int = 1) -> nn.Module:
+def zoo_entry(name: str, dataset: str | None = None) -> ZooEntry:
+    """The entry of demo model ``name`` on ``dataset`` (``None``: the model's default dataset).
+
+    Raises:
+        ValueError: an unknown model, or a dataset the model has no recipe for.
+    """
+    datasets = model_datasets(name)
+    dataset = dataset or datasets[0]
+    if dataset not in datasets:
+        raise ValueError(
+            f"demo model {name!r} has no recipe for dataset {dataset!r}; it trains on "
+            + ", ".join(datasets)
+        )
+    return _ZOO[(name, dataset)]
+
+
+def build_model(
+    name: str,
+    *,
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int = 1,
+) -> nn.Module:
     """An untrained demo model (torchvision architecture, ``weights=None``)."""
-    entry = zoo_entry(name)
+    entry = zoo_entry(name, dataset)
     return entry.builder(num_classes or entry.num_classes, in_channels)
 
 
 build_classifier = build_model
 
 
-def _cache_stem(name: str, recipe: dict[str, Any]) -> Path:
+def _cache_stem(name: str, entry: ZooEntry, recipe: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-    return cache_dir() / f"{name}-{zoo_entry(name).dataset}-{digest}"
+    return cache_dir() / f"{name}-{entry.dataset}-{digest}"
 
 
-def is_cached(name: str, *, epochs: int | None = None, seed: int = 0) -> bool:
+def is_cached(
+    name: str, *, dataset: str | None = None, epochs: int | None = None, seed: int = 0
+) -> bool:
     """Whether the demo model is trained and cached (:func:`load_zoo_model` will not train)."""
-    stem = _cache_stem(name, zoo_entry(name).recipe(epochs, seed))
+    entry = zoo_entry(name, dataset)
+    stem = _cache_stem(name, entry, entry.recipe(epochs, seed))
     return stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
 
 
 def load_zoo_model(
     name: str,
     *,
+    dataset: str | None = None,
     progress: bool = True,
     epochs: int | None = None,
     retrain: bool = False,
@@ -221,20 +277,24 @@ def load_zoo_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The demo model trained on its dataset: from the cache, or trained now and cached.
 
-    ``seed``: another seed trains another model of the same recipe (cached apart; 0 is the
-    demo's).
+    ``dataset``: one of :func:`model_datasets` (``None``: the model's default, Fashion-MNIST for
+    resnet18). ``seed``: another seed trains another model of the same recipe (cached apart; 0 is
+    the demo's).
 
     Returns:
         The model in eval mode and its info (image size, test metric, training time).
+
+    Raises:
+        FashionMNISTMissing: a Fashion-MNIST model must train and the data is not installed.
     """
     from nnobfuscator.tasks import get_task
 
-    entry = zoo_entry(name)
+    entry = zoo_entry(name, dataset)
     recipe = entry.recipe(epochs, seed)
-    stem = _cache_stem(name, recipe)
+    stem = _cache_stem(name, entry, recipe)
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights_path.is_file() and info_path.is_file() and not retrain:
-        model = build_model(name)
+        model = build_model(name, dataset=entry.dataset)
         model.load_state_dict(load_file(str(weights_path)))
         return model.eval(), json.loads(info_path.read_text())
     splits = entry.splits()
@@ -245,7 +305,7 @@ def load_zoo_model(
     torch.set_num_threads(TRAIN_THREADS)
     try:
         torch.manual_seed(recipe["seed"])  # fixes the initial weights and the training order
-        model = build_model(name)
+        model = build_model(name, dataset=entry.dataset)
         seconds = train_model(
             model,
             splits["train"],
@@ -256,6 +316,7 @@ def load_zoo_model(
             read_logits=task.logits,
             progress=progress,
             description=f"training {name} on {entry.dataset} (once; cached)",
+            flips=entry.flips,
         )
         if entry.reestimate_bn:
             start = time.perf_counter()

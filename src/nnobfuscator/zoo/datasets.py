@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnobfuscator.zoo import digits, scenes
+from nnobfuscator.zoo import digits, fashion, scenes
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class ZooDataset:
 
 
 ZOO_DATASETS: dict[str, ZooDataset] = {
+    "fashion-mnist": ZooDataset(tuple(fashion.FASHION_CLASSES), fashion._MEAN, fashion._STD),
     "digits": ZooDataset(tuple(digits.DIGITS_CLASSES), digits._MEAN, digits._STD),
     "digit-scenes": ZooDataset(tuple(scenes.SCENE_CLASSES), scenes._MEAN, scenes._STD),
 }
