@@ -14,9 +14,11 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from nnobfuscator.compute_search import ComputeSearch
@@ -175,6 +177,12 @@ def calibrate(
     beam: int = 1,
     progress: bool = True,
     task: Task | None = None,
+    against: str = "face",
+    queries: Sequence[int] = (300, 1000),
+    pool: DataLike | None = None,
+    build_copy: Callable[[], nn.Module] | None = None,
+    recipe: Any = None,
+    margin: float = 0.03,
 ) -> dict[str, Any]:
     """Calibrate every tier of ``model`` on ``calibration`` and measure it on ``test``.
 
@@ -186,14 +194,31 @@ def calibrate(
         beam: beam width of the compute search (1: a lazily evaluated greedy descent).
         task: the task that scores outputs; by default the model's task with default options
             (text-to-image needs one with its judge: ``TextToImageTask(judge=...)``).
+        against: ``"face"`` lands each tier's metric on its target; ``"extractable"`` also
+            measures, per budget in ``queries``, what a user of each tier extracts with that many
+            labels (:mod:`nnobfuscator.security.extract`: decoding its answers, and a knock-off
+            trained on them when ``build_copy`` is given) and requires it to stay at or below
+            ``max(target, labels-only) + margin`` (classification).
+        pool: the attacker's images for ``against="extractable"`` (never the test split; by
+            default the calibration split's search half).
+        build_copy: an untrained copy of the architecture (the knock-off); ``None`` measures
+            decoding only (seconds instead of minutes).
+        recipe: how copies train (:class:`~nnobfuscator.security.extract.CopyRecipe`).
 
     Returns:
         The report (a dict matching ``report.schema.json``).
 
     Raises:
-        CalibrationError: a target above the full model or below what the strategy reaches, or a
-            target and a ``max_cost`` budget that conflict.
+        CalibrationError: a target above the full model or below what the strategy reaches, a
+            target and a ``max_cost`` budget that conflict, or (``against="extractable"``) a tier
+            whose user extracts more than the bound.
     """
+    if against not in ("face", "extractable"):
+        raise ValueError(f"against must be 'face' or 'extractable', got {against!r}")
+    if against == "extractable" and model.task != "classification":
+        raise ValueError(
+            f"against='extractable' covers classification; this model's task is {model.task!r}"
+        )
     task = task or get_task(model.task)
     cal = as_split(calibration, "calibration")
     started = time.perf_counter()
@@ -305,7 +330,7 @@ def calibrate(
             search.counts,
             passes,
         )
-    return evaluate(
+    report = evaluate(
         model,
         test if test is not None else cal,
         dataset=dataset,
@@ -315,6 +340,28 @@ def calibrate(
         calibration_s=calibration_s,
         task=task,
     )
+    if against == "extractable":
+        from nnobfuscator.security.extract import add_extractable
+
+        failures = add_extractable(
+            model,
+            report,
+            as_split(pool, "pool") if pool is not None else search_part,
+            as_split(test, "test") if test is not None else land_part,
+            queries=queries,
+            build_copy=build_copy,
+            recipe=recipe,
+            margin=margin,
+            progress=progress,
+        )
+        if failures:
+            raise CalibrationError(
+                "the tiers land on their targets, but their users extract more than they show: "
+                + "; ".join(failures)
+                + ". Use a strategy that withholds (class-merge, the default for classifiers) "
+                "or answer less (answer_format top1 or label)"
+            )
+    return report
 
 
 def evaluate(

@@ -133,9 +133,10 @@ def demo(
     strategy: Annotated[
         str,
         typer.Option(
-            help="feature-mix, weight-noise, logit-noise, aim-noise (weak baseline), or a+b."
+            help="auto (class-merge for classifiers, feature-mix otherwise), class-merge, "
+            "feature-mix, weight-noise, logit-noise, aim-noise (weak baseline), or a+b."
         ),
-    ] = "feature-mix",
+    ] = "auto",
     compute: Annotated[
         bool,
         typer.Option(
@@ -144,14 +145,22 @@ def demo(
             "--no-compute: every tier costs the full model."
         ),
     ] = True,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Dataset of a classification demo: fashion-mnist (resnet18's default; Debian's "
+            "dataset-fashion-mnist) or digits (scikit-learn's, every classifier)."
+        ),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="Report JSON path.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Plot PNG path.")] = None,
     out: Annotated[Path | None, typer.Option(help="Artifact directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Train (once, cached) a demo model on digits, calibrate its tiers, print the table."""
+    """Train (once, cached) a demo model, calibrate its tiers, print the table."""
     from nnobfuscator.zoo import list_models
-    from nnobfuscator.zoo.classifiers import zoo_entry
+    from nnobfuscator.zoo.classifiers import model_datasets, zoo_entry
+    from nnobfuscator.zoo.fashion import fashion_mnist_available, missing_message
 
     defaults = {
         "classification": "resnet18",
@@ -168,12 +177,24 @@ def demo(
         data_source: dict[str, Any] = {"zoo": "digit-prompts"}
         task_source = {"judge": {"zoo": "digits-judge"}}
     else:
-        entry = zoo_entry(model)
+        datasets = model_datasets(model)
+        if data is not None and data not in datasets:
+            _fail(f"demo model {model!r} trains on {', '.join(datasets)}, not {data!r}")
+        dataset = data or datasets[0]
+        if dataset == "fashion-mnist" and not fashion_mnist_available():
+            if data is not None:
+                _fail(missing_message())
+            console.print(f"[yellow]note:[/] {missing_message()}; this demo runs on digits")
+            dataset = "digits"
+        entry = zoo_entry(model, dataset)
         data_source = {"zoo": entry.dataset, "image_size": entry.image_size}
-    out = out or Path("runs") / f"{model}-{strategy.replace('+', '_')}"
+    model_source: dict[str, Any] = {"zoo": model}
+    if task != "text-to-image":
+        model_source["dataset"] = data_source["zoo"]
+    out = out or Path("runs") / f"{model}-{data_source['zoo']}-{strategy.replace('+', '_')}"
     _run_job(
         task=task,
-        model_source={"zoo": model},
+        model_source=model_source,
         data_source=data_source,
         task_source=task_source,
         tiers=tiers,
@@ -226,7 +247,7 @@ def calibrate_plan(
         model_source=model_source,
         data_source=data_source,
         tiers=spec.get("tiers", DEFAULT_TIERS),
-        strategy=spec.get("strategy", "feature-mix"),
+        strategy=spec.get("strategy", "auto"),
         compute=_plan_compute(spec.get("compute"), plan),
         targets=spec.get("targets"),
         out=out,

@@ -53,7 +53,9 @@ class ObfuscationConfig:
 
     Args:
         tiers: ``"free=60%,pro=85%,premium=full"``, a list or a mapping (see ``parse_tiers``).
-        strategy: a registered degrading strategy, or several joined with ``+`` (``"feature-mix"``).
+        strategy: a registered degrading strategy, or several joined with ``+``; ``"auto"``
+            (the default): ``class-merge`` for a classifier with an ``nn.Linear`` head (its
+            tiers withhold what they do not show), ``feature-mix`` otherwise.
         compute: compute strategies that make lower tiers cheaper, joined with ``+``
             (``"block-skip+channel-slim+input-resolution"``), ``"auto"`` (those that apply to the
             architecture) or ``None`` (every tier costs what the full model costs).
@@ -69,7 +71,7 @@ class ObfuscationConfig:
     """
 
     tiers: str | list[Any] | dict[str, Any] = "free=60%,pro=85%,premium=full"
-    strategy: str = "feature-mix"
+    strategy: str = "auto"
     compute: str | None = None
     targets: list[str] | None = None
     key: bytes | str | None = None
@@ -445,8 +447,11 @@ def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: 
     meta = dict(config.meta)
     if isinstance(model, PipelineModule):
         meta["call_options"] = model.call_options
+    task = config.task or (
+        "text-to-image" if isinstance(model, PipelineModule) else "classification"
+    )
     strategies = []
-    for name in config.strategy.split("+"):
+    for name in resolve_strategy(model, config.strategy, task).split("+"):
         if get_strategy(name.strip()).role == "compute":
             raise ValueError(
                 f"{name.strip()!r} is a compute strategy: pass it as compute=, not strategy="
@@ -459,12 +464,21 @@ def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: 
         parse_tiers(config.tiers),
         strategies,
         coerce_key(config.key),
-        task=config.task
-        or ("text-to-image" if isinstance(model, PipelineModule) else "classification"),
+        task=task,
         model_name=config.model_name,
         input_spec=config.input_spec,
         meta=meta,
     )
+
+
+def resolve_strategy(model: nn.Module, strategy: str, task: str) -> str:
+    """The degrading strategy names for ``strategy`` (``"auto"``: ``class-merge`` for a
+    classifier whose last ``nn.Linear`` can be its head, ``feature-mix`` otherwise)."""
+    if strategy.strip() != "auto":
+        return strategy
+    if task == "classification" and any(isinstance(m, nn.Linear) for m in model.modules()):
+        return "class-merge"
+    return "feature-mix"
 
 
 def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:

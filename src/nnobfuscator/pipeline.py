@@ -57,7 +57,8 @@ def run_job(
     """
     parse_tiers(tiers)  # fail on a bad tier spec before any model is trained or loaded
     for name in strategy.split("+"):
-        get_strategy(name.strip())
+        if name.strip() != "auto":
+            get_strategy(name.strip())
     scorer = load_task(task, task_source, progress=progress)
     base, info = load_base_model(model_source, progress=progress)
     calibration = load_split(data_source, "calibration")

@@ -38,6 +38,8 @@ def build_report(
         }
         if tier.max_cost is not None:
             row["max_cost"] = tier.max_cost
+        if task.name == "classification":
+            row["answer_format"] = tier.format.spec
         if extra and tier.name in extra:
             row["extra"] = extra[tier.name]
         tiers.append(row)

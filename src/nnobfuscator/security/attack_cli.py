@@ -40,21 +40,25 @@ def attack(
     attacks: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated attacks: repeat, jitter, augment, decode, distill. "
+            help="Comma-separated attacks: repeat, jitter, augment, decode, distill, extract. "
             "Default: every attack that covers the task."
         ),
     ] = None,
     budget: Annotated[int, typer.Option(help="Queries per input for repeat/jitter/augment.")] = 21,
     queries: Annotated[
-        str, typer.Option(help="Query budgets of distill and decode, comma-separated.")
+        str,
+        typer.Option(help="Query budgets (labels) of distill, decode and extract, comma-separated."),
     ] = "300,1000",
     tier: Annotated[
         str | None,
         typer.Option(help="The attacked tier, or 'all' (every tier below full). Default: lowest."),
     ] = None,
-    top_k: Annotated[
-        int | None,
-        typer.Option(help="Answers carry only the K best scores (as the server's top_k)."),
+    answer_format: Annotated[
+        str | None,
+        typer.Option(
+            help="What the attacker sees: scores, top_k:N, top1 or label. Default: each tier's "
+            "own format (what the server gives its keys)."
+        ),
     ] = None,
     flips: Annotated[
         bool | None,
@@ -98,7 +102,14 @@ def attack(
     if task not in ATTACKED_TASKS:
         _fail(f"attacks cover classification and segmentation; {artifact} is a {task} model")
     names = _attack_names(attacks, task)
-    budgets = _query_budgets(queries) if {"decode", "distill"} & set(names) else []
+    budgets = _query_budgets(queries) if {"decode", "distill", "extract"} & set(names) else []
+    if answer_format is not None:
+        from nnobfuscator.answers import AnswerFormat
+
+        try:
+            AnswerFormat.parse(answer_format)
+        except ValueError as err:
+            _fail(str(err))
     try:
         check_budget(budget)
     except ValueError as err:
@@ -113,7 +124,7 @@ def attack(
             budget,
             budgets,
             tier,
-            top_k,
+            answer_format,
             flips,
             seed,
             train_steps=train_steps,
@@ -169,7 +180,7 @@ def _run(
     budget: int,
     budgets: list[int],
     tier: str | None,
-    top_k: int | None,
+    answer_format: str | None,
     flips: bool | None,
     seed: int,
     *,
@@ -188,13 +199,16 @@ def _run(
         flips = data.get("zoo") not in NO_FLIP_DATASETS
     augment = AugmentConfig(flips=flips)
     test = opened.split("test")
-    pool = build_copy = recipe = None
-    if {"decode", "distill"} & set(names):
+    pool = build_copy = recipe = copy_recipe = None
+    if {"decode", "distill", "extract"} & set(names):
         pool, train_size = _query_pool(opened)
-        if "distill" in names:
+        if {"distill", "extract"} & set(names):
             build_copy, recipe = _copy_builder(model, opened.source["model"], train_size)
             if train_steps is not None:
                 recipe = replace(recipe, steps=train_steps)
+            from nnobfuscator.security.extract import CopyRecipe
+
+            copy_recipe = CopyRecipe.from_training(model.meta.get("base_model", {}).get("recipe"))
     if weak := sorted(n for n, s in model.strategies.items() if s.weak):
         _err.print(f"note: {', '.join(weak)} is marked weak (nnobf serve refuses it by default)")
     results = run_attacks(
@@ -207,8 +221,9 @@ def _run(
         pool=pool,
         build_copy=build_copy,
         recipe=recipe,
+        copy_recipe=copy_recipe,
         augment=augment,
-        top_k=top_k,
+        answer_format=answer_format,
         seed=seed,
         progress=progress,
     )
@@ -217,10 +232,11 @@ def _run(
         "budget": budget,
         "queries": budgets,
         "tiers": tiers,
-        "top_k": top_k,
+        "answer_format": answer_format or "each tier's own",
         "seed": seed,
         "augment": asdict(augment),
         **({"recipe": asdict(recipe)} if recipe is not None else {}),
+        **({"copy_recipe": asdict(copy_recipe)} if copy_recipe is not None else {}),
     }
     splits = {"test": len(test), **({"query_pool": len(pool)} if pool is not None else {})}
     report = build_attack_report(
@@ -243,13 +259,19 @@ def _tiers(model: Any, tier: str | None) -> list[str]:
 
 
 def _query_pool(opened: Any) -> tuple[Split, int]:
-    """Train and calibration data as the attacker's query images (never the test split); and how
-    many training images the base model learned from (for the copy's training length)."""
+    """The attacker's query images (never the test split): the data source's ``pool`` split
+    where it has one (images the model never trained on), else train and calibration data; and
+    how many training images the base model learned from (for the copy's training length)."""
     import torch
 
     from nnobfuscator.data import Split
     from nnobfuscator.sources import SourceError
 
+    with contextlib.suppress(SourceError, KeyError):
+        pool = opened.split("pool")
+        with contextlib.suppress(SourceError, KeyError):
+            return pool, len(opened.split("train"))
+        return pool, len(pool)
     parts = []
     with contextlib.suppress(SourceError):  # a folder source may have no train folder
         parts.append(opened.split("train"))
@@ -288,7 +310,13 @@ def _write(
     artifact: Path, report_data: dict[str, Any], report: Path | None, plot: Path | None
 ) -> None:
     from nnobfuscator.report import write_report
-    from nnobfuscator.security.attack_report import ATTACK_COLUMNS, attack_rows, plot_attacks
+    from nnobfuscator.security.attack_report import (
+        ATTACK_COLUMNS,
+        EXTRACT_COLUMNS,
+        attack_rows,
+        extract_rows,
+        plot_attacks,
+    )
 
     table = Table(
         title=f"{report_data['model']} on {report_data['dataset']}: attacks on served tiers "
@@ -299,6 +327,17 @@ def _write(
     for row in attack_rows(report_data):
         table.add_row(*row)
     _out.print(table)
+    extracted = extract_rows(report_data)
+    if extracted:
+        table = Table(
+            title="extractable utility: what a user of each tier gets with N labels "
+            "(best of face value, decoding and a knock-off) against the labels alone"
+        )
+        for column in EXTRACT_COLUMNS:
+            table.add_column(column, justify="left" if column in {"tier", "format"} else "right")
+        for row in extracted:
+            table.add_row(*row)
+        _out.print(table)
     report_path = write_report(report_data, report or artifact / "attack-report.json")
     plot_path = plot_attacks(report_data, plot or artifact / "attacks.png")
     _out.print(f"report: {report_path}")

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from nnobfuscator.model import TieredModel
 
 #: results whose budget is a number of labelled or unlabelled queries, not copies per input
-QUERY_ATTACKS = ("distill", "decode-scores", "decode-label")
+QUERY_ATTACKS = ("distill", "decode-scores", "decode-label", "extract")
 ATTACK_COLUMNS = [
     "attack",
     "tier",
@@ -75,6 +75,47 @@ def attack_rows(report: dict[str, Any]) -> list[list[str]]:
         ]
         for row in report["results"]
     ]
+
+
+EXTRACT_COLUMNS = [
+    "tier",
+    "format",
+    "labels",
+    "target",
+    "face value",
+    "decode",
+    "knock-off",
+    "extractable",
+    "labels only",
+    "bound (+3)",
+]
+
+
+def extract_rows(report: dict[str, Any], margin: float = 0.03) -> list[list[str]]:
+    """The ``extract`` results as strings (columns: ``EXTRACT_COLUMNS``); the bound is
+    ``max(target, labels only) + margin``."""
+    rows = []
+    for row in report["results"]:
+        if row["attack"] != "extract":
+            continue
+        details = row["details"]
+        bound = max(row["target"] or 0.0, row["reference"] or 0.0) + margin
+        held = "" if row["target"] is None else (" ok" if row["attacked"] <= bound else " OVER")
+        rows.append(
+            [
+                row["tier"],
+                details["answer_format"],
+                str(row["budget"]),
+                "full" if row["target"] is None else _percent(row["target"]),
+                _percent(details["face"]),
+                _percent(details["decode"]),
+                _percent(details.get("knockoff")),
+                _percent(row["attacked"]),
+                _percent(row["reference"]),
+                _percent(bound) + held,
+            ]
+        )
+    return rows
 
 
 def plot_attacks(report: dict[str, Any], path: str | Path) -> Path:

@@ -15,9 +15,12 @@ and the full model's, so a tier's *gain* under attack reads directly:
   copy trained on as many true labels.
 - *decoding* (``decode``, :mod:`nnobfuscator.security.decode`): a user with a few labelled
   images learns to map the tier's answers back to the true class.
+- *extractable utility* (``extract``, :mod:`nnobfuscator.security.extract`): the best of the face
+  value, decoding and a knock-off trained on the pool's answers plus a few true labels, beside
+  what those labels give alone.
 
 Scores are what a served tier can answer: softmax probabilities (per pixel for segmentation), all
-of them or only the ``top_k`` best (the server's ``top_k``).
+of them or only what the tier's answer format shows (the server gives no more).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from nnobfuscator.answers import AnswerFormat
 from nnobfuscator.data import Split
 from nnobfuscator.security.augment import (
     JITTER,
@@ -50,6 +54,7 @@ from nnobfuscator.tasks import Task, get_task
 if TYPE_CHECKING:
     from nnobfuscator.model import TieredModel
     from nnobfuscator.security.distill import TrainRecipe
+    from nnobfuscator.security.extract import CopyRecipe
 
 _TIE_BREAK = 1e-3
 
@@ -60,7 +65,7 @@ def repeat_and_vote(
     *,
     tier: str | None = None,
     budget: int = 21,
-    top_k: int | None = None,
+    answer_format: str | AnswerFormat | None = None,
     task: Task | None = None,
     baseline: TierBaseline | None = None,
     progress: bool = True,
@@ -69,7 +74,7 @@ def repeat_and_vote(
     scores (``repeat-mean``).
 
     Args:
-        top_k: answers carry only the ``top_k`` best scores (``None``: all).
+        answer_format: what the user sees (``None``: the tier's own format).
 
     Returns:
         Two results: ``repeat-vote`` and ``repeat-mean``.
@@ -79,7 +84,7 @@ def repeat_and_vote(
     tier = tier or lowest_tier(model)
     task = task or get_task(model.task)
     baseline = baseline or tier_baseline(model, split, tier, task)
-    oracle = TierOracle(model, tier, task, top_k=top_k)
+    oracle = TierOracle(model, tier, task, answer_format=answer_format)
     tally = _Tally()
     for _ in tqdm(range(budget), desc=f"repeat x{budget} at {tier}", disable=not progress):
         tally.add(oracle(split.inputs))
@@ -95,7 +100,7 @@ def augment_and_vote(
     augment: AugmentConfig | None = None,
     name: str = "augment",
     seed: int = 0,
-    top_k: int | None = None,
+    answer_format: str | AnswerFormat | None = None,
     task: Task | None = None,
     baseline: TierBaseline | None = None,
     progress: bool = True,
@@ -113,7 +118,7 @@ def augment_and_vote(
             :data:`~nnobfuscator.security.augment.JITTER` for faint noise alone).
         name: the results' prefix (``augment``, ``jitter``).
         seed: fixes every random change.
-        top_k: answers carry only the ``top_k`` best scores (``None``: all).
+        answer_format: what the user sees (``None``: the tier's own format).
 
     Returns:
         Two results: ``{name}-vote`` and ``{name}-mean``.
@@ -133,7 +138,7 @@ def augment_and_vote(
         invertible=dense,
         seed=seed,
     )
-    oracle = TierOracle(model, tier, task, top_k=top_k)
+    oracle = TierOracle(model, tier, task, answer_format=answer_format)
     tally = _Tally()
     for change in tqdm(changes, desc=f"{name} x{budget} at {tier}", disable=not progress):
         scores = oracle(change.apply(split.inputs))
@@ -178,9 +183,9 @@ class _Tally:
 
 
 #: attack names, cheapest first
-ATTACKS = ("repeat", "jitter", "augment", "decode", "distill")
+ATTACKS = ("repeat", "jitter", "augment", "decode", "distill", "extract")
 #: the attacks that need labelled or unlabelled query images and cover classification only
-CLASSIFICATION_ONLY = ("decode", "distill")
+CLASSIFICATION_ONLY = ("decode", "distill", "extract")
 
 
 def default_attacks(task: str) -> list[str]:
@@ -199,8 +204,9 @@ def run_attacks(
     pool: Split | None = None,
     build_copy: Callable[[], torch.nn.Module] | None = None,
     recipe: TrainRecipe | None = None,
+    copy_recipe: CopyRecipe | None = None,
     augment: AugmentConfig | None = None,
-    top_k: int | None = None,
+    answer_format: str | AnswerFormat | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> list[AttackResult]:
@@ -215,8 +221,10 @@ def run_attacks(
         pool: query images for ``distill`` and ``decode`` (train and calibration data).
         build_copy: an untrained copy of the architecture, for ``distill``.
         recipe: how the copy trains (:class:`~nnobfuscator.security.distill.TrainRecipe`).
+        copy_recipe: how ``extract``'s knock-offs and from-scratch copies train (the owner's
+            recipe: :class:`~nnobfuscator.security.extract.CopyRecipe`).
         augment: the ``augment`` attack's changes (``jitter`` always uses faint noise alone).
-        top_k: answers carry only the ``top_k`` best scores (``None``: all).
+        answer_format: what the user sees (``None``: the tier's own format).
 
     Raises:
         ValueError: an unknown attack or tier, a bad budget, an uncovered task, or ``distill``
@@ -234,15 +242,16 @@ def run_attacks(
     for tier in tiers:
         model.get_tier(tier)
     task = get_task(model.task)
-    from nnobfuscator.security import decode, distill
+    from nnobfuscator.security import decode, distill, extract
 
-    if "decode" in attacks:
+    if "decode" in attacks or "extract" in attacks:
         decode.check_decodable(model, pool, queries)
     if "distill" in attacks:
         distill.check_distillable(model, pool, build_copy, queries)
-    options = {"budget": budget, "task": task, "progress": progress, "top_k": top_k}
+    options = {"budget": budget, "task": task, "progress": progress, "answer_format": answer_format}
     results: list[AttackResult] = []
     references: dict[int, float] = {}
+    labels_alone: dict[int, dict[str, float]] | None = None
     with torch.random.fork_rng(devices=[]):
         for tier in tiers:
             torch.manual_seed(seed)
@@ -282,4 +291,46 @@ def run_attacks(
                     references=references,
                     **common,
                 )
+            if "extract" in attacks:
+                assert pool is not None
+                copy_recipe = copy_recipe or extract.CopyRecipe()
+                if labels_alone is None:
+                    labels_alone = extract.labels_only(
+                        pool,
+                        test,
+                        queries,
+                        build_copy=build_copy,
+                        recipe=copy_recipe,
+                        seed=seed,
+                        progress=progress,
+                    )
+                found = extract.extract(
+                    model,
+                    tier,
+                    pool,
+                    test,
+                    queries=queries,
+                    answer_format=answer_format,
+                    build_copy=build_copy,
+                    recipe=copy_recipe,
+                    baseline=labels_alone,
+                    seed=seed,
+                    progress=progress,
+                )
+                results += [
+                    attack_result(
+                        "extract",
+                        baseline,
+                        e.queries,
+                        e.value,
+                        reference=e.labels_only,
+                        details={
+                            "answer_format": e.answer_format,
+                            "face": e.face,
+                            "decode": e.decode,
+                            "knockoff": e.knockoff,
+                        },
+                    )
+                    for e in found
+                ]
     return results

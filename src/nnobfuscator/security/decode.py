@@ -6,7 +6,7 @@ classes apart, only under other names. A user who knows the true labels of ``q``
 (drawn from the train and calibration data, never the test split) fits
 
 - ``decode-scores``: a multinomial logistic regression on the log of the answered scores (all of
-  them, or the ``top_k`` the server returns), and
+  them, or those the tier's answer format shows), and
 - ``decode-label``: the most frequent true class behind each answered label (labels only),
 
 then reads the test split's answers through it. The reference, when the distillation attack ran,
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from nnobfuscator.answers import AnswerFormat
 from nnobfuscator.data import Split
 from nnobfuscator.security.augment import AugmentConfig
 from nnobfuscator.security.distill import MIN_QUERIES, draw_queries
@@ -111,7 +112,7 @@ def decode(
     *,
     tier: str | None = None,
     queries: Sequence[int] = (300, 1000),
-    top_k: int | None = None,
+    answer_format: str | AnswerFormat | None = None,
     augment: AugmentConfig | None = None,
     seed: int = 0,
     task: Task | None = None,
@@ -123,7 +124,7 @@ def decode(
 
     Args:
         pool: labelled query images (train and calibration data; never the test split).
-        top_k: answers carry only the ``top_k`` best scores (``None``: all).
+        answer_format: what the user sees (``None``: the tier's own format).
         references: distillation's true-label references by budget, when it ran.
         progress: unused (decoding takes seconds); accepted for a uniform call.
 
@@ -135,7 +136,7 @@ def decode(
     task = task or get_task(model.task)
     baseline = baseline or tier_baseline(model, test, tier, task)
     references = references or {}
-    oracle = TierOracle(model, tier, task, top_k=top_k)
+    oracle = TierOracle(model, tier, task, answer_format=answer_format)
     answered = oracle(test.inputs)
     classes = answered.shape[1]
     results = []
@@ -158,7 +159,7 @@ def decode(
                     count,
                     value,
                     reference=references.get(count),
-                    details={"top_k": top_k},
+                    details={"answer_format": answer_format},
                 )
             )
     return results

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from nnobfuscator.answers import AnswerFormat
 from nnobfuscator.data import Split
 from nnobfuscator.security.augment import AugmentConfig, random_perturbations
 from nnobfuscator.security.oracle import (
@@ -154,7 +155,7 @@ def distill(
     build_copy: Callable[[], nn.Module],
     tier: str | None = None,
     queries: Sequence[int] = (300, 1000),
-    top_k: int | None = None,
+    answer_format: str | AnswerFormat | None = None,
     recipe: TrainRecipe | None = None,
     augment: AugmentConfig | None = None,
     seed: int = 0,
@@ -170,8 +171,8 @@ def distill(
         pool: unlabelled query images (train and calibration data; never the test split).
         build_copy: returns an untrained copy of the architecture (e.g. the zoo's
             ``build_model(name)``, or ``lambda: reinitialised_copy(plain_model)``).
-        top_k: answers carry only the ``top_k`` best scores (the argmax, all this attack uses,
-            is the same).
+        answer_format: what the user sees (``None``: the tier's own format; the argmax, all
+            this attack uses, is the same in every format).
         references: reference scores by budget, filled and reused across tiers.
 
     Returns:
@@ -183,7 +184,7 @@ def distill(
     recipe = recipe or TrainRecipe()
     baseline = baseline or tier_baseline(model, test, tier, task)
     references = {} if references is None else references
-    oracle = TierOracle(model, tier, task, top_k=top_k)
+    oracle = TierOracle(model, tier, task, answer_format=answer_format)
     results = []
     for count in queries:
         data = draw_queries(pool, count, augment=augment, seed=seed)

@@ -271,5 +271,59 @@ def extract(
     return results
 
 
-def recipe_dict(recipe: CopyRecipe) -> dict[str, Any]:
-    return asdict(recipe)
+def add_extractable(
+    model: TieredModel,
+    report: dict[str, Any],
+    pool: Split,
+    test: Split,
+    *,
+    queries: Sequence[int] = DEFAULT_QUERIES,
+    build_copy: Callable[[], nn.Module] | None = None,
+    recipe: CopyRecipe | None = None,
+    margin: float = 0.03,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[str]:
+    """Measure every tier below full under its own answer format, write ``extractable`` into
+    its report row, and return what breaks ``extractable <= max(target, labels-only) + margin``
+    (one line per tier and budget; empty when every tier holds)."""
+    recipe = recipe or CopyRecipe()
+    baseline = labels_only(
+        pool, test, queries, build_copy=build_copy, recipe=recipe, seed=seed, progress=progress
+    )
+    rows = {row["name"]: row for row in report["tiers"]}
+    failures = []
+    for name, tier in model.tiers.items():
+        if tier.is_full:
+            continue
+        found = extract(
+            model,
+            name,
+            pool,
+            test,
+            queries=queries,
+            build_copy=build_copy,
+            recipe=recipe,
+            baseline=baseline,
+            seed=seed,
+            progress=progress,
+        )
+        rows[name]["extractable"] = {str(e.queries): e.to_dict() for e in found}
+        target = tier.target_value or 0.0
+        for e in found:
+            bound = max(target, e.labels_only) + margin
+            if e.value > bound + 1e-12:
+                failures.append(
+                    f"tier {name!r} ({e.answer_format}) gives {100 * e.value:.1f}% with "
+                    f"{e.queries} labels, {100 * (e.value - bound):.1f} points over its bound "
+                    f"{100 * bound:.1f}% = max(target {100 * target:.1f}%, labels alone "
+                    f"{100 * e.labels_only:.1f}%) + {100 * margin:.0f}"
+                )
+    report.setdefault("settings", {})["extractable"] = {
+        "queries": list(queries),
+        "pool": len(pool),
+        "margin": margin,
+        "knockoff": build_copy is not None,
+        "recipe": asdict(recipe),
+    }
+    return failures

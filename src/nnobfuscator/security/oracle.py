@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nnobfuscator.answers import AnswerFormat
 from nnobfuscator.data import Split
 from nnobfuscator.tasks import Task, get_task
 
@@ -64,7 +65,9 @@ class TierOracle:
         model: the tiered model.
         tier: the tier whose answers the user gets.
         task: reads and scores outputs (default: the model's task).
-        top_k: answers carry only the ``top_k`` best scores (the others read 0); ``None``: all.
+        answer_format: what the user sees (:class:`~nnobfuscator.answers.AnswerFormat`; withheld
+            scores read 0); ``None``: the tier's own format (a classifier), every score (dense
+            tasks, whose answer is a mask).
         batch_size: inputs per forward pass.
     """
 
@@ -74,14 +77,15 @@ class TierOracle:
         tier: str,
         task: Task | None = None,
         *,
-        top_k: int | None = None,
+        answer_format: str | AnswerFormat | None = None,
         batch_size: int = 256,
     ) -> None:
-        model.get_tier(tier)
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be at least 1 (or None for every score), got {top_k}")
-        self.model, self.tier, self.top_k, self.batch_size = model, tier, top_k, batch_size
+        info = model.get_tier(tier)
+        self.model, self.tier, self.batch_size = model, tier, batch_size
         self.task = task or get_task(model.task)
+        if answer_format is None and model.task == "classification":
+            answer_format = info.format
+        self.answer_format = AnswerFormat.parse(answer_format or "scores")
         self.queries = 0
 
     @torch.inference_mode()
@@ -95,10 +99,7 @@ class TierOracle:
             ]
         )
         self.queries += len(inputs)
-        if self.top_k is not None and self.top_k < scores.shape[1]:
-            best = scores.topk(self.top_k, dim=1)
-            scores = torch.zeros_like(scores).scatter_(1, best.indices, best.values)
-        return scores
+        return self.answer_format.view(scores)
 
 
 @dataclass

@@ -448,7 +448,8 @@ def create_app(
         else:
             k = top_k_of(top_k, options)
             results = [
-                classify_answer(served, o, t, k) for o, t in zip(outputs, tiers, strict=True)
+                classify_answer(served, o, t, k, owner=True)
+                for o, t in zip(outputs, tiers, strict=True)
             ]
         return CompareResponse(task=served.task, results=results)
 

@@ -26,20 +26,34 @@ SEGMENTATION = "segmentation"
 TEXT_TO_IMAGE = {"text-to-image", "text_to_image", "text2image"}
 
 
-def classify_answer(served: ServedModel, output: Any, tier: str, top_k: int) -> ClassifyResponse:
-    """Label and top-k softmax scores from one sample's logits (tensor or ``{"out": ...}``)."""
+def classify_answer(
+    served: ServedModel, output: Any, tier: str, top_k: int, *, owner: bool = False
+) -> ClassifyResponse:
+    """Label and top-k softmax scores from one sample's logits (tensor or ``{"out": ...}``),
+    no more than ``tier``'s answer format allows (an owner's comparison shows everything)."""
     logits = read_output(output)
     if logits.dim() != 1:
         raise TypeError("a classifier must return logits (N, classes) or {'out': (N, classes)}")
     probs = torch.softmax(logits.float(), dim=0)
+    answer_format = None if owner else served.model.get_tier(tier).format
+    if answer_format is not None:
+        top_k = min(top_k, answer_format.max_classes(probs.numel()))
     scores, indices = probs.topk(min(top_k, probs.numel()))
+    with_scores = answer_format is None or answer_format.has_scores
     ranked = [
-        ScoredLabel(label=served.label(int(i)), index=int(i), score=float(s))
+        ScoredLabel(
+            label=served.label(int(i)), index=int(i), score=float(s) if with_scores else None
+        )
         for s, i in zip(scores, indices, strict=True)
     ]
     best = ranked[0]
     return ClassifyResponse(
-        tier=tier, label=best.label, index=best.index, score=best.score, top_k=ranked
+        tier=tier,
+        label=best.label,
+        index=best.index,
+        score=best.score,
+        top_k=ranked,
+        answer_format=answer_format.spec if answer_format is not None else "scores",
     )
 
 

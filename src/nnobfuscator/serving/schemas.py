@@ -32,15 +32,22 @@ class GenerateRequest(BaseModel):
 class ScoredLabel(BaseModel):
     label: str
     index: int
-    score: float = Field(description="Softmax probability.")
+    score: float | None = Field(
+        None, description="Softmax probability (absent where the tier answers labels only)."
+    )
 
 
 class ClassifyResponse(BaseModel):
     tier: str = Field(description="The tier that produced this answer.")
     label: str
     index: int
-    score: float
-    top_k: list[ScoredLabel]
+    score: float | None = None
+    top_k: list[ScoredLabel] = Field(
+        description="The best classes, as many as asked and the tier's answer format allow."
+    )
+    answer_format: str = Field(
+        "scores", description="What the tier answers: scores, top_k:N, top1 or label."
+    )
 
 
 class MaskRle(BaseModel):

