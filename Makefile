@@ -4,14 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean chromium redis-server
+.PHONY: demo test lint bench clean chromium redis-server fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	-$(MAKE) --no-print-directory fashion-mnist
 	-$(MAKE) --no-print-directory chromium
 	-$(MAKE) --no-print-directory redis-server
 	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist: the real Fashion-MNIST (MIT licence) under
+# /usr/share/datasets/fashion-mnist, the demo's data. Best effort: without it the demo runs on
+# scikit-learn's digits and says so, and the tests that need it are skipped with a message.
+fashion-mnist:
+	@test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || { \
+		command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+		|| echo "note: dataset-fashion-mnist is not installed; the demo falls back to digits"
 
 # Debian's Chromium for the web page test (Playwright drives it; nothing downloads a browser).
 # Best effort: without root or apt the test skips with a message.

@@ -22,7 +22,10 @@ import bench_latency
 import bench_memory
 import bench_mixed
 import bench_overload
+import bench_plan_model
+import bench_sealed
 import bench_serving
+import bench_withholding
 from _common import QUICK, Section, machine
 from _results import remove_section, update_section
 
@@ -37,6 +40,9 @@ SECTIONS: dict[str, Callable[[], Section]] = {
     "serving": lambda: bench_serving.run_section(QUICK),
     "aim": bench_aim.run,
     "overload": lambda: bench_overload.run_section(QUICK),
+    "plan-model": bench_plan_model.run,
+    "withholding": bench_withholding.run,
+    "sealed": bench_sealed.run,
 }
 #: sections of scripts this harness replaced
 _RETIRED = (

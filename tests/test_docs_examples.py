@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from nnobfuscator.zoo.fashion import fashion_mnist_available, missing_message
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -69,6 +71,8 @@ def example_env(tmp_path_factory) -> dict[str, str]:
 def test_example_runs_as_written(name, line, code, skip, example_env, tmp_path) -> None:
     if skip is not None:
         pytest.skip(skip)
+    if "fashion_mnist" in code and not fashion_mnist_available():
+        pytest.skip(missing_message())
     script = tmp_path / "example.py"
     script.write_text(code)
     result = subprocess.run(

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_cnn
+from conftest import BUILDERS, tiny_cnn
 from safetensors.torch import load_file
 
 from nnobfuscator import TieredModel, obfuscate
@@ -30,6 +30,7 @@ from nnobfuscator.security.sealing import (
 )
 
 KEY = bytes(range(32))
+BUILDERS_RESNET = BUILDERS["resnet"]
 STRENGTHS = {"free": 0.9, "basic": 0.6, "pro": 0.3}
 
 
@@ -176,9 +177,53 @@ def test_tampered_weights_and_sealed_material_are_detected(sealed):
 def test_run_time_strategies_cannot_be_sealed(tmp_path):
     tiered = obfuscate(tiny_cnn(), tiers="free=0.3,premium=full", key=KEY, strategy="logit-noise")
     tiered.set_strength("free", "logit-noise", 2.0)
-    with pytest.raises(SealError, match="cannot be folded"):
+    with pytest.raises(SealError, match="cannot be written into plain weights"):
         seal(tiered, tmp_path / "b")
     assert not os.path.exists(tmp_path / "b" / WEIGHTS_NAME)
+
+
+def test_compute_tiers_seal_and_ship_only_what_the_lowest_tier_runs(
+    tmp_path, trained_weights, digits8
+):
+    """A class-merge model with block-skip and input-resolution tiers: the shipped weights run
+    the lowest tier as a plain module (skipped blocks are zeros, the head is its readout), and a
+    key restores its tier's blocks."""
+    from conftest import trained
+
+    from nnobfuscator import calibrate
+    from nnobfuscator.strategies.input_resolution import resize_input
+
+    tiered = obfuscate(
+        trained("resnet", trained_weights),
+        tiers="free=45%,pro=80%,premium=full",
+        compute="block-skip+input-resolution",
+        key=KEY,
+    )
+    calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
+    bundle = seal(tiered, tmp_path / "bundle")
+    manifest = json.loads((bundle.directory / "bundle.json").read_text())
+    free, pro = manifest["tiers"][0], manifest["tiers"][1]
+    skipped = tiered.tiers["free"].params["block-skip"]["skip"]
+    assert skipped and {k.rsplit(".", 2)[0] for k in free["withheld"]} >= set(skipped)
+    shipped = load_file(str(bundle.directory / WEIGHTS_NAME))
+    assert all(
+        not shipped[k].any() for k in free["withheld"] if not k.endswith("running_var")
+    )  # nothing of a skipped block travels in plain
+    merge = tiered.strategies["class-merge"]
+    tiered.set_strength("free", "class-merge", free["merges"] / (merge.classes - 1))
+    x = digits8["test"].images[:16]
+    plain = BUILDERS_RESNET()
+    plain.load_state_dict(shipped)
+    scale = float(free.get("input_scale", 1.0))
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            plain.eval()(resize_input(x, scale)), tiered(x, tier="free"), rtol=1e-4, atol=1e-4
+        )
+    restored = unseal(bundle.directory, BUILDERS_RESNET(), bundle.keys["pro"])
+    for name in set(skipped) - set(tiered.tiers["pro"].params["block-skip"]["skip"]):
+        weight = restored.get_submodule(name).conv1.weight
+        assert torch.equal(weight, tiered.base_model.get_submodule(name).conv1.weight)
+    assert pro["merges"] < free["merges"]
 
 
 def test_clipping_and_outlier_replacement_act_on_each_weight_tensor():
@@ -238,3 +283,4 @@ def test_weight_attacks_report_every_attack_and_the_scratch_baseline(tmp_path):
     assert results[0].value == pytest.approx((served == test.labels).float().mean().item())
     tuned = next(r.value for r in results if r.attack == "fine-tune" and r.samples == 180)
     assert tuned > results[0].value + 0.2  # 100 steps on 180 labelled digits do teach it
+    assert ("fine-tune (new head)", "5%", 45) in rows

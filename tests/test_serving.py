@@ -96,15 +96,20 @@ def test_classify_multipart_json_raw_and_both_headers(server, store, direct):
         ),
     ]
     expected = direct_scores(direct, png, "pro")
+    best5 = dict(sorted(expected.items(), key=lambda item: -item[1])[:5])
     for response in answers:
         assert response.status_code == 200, response.text
         body = response.json()
         assert response.headers["X-Tier"] == body["tier"] == "pro"
-        assert len(body["top_k"]) == 10
+        assert body["answer_format"] == "top_k:5"  # 10 asked, the tier's format allows 5
         assert body["label"] == f"class{body['index']}" == body["top_k"][0]["label"]
-        assert answer_scores(body) == pytest.approx(expected, abs=1e-5)
+        assert answer_scores(body) == pytest.approx(best5, abs=1e-5)
     default = server.post("/v1/classify", headers=headers, **upload(png)).json()
     assert len(default["top_k"]) == 5
+    full = server.post(
+        "/v1/classify", headers=key(store, "premium"), params={"top_k": 10}, **upload(png)
+    ).json()
+    assert full["answer_format"] == "scores" and len(full["top_k"]) == 10
 
 
 def test_missing_invalid_and_revoked_keys_get_401(server, store):

@@ -65,6 +65,8 @@ _PLAN_KEYS = {
     "report",
     "plot",
     "key",
+    "against",
+    "queries",
 }
 
 
@@ -210,6 +212,14 @@ def demo(
 @app.command("calibrate")
 def calibrate_plan(
     plan: Annotated[Path, typer.Argument(help="YAML plan: model, data, tiers, strategy, out.")],
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="face (default) or extractable: also measure what a user of each tier extracts "
+            "with a few labels (decoding, a knock-off trained with the model's recipe) and fail "
+            "when it exceeds max(target, labels only) + 3 points (minutes: trains copies)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Calibrate your own model from a YAML plan (see README for the format)."""
@@ -238,7 +248,7 @@ def calibrate_plan(
     if "weights" in model_source:
         model_source["weights"] = resolve(model_source["weights"])
     data_source = dict(spec["data"])
-    for split in ("calibration", "test", "train"):
+    for split in ("calibration", "test", "train", "pool"):
         if split in data_source:
             data_source[split] = resolve(data_source[split])
     out = Path(resolve(spec.get("out") or f"runs/{plan.stem}"))
@@ -254,8 +264,18 @@ def calibrate_plan(
         report_path=Path(resolve(spec["report"])) if spec.get("report") else None,
         plot_path=Path(resolve(spec["plot"])) if spec.get("plot") else None,
         key=spec.get("key"),
+        against=against or spec.get("against", "face"),
+        queries=_plan_queries(spec.get("queries", [300, 1000]), plan),
         progress=not quiet,
     )
+
+
+def _plan_queries(value: Any, plan: Path) -> list[int]:
+    """A plan's ``queries``: label budgets of the extractable check (a list of integers)."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and v >= 10 for v in values):
+        _fail(f"plan {plan}: 'queries' must be integers of at least 10, e.g. [300, 1000]")
+    return values
 
 
 def _plan_compute(value: Any, plan: Path) -> str | None:

@@ -49,11 +49,16 @@ def run_job(
     key: str | None = None,
     progress: bool = True,
     task_source: dict[str, Any] | None = None,
+    against: str = "face",
+    queries: list[int] | None = None,
 ) -> JobResult:
     """Load the base model and data, calibrate the tiers, then write artifact, report and plot.
 
     Args:
         task_source: what the task needs beyond its name (text-to-image: its judge).
+        against: ``"extractable"`` also checks what each tier's user extracts with ``queries``
+            labels (the attacker's pool: the data source's ``pool`` split, else its ``train``
+            split; knock-offs are the model's architecture trained with its recipe).
     """
     parse_tiers(tiers)  # fail on a bad tier spec before any model is trained or loaded
     for name in strategy.split("+"):
@@ -86,8 +91,53 @@ def run_job(
             **({"classes": classes} if (classes := class_names(data_source)) else {}),
         },
     )
-    report = calibrate(tiered, calibration, test, dataset=dataset, progress=progress, task=scorer)
+    extractable: dict[str, Any] = {}
+    if against == "extractable":
+        extractable = _extractable_options(model_source, data_source, info, queries)
+    report = calibrate(
+        tiered,
+        calibration,
+        test,
+        dataset=dataset,
+        progress=progress,
+        task=scorer,
+        against=against,
+        **extractable,
+    )
     return _write_outputs(tiered, report, out, report_path, plot_path, test, save=True)
+
+
+def _extractable_options(
+    model_source: dict[str, Any],
+    data_source: dict[str, Any],
+    info: dict[str, Any],
+    queries: list[int] | None,
+) -> dict[str, Any]:
+    """``calibrate``'s options for ``against="extractable"``: the attacker's pool, an untrained
+    copy of the architecture and the recipe the owner trained with."""
+    from functools import partial
+
+    from nnobfuscator.security.extract import CopyRecipe
+    from nnobfuscator.sources import SourceError, build_architecture
+
+    pool = None
+    for name in ("pool", "train"):
+        try:
+            pool = load_split(data_source, name)
+            break
+        except (SourceError, KeyError):
+            continue
+    if pool is None:
+        raise SourceError(
+            "against: extractable needs the attacker's images: give data.pool (or data.train), "
+            "a folder of labelled images the model did not train on"
+        )
+    options: dict[str, Any] = {"pool": pool, "recipe": CopyRecipe.from_training(info.get("recipe"))}
+    if queries:
+        options["queries"] = queries
+    if "diffusers" not in model_source:
+        options["build_copy"] = partial(build_architecture, model_source, {})
+    return options
 
 
 def _image_spec(inputs: Any) -> InputSpec | None:

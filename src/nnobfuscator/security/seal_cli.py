@@ -51,6 +51,7 @@ def seal_command(
             out,
             extra={
                 "source": {"model": model_source, "data": source.get("data", {})},
+                "base_recipe": tiered.meta.get("base_model", {}).get("recipe"),
                 **({"classes": tiered.meta["classes"]} if "classes" in tiered.meta else {}),
             },
         )
@@ -114,14 +115,17 @@ def unseal_command(
         save_file(state, str(out))
         _err.print(f"wrote {out}: load it with model.load_state_dict(load_file(...))")
     if evaluate:
-        value, metric = _measure(manifest, state)
+        value, metric = _measure(manifest, state, float(record.get("input_scale", 1.0)))
         expected = record.get("metrics", {}).get("test")
         served = "" if expected is None else f" (served tier measured {100 * expected:.1f}%)"
         _out.print(f"{restored}: test {metric} {100 * value:.1f}%{served}")
 
 
-def _measure(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[float, str]:
-    """The bundle's test metric for ``state``, on the data source it records."""
+def _measure(
+    manifest: dict[str, Any], state: dict[str, Any], input_scale: float = 1.0
+) -> tuple[float, str]:
+    """The bundle's test metric for ``state``, on the data source it records (inputs resized by
+    the tier's ``input_scale``)."""
     from nnobfuscator.sources import SourceError, build_architecture, load_split
     from nnobfuscator.tasks import get_task
 
@@ -135,7 +139,10 @@ def _measure(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[float, st
     except (SourceError, RuntimeError) as err:
         _fail(f"cannot rebuild the bundle's model or data: {err}")
     task = get_task(manifest["task"])
-    return task.measure(model, split.inputs, split.labels), task.metric
+    from nnobfuscator.strategies.input_resolution import resize_input
+
+    inputs = resize_input(split.inputs, input_scale)
+    return task.measure(model, inputs, split.labels), task.metric
 
 
 def attack_bundle_command(
@@ -150,11 +157,10 @@ def attack_bundle_command(
     import json
 
     from nnobfuscator.security.sealing import SealError
-    from nnobfuscator.security.weight_attacks import WeightAttackRecipe, attack_bundle
+    from nnobfuscator.security.weight_attacks import attack_bundle
 
-    recipe = WeightAttackRecipe(**({"steps": train_steps} if train_steps else {}))
     try:
-        manifest, results = attack_bundle(bundle, progress=progress, recipe=recipe)
+        manifest, results = attack_bundle(bundle, progress=progress, train_steps=train_steps)
     except (SealError, ValueError) as err:
         _fail(str(err))
     metrics = {t["name"]: t.get("metrics", {}).get("test") for t in manifest["tiers"]}
@@ -202,10 +208,14 @@ def _plot_sealed_attacks(payload: dict[str, Any], path: Path) -> Path:
 
     results = payload["results"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for attack, style in (("fine-tune", "o-"), ("scratch", "s--")):
+    labels = {
+        "fine-tune": ("o-", "sealed weights + fine-tuning"),
+        "fine-tune (new head)": ("^-", "sealed weights, new head + fine-tuning"),
+        "scratch": ("s--", "from scratch"),
+    }
+    for attack, (style, label) in labels.items():
         rows = sorted((r["samples"], r["value"]) for r in results if r["attack"] == attack)
         if rows:
-            label = "sealed weights + fine-tuning" if attack == "fine-tune" else "from scratch"
             ax.plot([s for s, _ in rows], [100 * v for _, v in rows], style, label=label)
     for name, value in payload["tiers"].items():
         if value is not None:

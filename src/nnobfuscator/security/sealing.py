@@ -2,8 +2,12 @@
 
 A bundle is one directory, self-contained, with no pickle:
 
-- ``model.safetensors``: a plain state dict whose weights ARE the lowest tier (each layer strategy's
-  change folded in). ``model.load_state_dict(load_file("model.safetensors"))`` runs it as it is.
+- ``model.safetensors``: a plain state dict whose weights ARE the lowest tier (each strategy's
+  change written in: folded weights, the tier's BatchNorm statistics, its class-merge readout as
+  the head). ``model.load_state_dict(load_file("model.safetensors"))`` runs it as it is. It holds
+  only what the lowest tier runs: the blocks it skips are zeros (they return their input), and
+  their weights travel encrypted with the higher tiers (``withheld`` in the manifest). A tier
+  that runs at a lower input resolution records its ``input_scale``: resize inputs first.
 - ``sealed.safetensors``: per higher tier, the weights of the changed layers at that tier,
   encrypted with AES-256-GCM (one ``uint8`` tensor per tier).
 - ``bundle.json``: the model's architecture source, tiers and metrics, digests, and a key check
@@ -131,43 +135,59 @@ def _associated_data(bundle_id: str, tier: str, weights: str, manifest: str) -> 
 
 
 # --- sealing ------------------------------------------------------------------------------------
-def tier_state_dicts(tiered: Any) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """The base model's plain state dict, and per tier the weights its layer strategies change.
+def tier_state_dicts(
+    tiered: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The base model's plain state dict; per tier, the tensors that differ from it when the
+    plain model runs that tier; and per tier, facts for the manifest (``withheld`` tensors the
+    tier does not run, the ``input_scale`` it runs at, the class ``merges`` its head answers).
+
+    Every strategy writes its own change (:meth:`~nnobfuscator.strategies.Strategy.sealed_state`):
+    layer strategies fold into weights, block skip zeroes the skipped blocks, class-merge puts its
+    readout in the head; BatchNorm layers take the tier's re-estimated statistics.
 
     Raises:
-        SealError: a tier changes the model in a way weights cannot carry (a compute or output
-            strategy is active), or the model is a pipeline.
+        SealError: a tier changes the model in a way weights cannot carry (output noise, channel
+            slimming), or the model is a pipeline.
     """
-    from nnobfuscator.wrapping import TieredLayer, unwrapped_name
+    from nnobfuscator.strategies.bn_reestimate import find_store
+    from nnobfuscator.wrapping import unwrapped_name
 
     if tiered.task == "text-to-image":
         raise SealError("sealing covers nn.Module models; diffusers pipelines are not supported")
-    for tier in tiered.tier_names:
-        for strategy in tiered.strategies.values():
-            if strategy.kind != "layer" and strategy.is_active(tier):
-                raise SealError(
-                    f"tier {tier!r} uses {strategy.name!r}, which acts at run time and cannot be "
-                    "folded into shipped weights (sealed weights always run at full cost): "
-                    "calibrate with layer strategies only (feature-mix, weight-noise) and "
-                    "without compute (--no-compute, or compute: none in a plan)"
-                )
     plain = {
         unwrapped_name(name): tensor.detach().cpu().contiguous()
         for name, tensor in tiered.base_model.state_dict().items()
     }
-    layers = {
-        unwrapped_name(name): module
-        for name, module in tiered.base_model.named_modules()
-        if isinstance(module, TieredLayer)
-    }
+    store = find_store(tiered.host)
     changed: dict[str, dict[str, torch.Tensor]] = {}
+    facts: dict[str, dict[str, Any]] = {}
     for tier in tiered.tier_names:
-        changed[tier] = {}
-        for name, layer in layers.items():
-            weight = layer.tier_weight(tier, fold_all=True)
-            if weight is not None:
-                changed[tier][f"{name}.{layer.adapter.weight}"] = weight.detach().cpu().contiguous()
-    return plain, changed
+        state = dict(plain)
+        found: dict[str, Any] = {}
+        if not tiered.get_tier(tier).is_full:
+            for strategy in tiered.strategies.values():
+                try:
+                    found.update(strategy.sealed_state(tier, state))
+                except NotImplementedError as err:
+                    raise SealError(
+                        f"tier {tier!r}: {err}; seal models calibrated with class-merge, "
+                        "feature-mix or weight-noise, and block-skip or input-resolution"
+                    ) from None
+            for norm, (mean, var) in (store.stats(tier) if store is not None else {}).items():
+                state[f"{norm}.running_mean"] = (
+                    mean.detach().cpu().to(plain[f"{norm}.running_mean"].dtype)
+                )
+                state[f"{norm}.running_var"] = (
+                    var.detach().cpu().to(plain[f"{norm}.running_var"].dtype)
+                )
+        changed[tier] = {
+            k: v.contiguous()
+            for k, v in state.items()
+            if v is not plain[k] and not torch.equal(v, plain[k])
+        }
+        facts[tier] = found
+    return plain, changed, facts
 
 
 @dataclass
@@ -183,7 +203,8 @@ def seal(tiered: Any, directory: str | Path, *, extra: dict[str, Any] | None = N
     """Write a sealed bundle of a calibrated tiered model (see the module doc).
 
     Args:
-        tiered: a calibrated :class:`~nnobfuscator.TieredModel` using layer strategies only.
+        tiered: a calibrated :class:`~nnobfuscator.TieredModel` (class-merge, feature-mix or
+            weight-noise; block-skip and input-resolution compute tiers).
         extra: facts stored in ``bundle.json`` (the architecture source, classes, ...).
 
     Returns:
@@ -194,7 +215,7 @@ def seal(tiered: Any, directory: str | Path, *, extra: dict[str, Any] | None = N
     missing = [t for t in tiers if not tiered.is_calibrated(t)]
     if missing:
         raise SealError(f"tiers {missing} are not calibrated: calibrate before sealing")
-    plain, changed = tier_state_dicts(tiered)
+    plain, changed, facts = tier_state_dicts(tiered)
     lowest = tiers[0]
     shipped = {**plain, **changed[lowest]}
     directory = Path(directory)
@@ -216,6 +237,7 @@ def seal(tiered: Any, directory: str | Path, *, extra: dict[str, Any] | None = N
                 **tiered.get_tier(name).to_dict(),
                 "check": _check_value(secrets[name], bundle_id),
                 "sealed_layers": sorted(changed[name]) if name != lowest else [],
+                **facts[name],
             }
             for name in tiers
         ],

@@ -2,7 +2,10 @@
 
 The attacker has the bundle's plain weights and a share of the labelled training data, and tries:
 
-- *fine-tuning* the shipped weights on that share (1%, 5%, 10% by default);
+- *fine-tuning* the shipped weights on that share (1%, 5%, 10% by default): the attacker builds
+  the architecture, loads what the plain file holds and initialises what it withholds (the blocks
+  the lowest tier skips) at random; and the same with the head initialised at random too (a
+  class-merge head answers only the lowest tier's classes);
 - *norm clipping*: each weight tensor clipped to ``mean ± t·std`` (t = 2, 3, 4), no training;
 - *outlier replacement then fine-tuning* (the attack that broke NNSplitter, whose locked weights
   sat at clamp bounds): weights beyond ``mean ± t·std`` set to the tensor's mean, then fine-tuned
@@ -16,7 +19,7 @@ less from them than from scratch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -33,12 +36,14 @@ REPLACE_SIGMA = 3.0
 
 @dataclass(frozen=True)
 class WeightAttackRecipe:
-    """How the attacker trains: a fixed number of AdamW steps with a one-cycle schedule.
+    """How the attacker trains: a fixed number of AdamW steps with a one-cycle schedule, the
+    same for fine-tuning and for training from scratch.
 
     Args:
         steps: optimizer steps whatever the data size (small shares repeat their data).
         finetune_lr: peak learning rate when starting from the shipped weights.
         scratch_lr: peak learning rate from random initial weights (the demo's recipe).
+        flips, label_smoothing: as the owner trained (mirror flips only for data they keep).
     """
 
     steps: int = 200
@@ -46,6 +51,23 @@ class WeightAttackRecipe:
     finetune_lr: float = 1e-3
     scratch_lr: float = 2e-3
     seed: int = 0
+    flips: bool = False
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_training(cls, recipe: dict[str, Any] | None, train_size: int) -> WeightAttackRecipe:
+        """As many steps as the owner's recipe took on ``train_size`` images, with its batch,
+        learning rate, flips and label smoothing (the default recipe without one)."""
+        if not recipe:
+            return cls()
+        batch = int(recipe.get("batch_size", cls.batch_size))
+        return cls(
+            steps=int(recipe.get("epochs", 1)) * -(-train_size // batch),
+            batch_size=batch,
+            scratch_lr=float(recipe.get("lr", cls.scratch_lr)),
+            flips=bool(recipe.get("flips", False)),
+            label_smoothing=float(recipe.get("label_smoothing", 0.0)),
+        )
 
 
 @dataclass
@@ -109,6 +131,8 @@ def sealed_weight_attacks(
     clip_sigmas: Sequence[float] = CLIP_SIGMAS,
     replace_sigma: float = REPLACE_SIGMA,
     recipe: WeightAttackRecipe | None = None,
+    withheld: Sequence[str] = (),
+    input_scale: float = 1.0,
     progress: bool = True,
 ) -> list[WeightAttackResult]:
     """Run every attack on the shipped weights, and the from-scratch baseline per share.
@@ -117,17 +141,28 @@ def sealed_weight_attacks(
         build: makes an untrained instance of the architecture.
         shipped: the bundle's plain weights (``model.safetensors``).
         train: the labelled data shares are drawn from; ``test``: where results are measured.
+        withheld: tensors the plain file does not hold (zeros in it): the attacker initialises
+            them at random.
+        input_scale: the scale the lowest tier runs its inputs at (the shipped weights are
+            measured there; the attacker trains and measures at full size).
     """
     recipe = recipe or WeightAttackRecipe()
 
-    def shipped_model() -> nn.Module:
+    def shipped_model(reset_head: bool = False) -> nn.Module:
         model = build()
-        model.load_state_dict(shipped)
+        fresh = {k: v.clone() for k, v in model.state_dict().items()}
+        head = _head_prefix(model) if reset_head else None
+        model.load_state_dict(
+            {
+                k: fresh[k] if k in withheld or (head and k.startswith(head)) else v
+                for k, v in shipped.items()
+            }
+        )
         return model
 
     def trained(model: nn.Module, data: Split, lr: float, label: str) -> float:
         batch = min(recipe.batch_size, len(data))
-        epochs = max(1, -(-recipe.steps // -(-len(data) // batch)))
+        epochs = max(1, round(recipe.steps / -(-len(data) // batch)))
         train_model(
             model,
             data,
@@ -138,11 +173,19 @@ def sealed_weight_attacks(
             read_logits=task.logits,
             progress=progress,
             description=label,
+            flips=recipe.flips,
+            label_smoothing=recipe.label_smoothing,
         )
         return task.measure(model, test.inputs, test.labels)
 
+    from nnobfuscator.strategies.input_resolution import resize_input
+
+    scaled = resize_input(test.inputs, input_scale)
+    with_plain = shipped_model()
     results = [
-        WeightAttackResult("none", "shipped weights", 0, task.measure(shipped_model(), *_xy(test)))
+        WeightAttackResult(
+            "none", "shipped weights", 0, task.measure(with_plain, scaled, test.labels)
+        )
     ]
     for sigmas in clip_sigmas:
         clipped = clip_weights(shipped_model(), sigmas)
@@ -154,6 +197,14 @@ def sealed_weight_attacks(
         torch.manual_seed(recipe.seed)
         value = trained(shipped_model(), data, recipe.finetune_lr, f"fine-tune on {len(data)}")
         results.append(WeightAttackResult("fine-tune", f"{share:.0%}", len(data), value))
+        torch.manual_seed(recipe.seed)
+        value = trained(
+            shipped_model(reset_head=True),
+            data,
+            recipe.finetune_lr,
+            f"fine-tune, new head, on {len(data)}",
+        )
+        results.append(WeightAttackResult("fine-tune (new head)", f"{share:.0%}", len(data), value))
         torch.manual_seed(recipe.seed)
         value = trained(build(), data, recipe.scratch_lr, f"from scratch on {len(data)}")
         results.append(WeightAttackResult("scratch", f"{share:.0%}", len(data), value))
@@ -173,12 +224,18 @@ def sealed_weight_attacks(
     return results
 
 
+def _head_prefix(model: nn.Module) -> str | None:
+    """The name prefix of the model's last ``nn.Linear`` (its classifier head), if any."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return f"{names[-1]}." if names else None
+
+
 def _xy(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     return split.inputs, split.labels
 
 
 def attack_bundle(
-    directory: Any, *, progress: bool = True, **options: Any
+    directory: Any, *, progress: bool = True, train_steps: int | None = None, **options: Any
 ) -> tuple[dict[str, Any], list[WeightAttackResult]]:
     """Run :func:`sealed_weight_attacks` on a sealed bundle, with the data and architecture it
     records; returns the bundle's manifest and the results.
@@ -205,12 +262,21 @@ def attack_bundle(
         test = load_split(source["data"], "test")
     except SourceError as err:
         raise SealError(f"the attacker's share is drawn from a 'train' split: {err}") from None
+    lowest = manifest["tiers"][0]
+    recipe = options.pop("recipe", None) or WeightAttackRecipe.from_training(
+        manifest.get("base_recipe"), len(train)
+    )
+    if train_steps is not None:
+        recipe = replace(recipe, steps=train_steps)
     results = sealed_weight_attacks(
         lambda: build_architecture(source["model"], shipped),
         shipped,
         train,
         test,
         get_task(manifest["task"]),
+        recipe=recipe,
+        withheld=lowest.get("withheld", []),
+        input_scale=float(lowest.get("input_scale", 1.0)),
         progress=progress,
         **options,
     )

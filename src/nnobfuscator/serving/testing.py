@@ -50,6 +50,7 @@ def torchvision_artifact(directory: str | Path, *, image_size: int = 32, seed: i
     tiered = obfuscate(
         base,
         tiers=TIERS,
+        strategy="feature-mix",
         key=bytes(range(32)),
         model_name="resnet18",
         input_spec=InputSpec(3, image_size, image_size),

@@ -147,6 +147,30 @@ class Strategy:
         """Transform the model output at ``tier`` (output strategies)."""
         return output
 
+    # --- sealed weights --------------------------------------------------------------------
+    def sealed_state(self, tier: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Write what ``tier`` changes into ``state`` (a plain state dict of the model, plain
+        module names), so that the plain model runs the tier; returns facts for the bundle's
+        manifest.
+
+        Layer strategies fold their change into the weights of their layers.
+
+        Raises:
+            NotImplementedError: the strategy acts at run time in a way weights cannot carry.
+        """
+        if not self.is_active(tier):
+            return {}
+        if self.kind != "layer":
+            raise NotImplementedError(
+                f"{self.name!r} acts at run time and cannot be written into plain weights"
+            )
+        for name, layer in self.layers.items():
+            if isinstance(layer, TieredLayer):
+                weight = layer.tier_weight(tier, fold_all=True)
+                if weight is not None:
+                    state[f"{name}.{layer.adapter.weight}"] = weight.detach().cpu().contiguous()
+        return {}
+
     # --- persistence -----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """What rebuilds this strategy: its name and its resolved target layers."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+import torch
+
 from nnobfuscator.strategies.base import register_strategy
 from nnobfuscator.strategies.blocks import TieredBlock, skippable_blocks, wrap_block
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
@@ -77,6 +79,18 @@ class BlockSkip(ComputeStrategy):
 
     def covers(self, setting: Setting, other: Setting) -> bool:
         return set(setting["skip"]) >= set(other["skip"])
+
+    def sealed_state(self, tier: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Zero every tensor of the skipped blocks (running variances 1): a residual block whose
+        branch computes zero returns its input, so the plain model skips it and the shipped file
+        holds nothing of it. The zeroed tensors are listed as ``withheld``."""
+        withheld = []
+        for block in self.setting(tier)["skip"]:
+            for key in [k for k in state if k.startswith(block + ".")]:
+                fill = 1.0 if key.endswith("running_var") else 0.0
+                state[key] = torch.full_like(state[key], fill)
+                withheld.append(key)
+        return {"withheld": withheld} if withheld else {}
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         skip = params.get("skip", [])

@@ -358,6 +358,20 @@ class ClassMerge(Strategy):
         weight = readout.weight.to(features.device, features.dtype)
         return features @ weight.T + readout.bias.to(features.device, features.dtype)
 
+    def sealed_state(self, tier: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The head's weight and bias become the tier's readout. A plain layer cannot route
+        between two readouts, so a tier between whole merges ships the next whole merge (never
+        more than the tier answers); the manifest records the level."""
+        if not self.answers(tier):
+            return {}
+        whole, share = self.level(tier)
+        level = whole + 1 if share > 0.0 else whole
+        readout = self._readout(tier, level)
+        name = next(iter(self.layers))
+        state[f"{name}.weight"] = readout.weight.detach().cpu().contiguous()
+        state[f"{name}.bias"] = readout.bias.detach().cpu().contiguous()
+        return {"merges": level}
+
     # --- persistence ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}

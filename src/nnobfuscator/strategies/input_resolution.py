@@ -21,6 +21,17 @@ from nnobfuscator.strategies.compute import ComputeStrategy, Setting
 SCALE_STEPS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)
 
 
+def resize_input(inputs: Any, scale: float) -> Any:
+    """An image batch ``(N, C, H, W)`` downscaled by ``scale`` as a tier sees it (bilinear,
+    antialiased; sides rounded); ``scale`` 1 returns it as it is."""
+    if scale == 1.0:
+        return inputs
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+        raise ValueError("input-resolution needs image batches (N, C, H, W)")
+    size = [max(1, round(side * scale)) for side in inputs.shape[-2:]]
+    return F.interpolate(inputs, size=size, mode="bilinear", antialias=True)
+
+
 @register_strategy
 class InputResolution(ComputeStrategy):
     name = "input-resolution"
@@ -43,6 +54,11 @@ class InputResolution(ComputeStrategy):
             raise ValueError(f"input-resolution: scale must lie in (0, 1], got {scale!r}")
         return {"scale": float(scale)}
 
+    def sealed_state(self, tier: str, state: dict[str, Any]) -> dict[str, Any]:
+        """Weights cannot shrink an input: the manifest records the scale the tier runs at
+        (callers resize the input before the plain model)."""
+        return {"input_scale": self.scale(tier)} if self.is_active(tier) else {}
+
     def scale(self, tier: str) -> float:
         return float(self.setting(tier)["scale"])
 
@@ -51,13 +67,7 @@ class InputResolution(ComputeStrategy):
         return None if scale == 1.0 else scale
 
     def transform_input(self, inputs: Any, tier: str) -> Any:
-        scale = self.scale(tier)
-        if scale == 1.0:
-            return inputs
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
-            raise ValueError("input-resolution needs image batches (N, C, H, W)")
-        size = [max(1, round(side * scale)) for side in inputs.shape[-2:]]
-        return F.interpolate(inputs, size=size, mode="bilinear", antialias=True)
+        return resize_input(inputs, self.scale(tier))
 
     def transform_output(self, output: Any, inputs: Any, tier: str) -> Any:
         if self.scale(tier) == 1.0:

@@ -8,6 +8,7 @@ from nnobfuscator.zoo import classifiers
 from nnobfuscator.zoo.cache import cache_dir
 from nnobfuscator.zoo.classifiers import build_classifier, build_model, load_zoo_classifier
 from nnobfuscator.zoo.digits import DIGITS_CLASSES, Split, digits_splits
+from nnobfuscator.zoo.fashion import FASHION_CLASSES, fashion_mnist_splits
 from nnobfuscator.zoo.scenes import SCENE_CLASSES, digit_scenes
 
 #: the zoo's text-to-image pipelines (diffusers), by name
@@ -15,6 +16,7 @@ PIPELINES = {"sd-digits": "text-to-image"}
 
 __all__ = [
     "DIGITS_CLASSES",
+    "FASHION_CLASSES",
     "PIPELINES",
     "SCENE_CLASSES",
     "Split",
@@ -23,6 +25,7 @@ __all__ = [
     "cache_dir",
     "digit_scenes",
     "digits_splits",
+    "fashion_mnist_splits",
     "list_models",
     "load_zoo_classifier",
     "load_zoo_model",

@@ -91,13 +91,17 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-@cache
 def _official(part: str) -> tuple[np.ndarray, np.ndarray]:
     """The official ``train`` or ``t10k`` images ``(N, 28, 28)`` uint8 and labels ``(N,)``."""
     if not fashion_mnist_available():
         raise FashionMNISTMissing(missing_message())
+    return _read_part(str(data_dir()), part)
+
+
+@cache
+def _read_part(folder_name: str, part: str) -> tuple[np.ndarray, np.ndarray]:
     images_file, labels_file = _FILES[part]
-    folder = data_dir()
+    folder = Path(folder_name)
     images, labels = _read_idx(folder / images_file), _read_idx(folder / labels_file)
     if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
         raise FashionMNISTMissing(f"{folder}: {images_file} and {labels_file} do not match")
