@@ -55,7 +55,10 @@ def test_tiers_hit_targets_on_calibration_and_are_monotone(
 
 def test_relative_targets_resolve_against_the_full_model(trained_weights, digits8):
     tiered = obfuscate(
-        trained("cnn", trained_weights), tiers="free=50%,premium=full", key=b"k" * 32
+        trained("cnn", trained_weights),
+        tiers="free=50%,premium=full",
+        key=b"k" * 32,
+        strategy="feature-mix",
     )
     report = calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
     assert report["tiers"][0]["target"] == pytest.approx(0.5 * report["base"]["calibration"])
@@ -63,7 +66,9 @@ def test_relative_targets_resolve_against_the_full_model(trained_weights, digits
 
 
 def test_target_above_full_model_is_a_clear_error(trained_weights, digits8):
-    tiered = obfuscate(trained("cnn", trained_weights), tiers="free=0.999,premium=full")
+    tiered = obfuscate(
+        trained("cnn", trained_weights), tiers="free=0.999,premium=full", strategy="feature-mix"
+    )
     with pytest.raises(CalibrationError, match="above the full model"):
         calibrate(tiered, digits8["calibration"], progress=False)
 
@@ -85,7 +90,10 @@ def test_calibration_accepts_a_dataset_and_a_tensor_pair(trained_weights, digits
     dataset = torch.utils.data.TensorDataset(split.images, split.labels)
     for data in (dataset, (split.images, split.labels)):
         tiered = obfuscate(
-            trained("cnn", trained_weights), tiers="free=0.5,premium=full", key=b"k" * 32
+            trained("cnn", trained_weights),
+            tiers="free=0.5,premium=full",
+            key=b"k" * 32,
+            strategy="feature-mix",
         )
         report = calibrate(tiered, data, progress=False)
         assert report["splits"]["calibration"] == len(split)
@@ -109,7 +117,9 @@ def test_logit_noise_defeats_repeat_voting(trained_weights, digits8):
 
 def test_calibrated_model_runs_outside_inference_mode(trained_weights, digits8):
     """Per-tier weights cached during calibration (inference mode) still work with autograd on."""
-    tiered = obfuscate(trained("resnet", trained_weights), tiers="free=0.5,premium=full")
+    tiered = obfuscate(
+        trained("resnet", trained_weights), tiers="free=0.5,premium=full", strategy="feature-mix"
+    )
     calibrate(tiered, digits8["calibration"], progress=False)
     x = digits8["test"].images[:4].clone().requires_grad_(True)
     tiered(x, tier="free").sum().backward()

@@ -40,7 +40,9 @@ def two_block_resnet(block: type[nn.Module] = BasicBlock) -> nn.Module:
 
 def manual(model: nn.Module, compute: str, settings: dict[str, dict]) -> TieredModel:
     """A tiered model whose 'free' tier runs ``settings`` (no degrading strength)."""
-    tiered = obfuscate(model, tiers="free=0.5,premium=full", compute=compute, key=KEY)
+    tiered = obfuscate(
+        model, tiers="free=0.5,premium=full", compute=compute, key=KEY, strategy="feature-mix"
+    )
     tiered.set_strength("free", "feature-mix", 0.0)
     for name, strategy in tiered.compute.items():
         tiered.set_setting("free", name, settings.get(name, strategy.default_setting()))
@@ -131,6 +133,7 @@ def test_mixed_batch_with_compute_tiers_equals_per_tier_runs(trained_weights, di
         tiers="free=0.4,pro=0.7,premium=full",
         compute=EVERY,
         key=KEY,
+        strategy="feature-mix",
     )
     calibrate(tiered, digits8["calibration"], progress=False)
     x = digits8["test"].images[:12]
@@ -144,7 +147,11 @@ def test_mixed_batch_with_compute_tiers_equals_per_tier_runs(trained_weights, di
 
 def test_calibration_picks_a_cheaper_setting_and_hits_the_target(trained_weights, digits8):
     tiered = obfuscate(
-        trained("resnet", trained_weights), tiers="free=0.5,premium=full", compute=EVERY, key=KEY
+        trained("resnet", trained_weights),
+        tiers="free=0.5,premium=full",
+        compute=EVERY,
+        key=KEY,
+        strategy="feature-mix",
     )
     report = calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
     jsonschema.validate(report, schema())
@@ -161,14 +168,18 @@ def test_calibration_picks_a_cheaper_setting_and_hits_the_target(trained_weights
 def test_budget_and_target_conflict_is_a_clear_error(trained_weights, digits8):
     tiered = obfuscate(
         trained("resnet", trained_weights),
-        tiers="free=0.9@0.2,premium=full",
+        tiers="free=0.9@0.1,premium=full",
         compute=EVERY,
         key=KEY,
+        strategy="feature-mix",
     )
-    with pytest.raises(CalibrationError, match=r"budget max_cost=0.2 conflict"):
+    with pytest.raises(CalibrationError, match=r"budget max_cost=0.1 conflict"):
         calibrate(tiered, digits8["calibration"], progress=False)
     no_compute = obfuscate(
-        trained("resnet", trained_weights), tiers="free=0.5@0.5,premium=full", key=KEY
+        trained("resnet", trained_weights),
+        tiers="free=0.5@0.5,premium=full",
+        key=KEY,
+        strategy="feature-mix",
     )
     with pytest.raises(CalibrationError, match="no compute strategy"):
         calibrate(no_compute, digits8["calibration"], progress=False)
@@ -180,6 +191,7 @@ def test_budget_is_met_when_possible(trained_weights, digits8):
         tiers="free=0.3@0.7,premium=full",
         compute=EVERY,
         key=KEY,
+        strategy="feature-mix",
     )
     report = calibrate(tiered, digits8["calibration"], digits8["test"], progress=False)
     assert report["tiers"][0]["relative_cost"] <= 0.7
@@ -188,7 +200,11 @@ def test_budget_is_met_when_possible(trained_weights, digits8):
 
 def test_save_load_with_compute_reproduces_outputs(tmp_path, trained_weights, digits8):
     tiered = obfuscate(
-        trained("resnet", trained_weights), tiers="free=0.5,premium=full", compute=EVERY, key=KEY
+        trained("resnet", trained_weights),
+        tiers="free=0.5,premium=full",
+        compute=EVERY,
+        key=KEY,
+        strategy="feature-mix",
     )
     calibrate(tiered, digits8["calibration"], progress=False)
     tiered.save_pretrained(str(tmp_path / "art"))
@@ -203,7 +219,9 @@ def test_save_load_with_compute_reproduces_outputs(tmp_path, trained_weights, di
 def test_unload_restores_layers_and_blocks():
     model = two_block_resnet()
     before = {name: module for name, module in model.named_modules()}
-    tiered = obfuscate(model, tiers="free=0.5,premium=full", compute=EVERY, key=KEY)
+    tiered = obfuscate(
+        model, tiers="free=0.5,premium=full", compute=EVERY, key=KEY, strategy="feature-mix"
+    )
     assert any(isinstance(m, TieredBlock) for m in model.modules())
     restored = tiered.unload()
     assert {name: module for name, module in restored.named_modules()} == before
@@ -213,9 +231,13 @@ def test_compute_options_are_validated():
     with pytest.raises(ValueError, match="compute strategy: pass it as compute="):
         obfuscate(two_block_resnet(), strategy="block-skip")
     with pytest.raises(ValueError, match="not a compute strategy"):
-        obfuscate(two_block_resnet(), compute="feature-mix")
+        obfuscate(two_block_resnet(), compute="feature-mix", strategy="feature-mix")
     with pytest.raises(ValueError, match="found no skippable residual blocks"):
-        obfuscate(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)), compute="block-skip")
+        obfuscate(
+            nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)),
+            compute="block-skip",
+            strategy="feature-mix",
+        )
     assert parse_tiers("free=60%@0.5,premium=full")[0].max_cost == 0.5
     with pytest.raises(ValueError, match="bad cost budget"):
         parse_tiers("free=60%@cheap,premium=full")

@@ -43,7 +43,13 @@ def fresh(weights: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def tiered_with(weights, settings: dict[str, dict]) -> TieredModel:
-    tiered = obfuscate(fresh(weights), tiers="free=0.5,premium=full", compute=EVERY, key=KEY)
+    tiered = obfuscate(
+        fresh(weights),
+        tiers="free=0.5,premium=full",
+        compute=EVERY,
+        key=KEY,
+        strategy="feature-mix",
+    )
     tiered.set_strength("free", "feature-mix", 0.0)
     for name, strategy in tiered.compute.items():
         tiered.set_setting("free", name, settings.get(name, strategy.default_setting()))
@@ -110,7 +116,13 @@ def test_stats_follow_the_setting_they_were_measured_for(weights, digits):
 
 
 def test_calibration_with_compute_saves_and_loads_identically(tmp_path, weights, digits):
-    tiered = obfuscate(fresh(weights), tiers="free=75%,premium=full", compute=EVERY, key=KEY)
+    tiered = obfuscate(
+        fresh(weights),
+        tiers="free=75%,premium=full",
+        compute=EVERY,
+        key=KEY,
+        strategy="feature-mix",
+    )
     cal, test = head(digits["calibration"], 160), head(digits["test"], 256)
     report = calibrate(tiered, cal, test, progress=False, batch_size=80)
     free = report["tiers"][0]

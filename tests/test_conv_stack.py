@@ -40,7 +40,13 @@ KEEP = {"0@0": 0.5, "0@1": 0.25}
 
 
 def slimmed(model: nn.Module, keep: dict[str, float] = KEEP) -> TieredModel:
-    tiered = obfuscate(model, tiers="free=0.5,pro=0.7,premium=full", compute="auto", key=KEY)
+    tiered = obfuscate(
+        model,
+        tiers="free=0.5,pro=0.7,premium=full",
+        compute="auto",
+        key=KEY,
+        strategy="feature-mix",
+    )
     for tier in ("free", "pro"):
         tiered.set_strength(tier, "feature-mix", 0.0)
         tiered.set_setting(tier, "input-resolution", {"scale": 1.0})
@@ -139,7 +145,9 @@ def test_calibration_gives_a_conv_stack_a_cheaper_tier(digits):
     model = tiny_vgg().train()
     torch.manual_seed(0)
     train_classifier(model, digits["train"], epochs=2, lr=3e-3, optimizer="adamw", progress=False)
-    tiered = obfuscate(model.eval(), tiers="free=70%,premium=full", compute="auto", key=KEY)
+    tiered = obfuscate(
+        model.eval(), tiers="free=70%,premium=full", compute="auto", key=KEY, strategy="feature-mix"
+    )
     report = calibrate(tiered, digits["calibration"], digits["test"], progress=False)
     free = report["tiers"][0]
     assert free["relative_cost"] < 0.6

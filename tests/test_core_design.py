@@ -94,7 +94,9 @@ class ToyDenoiser(nn.Module):
 def test_keyword_inputs_with_a_shared_timestep_are_split_per_sample():
     from nnobfuscator import obfuscate
 
-    tiered = obfuscate(ToyDenoiser(), tiers="free=0.5,premium=full", key=b"u" * 32)
+    tiered = obfuscate(
+        ToyDenoiser(), tiers="free=0.5,premium=full", key=b"u" * 32, strategy="feature-mix"
+    )
     assert set(tiered.describe()["strategies"]["feature-mix"]) == {"mid", "to_q"}
     tiered.set_strength("free", "feature-mix", 0.7)
     call = {

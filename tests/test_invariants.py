@@ -114,7 +114,9 @@ def test_errors_teach(case):
 
 
 def test_uncalibrated_tier_refuses_to_run(digits8):
-    tiered = obfuscate(BUILDERS["cnn"](), tiers="free=0.5,premium=full", key=KEY)
+    tiered = obfuscate(
+        BUILDERS["cnn"](), tiers="free=0.5,premium=full", key=KEY, strategy="feature-mix"
+    )
     with pytest.raises(RuntimeError, match="not calibrated"):
         tiered(digits8["test"].images[:2], tier="free")
 
@@ -169,7 +171,9 @@ def test_different_keys_give_different_tiers(digits8):
     x = digits8["test"].images[:4]
     outputs = []
     for key in (KEY, bytes(reversed(KEY))):
-        tiered = obfuscate(BUILDERS["cnn"](), tiers="free=0.5,premium=full", key=key)
+        tiered = obfuscate(
+            BUILDERS["cnn"](), tiers="free=0.5,premium=full", key=key, strategy="feature-mix"
+        )
         tiered.set_strength("free", "feature-mix", 0.8)
         with torch.inference_mode():
             outputs.append(tiered(x, tier="free"))
@@ -195,7 +199,11 @@ def test_max_pooling_runs_channels_last_exactly_and_unloads():
     with torch.inference_mode():
         expected = base(x)
         tiered = obfuscate(
-            base, tiers="free=60%,premium=full", key=KEY, input_spec=InputSpec(1, 8, 8)
+            base,
+            tiers="free=60%,premium=full",
+            key=KEY,
+            input_spec=InputSpec(1, 8, 8),
+            strategy="feature-mix",
         )
         assert isinstance(base[1], ChannelsLastMaxPool) and isinstance(base[3], ChannelsLastMaxPool)
         pooled = base[3](torch.randn(2, 4, 4, 4))

@@ -19,7 +19,7 @@ KEY = bytes(range(32))
 
 
 def _tiered(builder=tiny_resnet, tiers="free=60%,pro=85%,premium=full", **options) -> TieredModel:
-    tiered = obfuscate(builder(), tiers=tiers, key=KEY, **options)
+    tiered = obfuscate(builder(), tiers=tiers, key=KEY, **{"strategy": "feature-mix", **options})
     names = [t for t in tiered.tier_names if not tiered.get_tier(t).is_full]
     for index, tier in enumerate(names):
         tiered.set_strength(tier, "feature-mix", 0.9 - 0.8 * index / max(1, len(names)))

@@ -27,6 +27,7 @@ def _tiered(compute: str = "block-skip") -> TieredModel:
         tiers="free=0.5,pro=0.7,plus=0.85,premium=full",
         compute=compute,
         key=KEY,
+        strategy="feature-mix",
     )
     generator = torch.Generator().manual_seed(1)
     store = find_store(tiered.host)

@@ -141,7 +141,7 @@ def test_a_key_of_another_seal_or_model_is_refused(sealed, tmp_path):
     other = seal(calibrated(), tmp_path / "again")  # same model, new salt: other keys
     with pytest.raises(SealError, match="does not belong"):
         unseal_state_dict(sealed.directory, other.keys["pro"])
-    two_tiers = obfuscate(tiny_cnn(), tiers="cheap=0.3,best=full", key=KEY)
+    two_tiers = obfuscate(tiny_cnn(), tiers="cheap=0.3,best=full", key=KEY, strategy="feature-mix")
     two_tiers.set_strength("cheap", "feature-mix", 0.9)
     foreign = seal(two_tiers, tmp_path / "foreign")
     with pytest.raises(SealError, match="does not have"):

@@ -110,7 +110,12 @@ def test_calibrated_tiers_keep_dict_outputs_and_full_is_bit_exact(name, trained_
     base = fresh(name, trained_segmenters)
     reference = fresh(name, trained_segmenters)
     tiered = obfuscate(
-        base, tiers="free=50%,premium=full", task="segmentation", key=KEY, model_name=name
+        base,
+        tiers="free=50%,premium=full",
+        task="segmentation",
+        key=KEY,
+        model_name=name,
+        strategy="feature-mix",
     )
     report = calibrate(tiered, scenes["calibration"], scenes["test"], progress=False)
     jsonschema.validate(report, schema())
@@ -139,6 +144,7 @@ def test_split_runner_matches_the_model_forward(trained_segmenters, scenes):
         task="segmentation",
         compute="input-resolution",
         key=KEY,
+        strategy="feature-mix",
     )
     tiered.set_strength("free", "feature-mix", 0.4)
     tiered.set_setting("free", "input-resolution", {"scale": 0.75})
@@ -175,6 +181,7 @@ def test_save_load_and_compute_tiers(tmp_path, trained_segmenters, scenes):
         task="segmentation",
         compute="auto",
         key=KEY,
+        strategy="feature-mix",
     )
     report = calibrate(tiered, scenes["calibration"], scenes["test"], progress=False)
     assert report["tiers"][0]["relative_cost"] < 1.0
@@ -199,7 +206,9 @@ def test_torchvision_segmentation_builder_with_local_weights(tmp_path):
         progress=False,
     )
     assert info["model"] == "deeplabv3_resnet50" and loaded.aux_classifier is not None
-    tiered = obfuscate(loaded, tiers="free=0.5,premium=full", task="segmentation", key=KEY)
+    tiered = obfuscate(
+        loaded, tiers="free=0.5,premium=full", task="segmentation", key=KEY, strategy="feature-mix"
+    )
     assert any(
         name.startswith("backbone.layer") for name in tiered.strategies["feature-mix"].layers
     )
@@ -217,7 +226,13 @@ def test_demo_segmenters_are_torchvision_models_with_resnet_backbones(builder):
     with torch.inference_mode():
         out = model(torch.randn(2, 1, 48, 48))
     assert out["out"].shape == (2, 11, 48, 48)
-    tiered = obfuscate(model, tiers="free=0.5,premium=full", task="segmentation", compute="auto")
+    tiered = obfuscate(
+        model,
+        tiers="free=0.5,premium=full",
+        task="segmentation",
+        compute="auto",
+        strategy="feature-mix",
+    )
     assert "backbone.layer2.1" in tiered.compute["block-skip"].layers
 
 

@@ -13,7 +13,9 @@ from nnobfuscator import ArtifactError, TieredModel, __version__, obfuscate
 
 @pytest.fixture
 def artifact(tmp_path):
-    tiered = obfuscate(tiny_cnn(), tiers="free=0.4,pro=0.7,premium=full", key=b"s" * 32)
+    tiered = obfuscate(
+        tiny_cnn(), tiers="free=0.4,pro=0.7,premium=full", key=b"s" * 32, strategy="feature-mix"
+    )
     tiered.set_strength("free", "feature-mix", 0.9)
     tiered.set_strength("pro", "feature-mix", 0.4)
     tiered.save_pretrained(str(tmp_path))
@@ -85,7 +87,7 @@ def test_keyed_state_that_re_derives_differently_is_detected(artifact, monkeypat
 
 def test_loading_onto_an_already_wrapped_model_is_refused(artifact):
     base = tiny_cnn()
-    obfuscate(base, tiers="free=0.5,premium=full")
+    obfuscate(base, tiers="free=0.5,premium=full", strategy="feature-mix")
     with pytest.raises(ValueError, match="already wrapped"):
         TieredModel.from_pretrained(str(artifact), base)
 

@@ -36,7 +36,11 @@ def test_answer_formats_parse_and_show_only_what_they_allow() -> None:
 
 def test_tier_specs_carry_answer_formats_with_defaults() -> None:
     free, pro, premium = parse_tiers("free=60%:label,pro=85%@0.6:top_k:3,premium=full")
-    assert (free.format.spec, pro.format.spec, premium.format.spec) == ("label", "top_k:3", "scores")
+    assert (free.format.spec, pro.format.spec, premium.format.spec) == (
+        "label",
+        "top_k:3",
+        "scores",
+    )
     assert pro.max_cost == 0.6
     assert parse_tiers("free=60%,premium=full")[0].format.spec == "top_k:5"
     listed = parse_tiers([{"name": "a", "target": 0.5, "answer_format": "top1"}])
@@ -191,6 +195,7 @@ def test_calibrating_against_extractable_refuses_a_tier_that_only_renames(
         progress=False,
     )
     free = next(row for row in report["tiers"] if row["name"] == "free")
-    assert free["extractable"]["20"]["value"] <= max(
-        free["target"], free["extractable"]["20"]["labels_only"]
-    ) + 0.03
+    assert (
+        free["extractable"]["20"]["value"]
+        <= max(free["target"], free["extractable"]["20"]["labels_only"]) + 0.03
+    )

@@ -76,15 +76,17 @@ def _fail(message: str) -> None:
 
 
 def _print_table(report: dict[str, Any]) -> None:
-    from nnobfuscator.report import REPORT_COLUMNS, report_rows
+    from nnobfuscator.report import report_columns, report_rows
 
     splits, base = report["splits"], report["base"]
     table = Table(
         title=f"{report['model']} on {report['dataset']} - {report['metric']} per tier "
         f"(calibration n={splits['calibration']}, test n={splits['test']})"
     )
-    for column in REPORT_COLUMNS:
-        table.add_column(column, justify="left" if column in {"tier", "strategy"} else "right")
+    for column in report_columns(report):
+        table.add_column(
+            column, justify="left" if column in {"tier", "strategy", "answer"} else "right"
+        )
     for row in report_rows(report):
         table.add_row(*row)
     console.print(table)

@@ -70,26 +70,49 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def report_columns(report: dict[str, Any]) -> list[str]:
+    """``REPORT_COLUMNS``, plus the answer format and one column per measured label budget of
+    the extractable utility when the report has them."""
+    columns = list(REPORT_COLUMNS)
+    if any("answer_format" in tier for tier in report["tiers"]):
+        columns.insert(columns.index("strategy"), "answer")
+    return columns + [f"extractable@{n} (labels only)" for n in _budgets(report)]
+
+
+def _budgets(report: dict[str, Any]) -> list[str]:
+    found = {n for tier in report["tiers"] for n in tier.get("extractable", {})}
+    return sorted(found, key=int)
+
+
 def report_rows(report: dict[str, Any]) -> list[list[str]]:
-    """The tier table as strings, one row per tier (columns: ``REPORT_COLUMNS``)."""
+    """The tier table as strings, one row per tier (columns: :func:`report_columns`)."""
     rows = []
+    formats = any("answer_format" in tier for tier in report["tiers"])
+    budgets = _budgets(report)
     for tier in report["tiers"]:
         target = "full" if tier["target"] is None else f"{100 * tier['target']:.1f}%"
         spec = tier.get("target_spec", "")
         if spec and spec != "full":
             target += f" ({spec})"
-        rows.append(
-            [
-                tier["name"],
-                target,
-                f"{100 * tier['achieved']['calibration']:.1f}%",
-                f"{100 * tier['achieved']['test']:.1f}%",
-                _gap(tier),
-                tier["strategy"],
-                f"{tier['relative_cost']:.3f}",
-                _latency(tier),
-            ]
-        )
+        row = [
+            tier["name"],
+            target,
+            f"{100 * tier['achieved']['calibration']:.1f}%",
+            f"{100 * tier['achieved']['test']:.1f}%",
+            _gap(tier),
+            *([tier.get("answer_format", "-")] if formats else []),
+            tier["strategy"],
+            f"{tier['relative_cost']:.3f}",
+            _latency(tier),
+        ]
+        for budget in budgets:
+            found = tier.get("extractable", {}).get(budget)
+            row.append(
+                "-"
+                if found is None
+                else f"{100 * found['value']:.1f}% ({100 * found['labels_only']:.1f}%)"
+            )
+        rows.append(row)
     return rows
 
 
@@ -146,6 +169,17 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
             linestyles="--",
             label="target" if p == 0 else None,
         )
+    markers = {"300": "^", "1000": "v"}
+    for p, tier in zip(positions, tiers, strict=True):
+        for budget, row in sorted(tier.get("extractable", {}).items(), key=lambda i: int(i[0])):
+            ax.scatter(
+                [p + width / 2],
+                [100 * row["value"]],
+                marker=markers.get(budget, "o"),
+                color="black",
+                zorder=3,
+                label=f"extractable with {budget} labels" if p == 0 else None,
+            )
     ax.set_xticks(list(positions), names)
     ax.set_ylabel(f"{report['metric']} (%)")
     ax.set_ylim(0, 105)
