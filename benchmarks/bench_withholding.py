@@ -29,6 +29,9 @@ from nnobfuscator.zoo.fashion import fashion_mnist_splits
 HEADING = "## Withholding on Fashion-MNIST: face value vs extractable utility (`make bench`)"
 STRATEGIES = ("class-merge", "feature-mix", "weight-noise", "logit-noise", "aim-noise")
 DEFAULT = "class-merge"
+#: knock-offs (each one a training of the demo architecture) for the default strategy only: the
+#: others already decode far above their face value, so extractable is at least the decode
+KNOCKOFFS = (DEFAULT,)
 QUERIES = (300, 1000)
 FORMATS = ("top_k:5", "scores", "top1", "label")
 MARGIN = 0.03
@@ -61,7 +64,13 @@ def _calibrated(strategy: str, splits: dict[str, Any]) -> tuple[Any, dict[str, A
 
 
 def _extracted(
-    tiered: Any, report: dict[str, Any], splits: dict[str, Any], fmt: str, baseline: dict, recipe
+    tiered: Any,
+    report: dict[str, Any],
+    splits: dict[str, Any],
+    fmt: str,
+    baseline: dict,
+    recipe,
+    knockoffs: bool = True,
 ) -> list[dict[str, Any]]:
     rows = []
     for tier in report["tiers"]:
@@ -74,7 +83,7 @@ def _extracted(
             splits["test"],
             queries=QUERIES,
             answer_format=fmt,
-            build_copy=lambda: build_model("resnet18"),
+            build_copy=(lambda: build_model("resnet18")) if knockoffs else None,
             recipe=recipe,
             baseline=baseline,
             progress=False,
@@ -183,7 +192,9 @@ def run() -> Section:
     for strategy in STRATEGIES:
         tiered, report, seconds = _calibrated(strategy, splits)
         reports[strategy] = {"report": report, "seconds": seconds}
-        rows[strategy] = _extracted(tiered, report, splits, "top_k:5", baseline, recipe)
+        rows[strategy] = _extracted(
+            tiered, report, splits, "top_k:5", baseline, recipe, knockoffs=strategy in KNOCKOFFS
+        )
         if strategy == DEFAULT:
             for fmt in FORMATS[1:]:
                 formats += [
@@ -216,7 +227,7 @@ def _section(rows, formats, curves, votes, reports, baseline, info, recipe) -> S
         HEADING,
         "",
         f"{where()}. The demo resnet18 trained on Fashion-MNIST ({100 * info['test_accuracy']:.1f}% "
-        f"test); tiers `{TIERS}`, `compute=\"auto\"`, each strategy calibrated the same way on the "
+        f'test); tiers `{TIERS}`, `compute="auto"`, each strategy calibrated the same way on the '
         "calibration split (5,000 images) and measured on the test split (5,000). The attacker "
         "holds the pool (10,000 train images the model never saw) with N of them labelled, "
         "queries the tier on the whole pool and sees its answers in the tier's format. "
@@ -227,7 +238,9 @@ def _section(rows, formats, curves, votes, reports, baseline, info, recipe) -> S
         "value, decode and knock-off; *labels only* the best of a logistic regression on the "
         "pixels and the same resnet18 from scratch on the N labelled images alone "
         f"(N=300: {_pct(baseline[300]['value'])}%, N=1000: {_pct(baseline[1000]['value'])}%). "
-        "*bound* = max(target, labels only) + 3 points. Accuracy in %.",
+        "*bound* = max(target, labels only) + 3 points. Knock-offs are trained for "
+        f"{DEFAULT} only (the other strategies already decode far above their face value: their "
+        "extractable utility is at least the decode shown). Accuracy in %.",
         "",
         "### Every strategy, answers `top_k:5` (the server's default for lower tiers)",
         "",

@@ -284,6 +284,7 @@ def test_attack_cli_end_to_end_writes_a_sane_report(tmp_path):
         ("distill", 20),
         ("decode-scores", 20),
         ("decode-label", 20),
+        ("extract", 20),
     ]
     for row in report["results"]:
         assert row["tier"] == "free"
@@ -292,7 +293,7 @@ def test_attack_cli_end_to_end_writes_a_sane_report(tmp_path):
         assert row["gain"] == pytest.approx(row["attacked"] - row["single"])
         if row["attack"].startswith("repeat"):
             assert row["gain"] == 0.0
-        if row["attack"] in ("distill", "decode-scores", "decode-label"):
+        if row["attack"] in ("distill", "decode-scores", "decode-label", "extract"):
             assert 0.0 <= row["reference"] <= 1.0
     out = tmp_path / "elsewhere"
     result = runner.invoke(

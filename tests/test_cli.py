@@ -169,7 +169,7 @@ def test_a_users_mobilenet_v3_calibrates_end_to_end_through_a_plan(tmp_path, use
     free, premium = report["tiers"]
     assert premium["achieved"]["test"] > 0.5  # the model learned digits
     assert abs(free["achieved"]["calibration"] - free["target"]) < 0.03
-    assert "feature-mix" in free["strategy"] and free["relative_cost"] < 1.0
+    assert "class-merge" in free["strategy"] and free["relative_cost"] < 1.0  # strategy auto
     result = runner.invoke(app, ["info", str(tmp_path / "artifact")])
     assert result.exit_code == 0 and "block-skip on" in result.output
 

@@ -117,6 +117,11 @@ def _fit_to_tiers(
             strategy.fit_tier(tier.name, features, data.labels)
 
 
+#: how many times a tier whose fitted readout falls short of its target asks the compute search
+#: for a costlier setting before calibration gives up
+_REFITS = 4
+
+
 def _headroom(target: float, n: int, headroom: float | None) -> float:
     """Utility a compute setting must keep above the target: one standard error by default.
 
@@ -289,6 +294,18 @@ def calibrate(
     for tier in bar:
         target = tier.target_value
         curve.start(tier.name, compute_utility.get(tier.name), own=bool(fitted))
+        for _ in range(_REFITS if fitted and search is not None else 0):
+            # a readout fitted on the search half can answer below what the compute search saw
+            # with the model's own head: ask for a setting that keeps that much more, and refit
+            shortfall = target - curve(tier.name, 0.0)
+            if shortfall <= tolerance or required[tier.name] >= base:
+                break
+            required[tier.name] = min(required[tier.name] + shortfall + tolerance, base)
+            compute_utility[tier.name], _ = _choose_compute(
+                search, tier, target, required[tier.name], task.metric
+            )
+            _fit_to_tiers(model, fitted, [tier], search_part, task, batch_size)
+            curve.start(tier.name, compute_utility[tier.name], own=True)
         if fitted and target > curve(tier.name, 0.0) + tolerance:
             raise CalibrationError(
                 f"tier {tier.name!r}: target {target:.3f} is above what "

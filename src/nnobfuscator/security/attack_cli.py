@@ -47,7 +47,9 @@ def attack(
     budget: Annotated[int, typer.Option(help="Queries per input for repeat/jitter/augment.")] = 21,
     queries: Annotated[
         str,
-        typer.Option(help="Query budgets (labels) of distill, decode and extract, comma-separated."),
+        typer.Option(
+            help="Query budgets (labels) of distill, decode and extract, comma-separated."
+        ),
     ] = "300,1000",
     tier: Annotated[
         str | None,

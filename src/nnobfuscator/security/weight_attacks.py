@@ -133,6 +133,8 @@ def sealed_weight_attacks(
     recipe: WeightAttackRecipe | None = None,
     withheld: Sequence[str] = (),
     input_scale: float = 1.0,
+    as_loaded: Sequence[float] | None = None,
+    replace_then_tune: bool = True,
     progress: bool = True,
 ) -> list[WeightAttackResult]:
     """Run every attack on the shipped weights, and the from-scratch baseline per share.
@@ -145,6 +147,10 @@ def sealed_weight_attacks(
             them at random.
         input_scale: the scale the lowest tier runs its inputs at (the shipped weights are
             measured there; the attacker trains and measures at full size).
+        as_loaded: the shares at which to fine-tune the plain file as loaded, head included
+            (default: every share); the new-head fine-tune and scratch run at every share.
+        replace_then_tune: fine-tune after outlier replacement (on the largest share); the
+            replaced weights are measured as they are either way.
     """
     recipe = recipe or WeightAttackRecipe()
 
@@ -194,9 +200,10 @@ def sealed_weight_attacks(
         )
     for share in shares:
         data = sample_share(train, share, recipe.seed)
-        torch.manual_seed(recipe.seed)
-        value = trained(shipped_model(), data, recipe.finetune_lr, f"fine-tune on {len(data)}")
-        results.append(WeightAttackResult("fine-tune", f"{share:.0%}", len(data), value))
+        if as_loaded is None or share in as_loaded:
+            torch.manual_seed(recipe.seed)
+            value = trained(shipped_model(), data, recipe.finetune_lr, f"fine-tune on {len(data)}")
+            results.append(WeightAttackResult("fine-tune", f"{share:.0%}", len(data), value))
         torch.manual_seed(recipe.seed)
         value = trained(
             shipped_model(reset_head=True),
@@ -208,9 +215,19 @@ def sealed_weight_attacks(
         torch.manual_seed(recipe.seed)
         value = trained(build(), data, recipe.scratch_lr, f"from scratch on {len(data)}")
         results.append(WeightAttackResult("scratch", f"{share:.0%}", len(data), value))
-    data = sample_share(train, max(shares), recipe.seed)
     model = shipped_model()
     replaced = replace_outliers(model, replace_sigma)
+    results.append(
+        WeightAttackResult(
+            "replace",
+            f"t={replace_sigma:g}, {replaced} weights",
+            0,
+            task.measure(model, *_xy(test)),
+        )
+    )
+    if not replace_then_tune:
+        return results
+    data = sample_share(train, max(shares), recipe.seed)
     torch.manual_seed(recipe.seed)
     value = trained(model, data, recipe.finetune_lr, f"replace + fine-tune on {len(data)}")
     results.append(

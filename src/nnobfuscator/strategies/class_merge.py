@@ -125,7 +125,9 @@ def fit_readout(
     linear = nn.Linear(projected.shape[1], len(present)).double()
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe"
+    )
 
     def loss() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -215,9 +217,7 @@ class ClassMerge(Strategy):
             if len(self.target_patterns) != 1 or "*" in self.target_patterns[0]:
                 raise ValueError("class-merge takes one target: the name of the head layer")
             return self.target_patterns[0]
-        linears = [
-            unwrapped_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-        ]
+        linears = [unwrapped_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ValueError(
                 f"class-merge found no nn.Linear head in {type(model).__name__}: pass "
