@@ -39,6 +39,7 @@ FORMAT_KNOCKOFFS = ("label",)
 QUERIES = (300, 1000)
 FORMATS = ("top_k:5", "scores", "top1", "label")
 MARGIN = 0.03
+VOTES = 11
 CURVE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PLOT = "withholding.png"
 
@@ -218,7 +219,7 @@ def run() -> Section:
                 splits["test"],
                 attacks=["repeat", "augment"],
                 tiers=["free", "pro"],
-                budget=5 if QUICK else 21,
+                budget=5 if QUICK else VOTES,
                 augment=AugmentConfig(flips=True),
                 progress=False,
             ):
@@ -288,7 +289,7 @@ def _section(rows, formats, curves, votes, reports, baseline, info, recipe) -> S
         )
     lines += [
         "",
-        f"### Voting against {DEFAULT} (21 queries per test image)",
+        f"### Voting against {DEFAULT} ({VOTES} queries per test image)",
         "",
         "| tier | attack | single query | voted | gain (points) |",
         "|---|---|---|---|---|",
