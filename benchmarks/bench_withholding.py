@@ -113,7 +113,6 @@ def _extracted(
     return rows
 
 
-@torch.inference_mode()
 def _curve(tiered: Any, strategy: str, splits: dict[str, Any], tier: str = "free") -> list[dict]:
     """Face value and decodable utility of ``tier`` over the strategy's strength (its compute
     setting fixed), answers ``top_k:5``."""
@@ -144,8 +143,9 @@ def _run(tiered: Any, tier: str, inputs: torch.Tensor, raw: bool = False) -> Non
     if raw and strategy is not None:  # the tier's own features: no readout while measuring
         saved = strategy.readouts.pop(tier, None)
     try:
-        for batch in torch.split(inputs, 256):
-            tiered(batch, tier=tier)
+        with torch.no_grad():
+            for batch in torch.split(inputs, 256):
+                tiered(batch, tier=tier)
     finally:
         if saved is not None:
             strategy.readouts[tier] = saved
