@@ -322,7 +322,16 @@ def _section(rows, formats, curves, votes, reports, baseline, info, recipe) -> S
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     default_rows = rows[DEFAULT]
     worst = max(r["value"] - r["bound"] + MARGIN for r in default_rows)
+    landed = [t for t in reports[DEFAULT]["report"]["tiers"] if t["target"] is not None]
     summary = [
+        (
+            f"Face value (test) vs target, Fashion-MNIST resnet18, {DEFAULT}, compute auto",
+            ", ".join(
+                f"{t['name']} {_pct(t['achieved']['test'])}% (target {_pct(t['target'])}%, "
+                f"FLOPs {t['relative_cost']:.2f})"
+                for t in landed
+            ),
+        ),
         (
             f"Extractable utility, Fashion-MNIST resnet18, {DEFAULT} top_k:5 (free / pro, N=300 "
             "/ 1000)",
