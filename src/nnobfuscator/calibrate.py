@@ -113,6 +113,7 @@ def _fit_to_tiers(
         strategy.fit_order(predicted, data.labels, classes)
         for tier in tiers:
             _set_knob(model, tier.name, 0.0)
+            strategy.forget(tier.name)  # features from the tier's own layers and the model's head
             features = strategy.head_inputs(lambda t=tier.name: runner.logits(t))
             strategy.fit_tier(tier.name, features, data.labels)
 

@@ -286,6 +286,12 @@ class ClassMerge(Strategy):
         self._fitting[tier] = (features, labels)
         self.readouts[tier] = (self._compute_settings(tier), {})
 
+    def forget(self, tier: str) -> None:
+        """Drop ``tier``'s readouts (before fitting it again at another compute setting): it
+        answers through the model's own head until then."""
+        self.readouts.pop(tier, None)
+        self._fitting.pop(tier, None)
+
     def finish(self) -> None:
         """Keep only the readouts the tiers use (calibration is over)."""
         for tier, (settings, levels) in self.readouts.items():
@@ -317,7 +323,18 @@ class ClassMerge(Strategy):
         features, labels = self._fitting[tier]
         groups = groups_at(self.order, self.classes, level)
         with torch.inference_mode(False):
-            weight, bias = fit_readout(features, groups[labels], self.classes)
+            if level == 0 and not self._compute_settings(tier):
+                # no merge on the model's own features: the model's own head is the readout
+                # (a refit one could only lose what the head learned on the training data)
+                own = self.head.base_layer
+                weight = own.weight.detach().float().clone()
+                bias = (
+                    own.bias.detach().float().clone()
+                    if own.bias is not None
+                    else torch.zeros(len(weight), device=weight.device)
+                )
+            else:
+                weight, bias = fit_readout(features, groups[labels], self.classes)
             confidences = torch.empty(0)
             if level < self.classes - 1:
                 drop = int(self.order[level, 0])
