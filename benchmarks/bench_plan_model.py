@@ -85,7 +85,8 @@ def _folders(root: Path) -> dict[str, Path]:
         if folder.is_dir() and sum(1 for _ in folder.rglob("*.png")) == len(index):
             continue
         for i in index:
-            target = folder / FASHION_CLASSES[labels[i]].replace("/", "-")
+            # ImageFolder numbers classes in the sorted order of folder names: the label first
+            target = folder / f"{labels[i]}-{FASHION_CLASSES[labels[i]].replace('/', '-')}"
             target.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i]).save(target / f"{i}.png")
     return folders
