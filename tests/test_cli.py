@@ -68,7 +68,8 @@ def test_calibrate_eval_info(user_project):
     assert report["model"] == "resnet18" and report["dataset"] == "cal"
     assert (artifact / "tiers.png").read_bytes()[:4] == b"\x89PNG"
     tests = [t["achieved"]["test"] for t in report["tiers"]]
-    assert tests == sorted(tests)
+    two_se = 2 * (0.25 / report["splits"]["test"]) ** 0.5  # tiers land on calibration targets
+    assert all(low <= high + two_se for low, high in zip(tests, tests[1:], strict=False))
 
     result = runner.invoke(app, ["eval", str(artifact)])
     assert result.exit_code == 0, result.output
