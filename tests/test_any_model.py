@@ -72,12 +72,10 @@ def assert_mixed_batch_equals_per_tier_runs(tiered: TieredModel, x: torch.Tensor
         assert_same(mixed[rows], tiered(x[rows], tier=tier))
 
 
-#: large families run the first strategy only (the small ones cover every strategy on the same
-#: code paths; a large family costs up to half a minute per case on 2 cores)
 CASES = [
     pytest.param(family, strategy, id=f"{family.builder}-{strategy}", marks=_marks(family))
     for family in FAMILIES
-    for strategy in (list(STRATEGIES)[:1] if _marks(family) else STRATEGIES)
+    for strategy in STRATEGIES
 ]
 
 

@@ -122,24 +122,6 @@ def test_class_merge_keeps_the_invariants(merged, digits8, trained_weights, tmp_
     assert again.unload() is plain and isinstance(plain.fc, torch.nn.Linear)
 
 
-def test_class_merge_at_strength_zero_answers_like_the_model(digits8, trained_weights) -> None:
-    """Without a compute change and with no merge, a tier answers through the model's own head
-    (a readout fitted again could only lose what the head learned)."""
-    plain = trained("resnet", trained_weights)
-    tiered = obfuscate(trained("resnet", trained_weights), tiers=TIERS, key=KEY)
-    strategy = tiered.strategies["class-merge"]
-    cal, x = digits8["calibration"], digits8["test"].images[:16]
-    tiered.set_strength("pro", "class-merge", 0.0)
-    with torch.no_grad():
-        strategy.fit_order(plain(cal.images).argmax(dim=1), cal.labels, 10)
-        features = strategy.head_inputs(lambda: tiered(cal.images, tier="pro"))
-    strategy.fit_tier("pro", features, cal.labels)
-    with torch.inference_mode():
-        torch.testing.assert_close(tiered(x, tier="pro"), plain(x))
-        tiered.set_strength("pro", "class-merge", 1.0 / 9)  # one merge: a fitted readout
-        assert not torch.allclose(tiered(x, tier="pro"), plain(x))
-
-
 def test_class_merge_needs_a_linear_head() -> None:
     squeeze = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
     with pytest.raises(ValueError, match="no nn.Linear head"):
@@ -217,3 +199,21 @@ def test_calibrating_against_extractable_refuses_a_tier_that_only_renames(
         free["extractable"]["20"]["value"]
         <= max(free["target"], free["extractable"]["20"]["labels_only"]) + 0.03
     )
+
+
+def test_class_merge_at_strength_zero_answers_like_the_model(digits8, trained_weights) -> None:
+    """Without a compute change and with no merge, a tier answers through the model's own head
+    (a readout fitted again could only lose what the head learned)."""
+    plain = trained("resnet", trained_weights)
+    tiered = obfuscate(trained("resnet", trained_weights), tiers=TIERS, key=KEY)
+    strategy = tiered.strategies["class-merge"]
+    cal, x = digits8["calibration"], digits8["test"].images[:16]
+    tiered.set_strength("pro", "class-merge", 0.0)
+    with torch.no_grad():
+        strategy.fit_order(plain(cal.images).argmax(dim=1), cal.labels, 10)
+        features = strategy.head_inputs(lambda: tiered(cal.images, tier="pro"))
+    strategy.fit_tier("pro", features, cal.labels)
+    with torch.inference_mode():
+        torch.testing.assert_close(tiered(x, tier="pro"), plain(x))
+        tiered.set_strength("pro", "class-merge", 1.0 / 9)  # one merge: a fitted readout
+        assert not torch.allclose(tiered(x, tier="pro"), plain(x))
