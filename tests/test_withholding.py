@@ -138,7 +138,9 @@ def test_a_merged_tier_gives_no_more_than_it_shows_and_a_noisy_one_does(
     tiered, _ = merged
     (withheld,) = extract(tiered, "free", pool, digits8["test"], queries=[200], progress=False)
     assert withheld.answer_format == "top_k:5" and withheld.knockoff is None
-    noisy = obfuscate(trained("resnet", trained_weights), tiers=TIERS, strategy="logit-noise")
+    noisy = obfuscate(
+        trained("resnet", trained_weights), tiers=TIERS, strategy="logit-noise", key=KEY
+    )
     calibrate(noisy, digits8["calibration"], digits8["test"], progress=False)
     (renamed,) = extract(noisy, "free", pool, digits8["test"], queries=[200], progress=False)
     assert renamed.decode > renamed.face + 0.15
@@ -173,28 +175,37 @@ def test_knockoff_and_labels_only_train_copies(merged, digits8) -> None:
 def test_calibrating_against_extractable_refuses_a_tier_that_only_renames(
     trained_weights, digits8
 ) -> None:
+    """Feature mixing answering full scores renames what the model knows: 40 labels decode
+    it far above its target, however strong calibration sets it within 3 points of its
+    target. Class merging holds, measured on the test split within its sampling error."""
+
     def against_extractable(model):
         return calibrate(
             model,
             digits8["calibration"],
             digits8["test"],
             against="extractable",
-            queries=[20],
+            queries=[40],
             pool=digits8["train"],
             progress=False,
         )
 
-    noisy = obfuscate(trained("resnet", trained_weights), tiers=TIERS, strategy="logit-noise")
+    renaming = obfuscate(
+        trained("resnet", trained_weights),
+        tiers="free=60%:scores,pro=85%:scores,premium=full",
+        strategy="feature-mix",
+        key=KEY,
+    )
     with pytest.raises(CalibrationError, match="over its bound"):
-        against_extractable(noisy)
+        against_extractable(renaming)
     report = against_extractable(
         obfuscate(trained("resnet", trained_weights), tiers=TIERS, key=KEY)
     )
-    free = next(row for row in report["tiers"] if row["name"] == "free")
-    assert (
-        free["extractable"]["20"]["value"]
-        <= max(free["target"], free["extractable"]["20"]["labels_only"]) + 0.03
-    )
+    two_se = 2 * (0.25 / len(digits8["test"])) ** 0.5
+    for row in report["tiers"][:2]:
+        found = row["extractable"]["40"]
+        assert found["value"] <= max(row["target"], found["labels_only"]) + 0.03 + two_se
+        assert row["achieved"]["test"] >= row["target"] - 0.03 - two_se
 
 
 def test_class_merge_at_strength_zero_answers_like_the_model(digits8, trained_weights) -> None:

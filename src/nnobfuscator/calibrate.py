@@ -121,6 +121,8 @@ def _fit_to_tiers(
 #: how many times a tier whose fitted readout falls short of its target asks the compute search
 #: for a costlier setting before calibration gives up
 _REFITS = 4
+#: rounds of setting tiers stronger when their users extract more than their bound
+_TIGHTENINGS = 3
 
 
 def _headroom(target: float, n: int, headroom: float | None) -> float:
@@ -157,6 +159,71 @@ def _choose_compute(
             "max_cost, or add compute strategies"
         )
     return point.utility, point.settings
+
+
+def _hold_extractable(
+    model: TieredModel,
+    rows: dict[str, Any],
+    curve: _Curve,
+    knobs: dict[str, float],
+    *,
+    check: Split,
+    test: Split | None,
+    tolerance: float,
+    max_evals: int,
+    **attack: Any,
+) -> list[Any]:
+    """Set tiers whose users extract more than their bound stronger, then write what each
+    tier's user extracts on ``test`` into ``rows``
+    (:func:`~nnobfuscator.security.extract.add_extractable`).
+
+    Decisions read ``check`` (calibration data, never the test split): a tier over its bound
+    aims its calibration metric that much lower, up to ``_TIGHTENINGS`` times, but never more
+    than ``margin`` below its target (a tier that only renames what the model knows would
+    otherwise fall far below it).
+
+    Returns:
+        The overruns left on ``check``: tiers that stay over their bound.
+    """
+    from nnobfuscator.security.extract import CopyRecipe, add_extractable, labels_only
+
+    attack["recipe"] = attack.get("recipe") or CopyRecipe()
+    pool = attack.pop("pool")
+
+    def measure(split: Split, names: list[str] | None = None) -> list[Any]:
+        baseline = labels_only(
+            pool,
+            split,
+            attack["queries"],
+            build_copy=attack["build_copy"],
+            recipe=attack["recipe"],
+            progress=attack["progress"],
+        )
+        return add_extractable(model, rows, pool, split, baseline=baseline, tiers=names, **attack)
+
+    overruns = measure(check)
+    for _ in range(_TIGHTENINGS):
+        excess: dict[str, float] = {}
+        for over in overruns:
+            excess[over.tier] = max(excess.get(over.tier, 0.0), over.excess)
+        moved = []
+        for name, amount in excess.items():
+            tier = model.tiers[name]
+            floor = (tier.target_value or 0.0) - attack["margin"]
+            aim = max(tier.metrics["calibration"] - amount - tolerance, floor)
+            knob = _search(curve, name, aim, tolerance, max_evals)
+            if knob <= knobs[name]:
+                continue  # as strong as its target allows, or its metric no longer falls
+            knobs[name] = knob
+            _set_knob(model, name, knob)
+            tier.metrics["calibration"] = curve.points(name)[knob]
+            moved.append(name)
+        if not moved:
+            break
+        overruns = [over for over in overruns if over.tier not in moved] + measure(check, moved)
+    if test is not None and test is not check:
+        measure(test)
+    return overruns
 
 
 def halves(split: Split) -> tuple[Split, Split]:
@@ -204,7 +271,9 @@ def calibrate(
             measures, per budget in ``queries``, what a user of each tier extracts with that many
             labels (:mod:`nnobfuscator.security.extract`: decoding its answers, and a knock-off
             trained on them when ``build_copy`` is given) and requires it to stay at or below
-            ``max(target, labels-only) + margin`` (classification).
+            ``max(target, labels-only) + margin`` (classification): measured on the calibration
+            split's landing half, a tier over it is set stronger, at most ``margin`` below its
+            target; the report's rows are measured on ``test``.
         pool: the attacker's images for ``against="extractable"`` (never the test split; by
             default the calibration split's search half).
         build_copy: an untrained copy of the architecture (the knock-off); ``None`` measures
@@ -292,6 +361,7 @@ def calibrate(
             compute_utility[tier.name] = utility
     if fitted:
         _fit_to_tiers(model, fitted, tiers, search_part, task, batch_size)
+    knobs: dict[str, float] = {}
     for tier in bar:
         target = tier.target_value
         curve.start(tier.name, compute_utility.get(tier.name), own=bool(fitted))
@@ -322,12 +392,40 @@ def calibrate(
                 f"reachable {task.metric} range is [{floor:.3f}, {base:.3f}]. Raise the target, "
                 "add target layers, or combine strategies (e.g. feature-mix+logit-noise)"
             )
-        knob = _search(curve, tier.name, target, tolerance, max_evals)
-        _set_knob(model, tier.name, knob)
-        tier.metrics["calibration"] = curve.points(tier.name)[knob]
+        knobs[tier.name] = _search(curve, tier.name, target, tolerance, max_evals)
+        _set_knob(model, tier.name, knobs[tier.name])
+        tier.metrics["calibration"] = curve.points(tier.name)[knobs[tier.name]]
         bar.set_postfix(
-            tier=tier.name, knob=f"{knob:.3f}", metric=f"{tier.metrics['calibration']:.3f}"
+            tier=tier.name,
+            knob=f"{knobs[tier.name]:.3f}",
+            metric=f"{tier.metrics['calibration']:.3f}",
         )
+    extractable: dict[str, Any] = {"tiers": [{"name": t.name} for t in tiers]}
+    if against == "extractable":
+        overruns = _hold_extractable(
+            model,
+            extractable,
+            curve,
+            knobs,
+            tolerance=tolerance,
+            max_evals=max_evals,
+            pool=as_split(pool, "pool") if pool is not None else search_part,
+            check=land_part,
+            test=as_split(test, "test") if test is not None else None,
+            queries=queries,
+            build_copy=build_copy,
+            recipe=recipe,
+            margin=margin,
+            progress=progress,
+        )
+        if overruns:
+            raise CalibrationError(
+                "their users extract more than the tiers show, on calibration data and with each "
+                f"tier set up to {100 * margin:.0f} points below its target: "
+                + "; ".join(map(str, overruns))
+                + ". Use a strategy that withholds (class-merge, the default for classifiers) "
+                "or answer less (answer_format top1 or label)"
+            )
     for strategy in fitted:
         strategy.finish()
     for name, reason in (search.refused if search is not None else {}).items():
@@ -359,26 +457,11 @@ def calibrate(
         task=task,
     )
     if against == "extractable":
-        from nnobfuscator.security.extract import add_extractable
-
-        failures = add_extractable(
-            model,
-            report,
-            as_split(pool, "pool") if pool is not None else search_part,
-            as_split(test, "test") if test is not None else land_part,
-            queries=queries,
-            build_copy=build_copy,
-            recipe=recipe,
-            margin=margin,
-            progress=progress,
-        )
-        if failures:
-            raise CalibrationError(
-                "the tiers land on their targets, but their users extract more than they show: "
-                + "; ".join(failures)
-                + ". Use a strategy that withholds (class-merge, the default for classifiers) "
-                "or answer less (answer_format top1 or label)"
-            )
+        measured = {row["name"]: row["extractable"] for row in extractable["tiers"]}
+        for row in report["tiers"]:
+            if row["name"] in measured:
+                row["extractable"] = measured[row["name"]]
+        report.setdefault("settings", {})["extractable"] = extractable["settings"]["extractable"]
     return report
 
 

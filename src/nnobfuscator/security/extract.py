@@ -271,6 +271,33 @@ def extract(
     return results
 
 
+@dataclass(frozen=True)
+class Overrun:
+    """A tier whose user extracts more than ``max(target, labels-only) + margin``."""
+
+    tier: str
+    found: Extracted
+    target: float
+    margin: float
+
+    @property
+    def bound(self) -> float:
+        return max(self.target, self.found.labels_only) + self.margin
+
+    @property
+    def excess(self) -> float:
+        """How far the extractable utility is over the bound (a fraction)."""
+        return self.found.value - self.bound
+
+    def __str__(self) -> str:
+        return (
+            f"tier {self.tier!r} ({self.found.answer_format}) gives {100 * self.found.value:.1f}% "
+            f"with {self.found.queries} labels, {100 * self.excess:.1f} points over its bound "
+            f"{100 * self.bound:.1f}% = max(target {100 * self.target:.1f}%, labels alone "
+            f"{100 * self.found.labels_only:.1f}%) + {100 * self.margin:.0f}"
+        )
+
+
 def add_extractable(
     model: TieredModel,
     report: dict[str, Any],
@@ -283,19 +310,24 @@ def add_extractable(
     margin: float = 0.03,
     seed: int = 0,
     progress: bool = True,
-) -> list[str]:
-    """Measure every tier below full under its own answer format, write ``extractable`` into
-    its report row, and return what breaks ``extractable <= max(target, labels-only) + margin``
-    (one line per tier and budget; empty when every tier holds)."""
+    baseline: dict[int, dict[str, float]] | None = None,
+    tiers: Sequence[str] | None = None,
+) -> list[Overrun]:
+    """Measure ``tiers`` (default: every tier below full) under their own answer formats, write
+    ``extractable`` into their report rows, and return what breaks
+    ``extractable <= max(target, labels-only) + margin`` (empty when every tier holds).
+
+    ``baseline`` is :func:`labels_only` per budget when already measured (it is measured here
+    otherwise).
+    """
     recipe = recipe or CopyRecipe()
-    baseline = labels_only(
+    baseline = baseline or labels_only(
         pool, test, queries, build_copy=build_copy, recipe=recipe, seed=seed, progress=progress
     )
     rows = {row["name"]: row for row in report["tiers"]}
-    failures = []
-    for name, tier in model.tiers.items():
-        if tier.is_full:
-            continue
+    names = tiers if tiers is not None else [n for n, t in model.tiers.items() if not t.is_full]
+    overruns = []
+    for name in names:
         found = extract(
             model,
             name,
@@ -309,16 +341,12 @@ def add_extractable(
             progress=progress,
         )
         rows[name]["extractable"] = {str(e.queries): e.to_dict() for e in found}
-        target = tier.target_value or 0.0
-        for e in found:
-            bound = max(target, e.labels_only) + margin
-            if e.value > bound + 1e-12:
-                failures.append(
-                    f"tier {name!r} ({e.answer_format}) gives {100 * e.value:.1f}% with "
-                    f"{e.queries} labels, {100 * (e.value - bound):.1f} points over its bound "
-                    f"{100 * bound:.1f}% = max(target {100 * target:.1f}%, labels alone "
-                    f"{100 * e.labels_only:.1f}%) + {100 * margin:.0f}"
-                )
+        target = model.tiers[name].target_value or 0.0
+        overruns += [
+            over
+            for over in (Overrun(name, e, target, margin) for e in found)
+            if over.excess > 1e-12
+        ]
     report.setdefault("settings", {})["extractable"] = {
         "queries": list(queries),
         "pool": len(pool),
@@ -326,4 +354,4 @@ def add_extractable(
         "knockoff": build_copy is not None,
         "recipe": asdict(recipe),
     }
-    return failures
+    return overruns
