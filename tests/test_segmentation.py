@@ -237,9 +237,9 @@ def test_demo_segmenters_are_torchvision_models_with_resnet_backbones(builder):
 
 
 def test_served_segmentation_classes_are_named():
-    from nnobfuscator.serving.loader import class_labels
+    from nnobfuscator.sources import class_names
 
-    names = class_labels({}, {"zoo": "digit-scenes", "image_size": 48})
+    names = class_names({"zoo": "digit-scenes", "image_size": 48})
     assert (
         names is not None and names[0] == "background" and names[1:] == [str(i) for i in range(10)]
     )

@@ -107,3 +107,62 @@ def test_tensors_shared_between_tiers_are_written_as_copies(tmp_path):
     assert torch.equal(loaded["free/bn1/mean"], shared)
     assert torch.equal(loaded["pro/bn1/mean"], shared)
     assert torch.equal(loaded["pro/bn1/var"], shared[:2])
+
+
+def test_artifacts_written_before_they_carried_preprocessing_are_upgraded_on_read(artifact):
+    """An artifact that only names its data source gains its preprocessing and class names."""
+    from nnobfuscator.serialization import read_config, upgrade
+    from nnobfuscator.zoo.fashion import FASHION_CLASSES
+
+    path = artifact / "config.json"
+    config = json.loads(path.read_text())
+    config["input_spec"] = {"channels": 1, "height": 28, "width": 28}
+    config["meta"] = {"source": {"data": {"zoo": "fashion-mnist", "image_size": 28}}}
+    path.write_text(json.dumps(config))
+    meta = read_config(artifact)["meta"]
+    assert meta["preprocessing"]["size"] == [28, 28] and meta["preprocessing"]["crop"] is False
+    assert meta["preprocessing"]["channels"] == 1 and len(meta["preprocessing"]["mean"]) == 1
+    assert meta["classes"] == list(FASHION_CLASSES)
+    folder = upgrade(
+        {
+            **config,
+            "input_spec": {"channels": 3, "height": 64, "width": 64},
+            "meta": {"source": {"data": {"calibration": "cal", "image_size": 64}}},
+        },
+        artifact,
+    )["meta"]["preprocessing"]
+    assert folder["crop"] is True and folder["mean"] == [0.485, 0.456, 0.406]
+    with pytest.raises(ArtifactError, match="calibrate the model again"):
+        upgrade({**config, "version": "0.1.3"}, artifact)
+
+
+def test_serving_reads_the_artifact_and_never_imports_the_zoo(artifact):
+    import subprocess
+    import sys
+
+    from nnobfuscator.serving.loader import serve_model
+
+    tiered = TieredModel.from_pretrained(str(artifact), tiny_cnn())
+    tiered.meta["preprocessing"] = {
+        "channels": 1,
+        "size": [8, 8],
+        "mean": [0.5],
+        "std": [0.25],
+        "crop": False,
+    }
+    spec = serve_model(tiered).image_spec
+    assert (spec.channels, spec.size, spec.mean, spec.std, spec.crop) == (
+        1,
+        (8, 8),
+        (0.5,),
+        (0.25,),
+        False,
+    )
+    code = (
+        "import sys, nnobfuscator.serving.app, nnobfuscator.serving.loader; "
+        "print(sorted(m for m in sys.modules if m.startswith('nnobfuscator.zoo')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

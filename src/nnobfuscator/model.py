@@ -21,7 +21,6 @@ from nnobfuscator.security.key_storage import find_key, store_key
 from nnobfuscator.security.keys import coerce_key, key_id
 from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, list_strategies
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
-from nnobfuscator.strategies.feature_mix import LEGACY_BLOCK
 from nnobfuscator.tiers import Tier, parse_tiers
 from nnobfuscator.wrapping import Host, TierContext, unwrapped_name, wrap_max_pooling
 
@@ -366,11 +365,6 @@ class TieredModel(nn.Module):
         """
         config, tensors = serialization.read_artifact(directory)
         base_model = as_module(base_model, config.get("meta", {}).get("call_options"))
-        if str(config.get("version", "")).startswith("0.1."):
-            raise serialization.ArtifactError(
-                f"{directory} was written by nnobfuscator {config['version']}, whose keyed mixing "
-                "this version no longer derives: calibrate the model again (nnobf calibrate)"
-            )
         fingerprint = model_fingerprint(base_model)
         if check_base and fingerprint != config["base_fingerprint"]:
             raise serialization.ArtifactError(
@@ -392,7 +386,7 @@ class TieredModel(nn.Module):
             base_model,
             [Tier.from_dict(t) for t in config["tiers"]],
             [
-                _strategy_spec(saved, str(config.get("version", "")))
+                {k: v for k, v in saved.items() if k != "fingerprint"}
                 for saved in config["strategies"]
             ],
             key,
@@ -418,15 +412,6 @@ class TieredModel(nn.Module):
                     "(corrupt tensors, or a torch version with another random generator)"
                 )
         return model
-
-
-def _strategy_spec(saved: dict[str, Any], version: str) -> dict[str, Any]:
-    """What rebuilds a saved strategy: its config without the fingerprint (older artifacts'
-    feature-mix permuted the features, then mixed 256 together)."""
-    spec = {k: v for k, v in saved.items() if k != "fingerprint"}
-    if spec["name"] == "feature-mix" and "block" not in spec:
-        spec.update(block=LEGACY_BLOCK, permute=True)
-    return spec
 
 
 def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: Any) -> TieredModel:

@@ -15,7 +15,13 @@ from nnobfuscator.masks import plot_masks
 from nnobfuscator.model import InputSpec, TieredModel, obfuscate
 from nnobfuscator.report import plot_report, write_report
 from nnobfuscator.serialization import read_config
-from nnobfuscator.sources import class_names, load_base_model, load_split, load_task
+from nnobfuscator.sources import (
+    class_names,
+    load_base_model,
+    load_split,
+    load_task,
+    preprocessing,
+)
 from nnobfuscator.strategies import get_strategy
 from nnobfuscator.tasks import Task
 from nnobfuscator.tiers import parse_tiers
@@ -69,6 +75,7 @@ def run_job(
     calibration = load_split(data_source, "calibration")
     test = load_split(data_source, "test")
     dataset = data_source.get("zoo") or Path(str(data_source.get("calibration", "custom"))).name
+    input_spec = _image_spec(calibration.inputs)
     tiered = obfuscate(
         base,
         tiers=tiers,
@@ -78,7 +85,7 @@ def run_job(
         key=key,
         task=task,
         model_name=info.get("model", model_source.get("arch", "model")),
-        input_spec=_image_spec(calibration.inputs),
+        input_spec=input_spec,
         call_options=model_source.get("call") or info.get("call"),
         meta={
             "source": {
@@ -89,6 +96,11 @@ def run_job(
             "dataset": dataset,
             **({"base_model": info} if "recipe" in info else {}),
             **({"classes": classes} if (classes := class_names(data_source)) else {}),
+            **(
+                {"preprocessing": preprocessing(data_source, **_spec_shape(input_spec), task=task)}
+                if input_spec is not None
+                else {}
+            ),
         },
     )
     extractable: dict[str, Any] = {}
@@ -138,6 +150,12 @@ def _extractable_options(
     if "diffusers" not in model_source:
         options["build_copy"] = partial(build_architecture, model_source, {})
     return options
+
+
+def _spec_shape(spec: InputSpec) -> dict[str, Any]:
+    """``channels`` and ``size`` of an image model's input check."""
+    size = (spec.height, spec.width) if spec.height and spec.width else None
+    return {"channels": spec.channels, "size": size}
 
 
 def _image_spec(inputs: Any) -> InputSpec | None:

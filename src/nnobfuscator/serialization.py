@@ -94,6 +94,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is corrupt (invalid JSON: {err})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not an nnobfuscator artifact (format field missing)")
+    config = upgrade(config, directory)
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
         warnings.warn(
@@ -101,6 +102,48 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"{config.get('version')}, this is {__version__})",
             stacklevel=2,
         )
+    return config
+
+
+def upgrade(config: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+    """Bring an older artifact's config up to what this version reads.
+
+    - 0.1 artifacts: refused (their keyed mixing is no longer derived).
+    - feature-mix saved before mixing blocks: the legacy block of 256 features, permuted.
+    - image models saved before artifacts carried their preprocessing: ``meta["preprocessing"]``
+      and ``meta["classes"]`` from the recorded data source.
+
+    Raises:
+        ArtifactError: an artifact this version cannot read.
+    """
+    version = str(config.get("version", ""))
+    if version.startswith("0.1."):
+        raise ArtifactError(
+            f"{directory} was written by nnobfuscator {version}, whose keyed mixing this version "
+            "no longer derives: calibrate the model again (nnobf calibrate)"
+        )
+    config = dict(config)
+    strategies = []
+    for saved in config.get("strategies", []):
+        if saved.get("name") == "feature-mix" and "block" not in saved:
+            from nnobfuscator.strategies.feature_mix import LEGACY_BLOCK
+
+            saved = {**saved, "block": LEGACY_BLOCK, "permute": True}
+        strategies.append(saved)
+    config["strategies"] = strategies
+    meta = dict(config.get("meta") or {})
+    data = (meta.get("source") or {}).get("data")
+    spec = config.get("input_spec") or {}
+    if data and spec and "preprocessing" not in meta:
+        from nnobfuscator.sources import class_names, preprocessing
+
+        size = (spec["height"], spec["width"]) if spec.get("height") and spec.get("width") else None
+        meta["preprocessing"] = preprocessing(
+            data, channels=spec.get("channels"), size=size, task=str(config.get("task"))
+        )
+        if "classes" not in meta and (classes := class_names(data)):
+            meta["classes"] = classes
+    config["meta"] = meta
     return config
 
 

@@ -143,6 +143,51 @@ def load_task(task: str, source: dict[str, Any] | None, *, progress: bool = True
     return TextToImageTask(load_judge(progress=progress), reference=reference)
 
 
+def preprocessing(
+    data: dict[str, Any],
+    *,
+    channels: int | None = None,
+    size: tuple[int, int] | None = None,
+    task: str = "classification",
+) -> dict[str, Any]:
+    """How an uploaded image becomes one input of a model calibrated on ``data``, stored in the
+    artifact (``meta["preprocessing"]``) so that serving needs no data source.
+
+    Args:
+        channels, size: what the model takes (its input check), when known.
+
+    Returns:
+        ``channels``, ``size`` (``[height, width]`` or ``None``: the image's own), per-channel
+        ``mean`` and ``std``, and ``crop`` (resize the shorter side and centre-crop, ImageFolder
+        style, instead of stretching).
+    """
+    if size is None and data.get("image_size"):
+        size = (int(data["image_size"]), int(data["image_size"]))
+    channels = channels or (1 if data.get("grayscale") else 3)
+    if "zoo" in data:
+        from nnobfuscator.zoo.datasets import ZOO_DATASETS
+
+        zoo = ZOO_DATASETS.get(data["zoo"])
+        if zoo is not None:  # stretched to size, normalised with the data set's own statistics
+            return {
+                "channels": channels,
+                "size": list(size) if size else None,
+                "mean": [zoo.mean] * channels,
+                "std": [zoo.std] * channels,
+                "crop": False,
+            }
+    mean, std = list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD))
+    if channels == 1 and len(mean) == 3:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return {
+        "channels": channels,
+        "size": list(size) if size else None,
+        "mean": mean,
+        "std": std,
+        "crop": task == "classification",
+    }
+
+
 def class_names(data: dict[str, Any]) -> list[str] | None:
     """Class names by index of a data source: the zoo dataset's, or an ImageFolder's folders."""
     if "zoo" in data:

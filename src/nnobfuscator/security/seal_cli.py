@@ -52,7 +52,7 @@ def seal_command(
             extra={
                 "source": {"model": model_source, "data": source.get("data", {})},
                 "base_recipe": tiered.meta.get("base_model", {}).get("recipe"),
-                **({"classes": tiered.meta["classes"]} if "classes" in tiered.meta else {}),
+                **{k: tiered.meta[k] for k in ("classes", "preprocessing") if k in tiered.meta},
             },
         )
     except (SealError, ValueError) as err:

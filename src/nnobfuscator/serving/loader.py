@@ -5,12 +5,9 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from nnobfuscator.model import TieredModel
 from nnobfuscator.serving.images import ImageSpec
-from nnobfuscator.sources import IMAGENET_MEAN, IMAGENET_STD, class_names
-from nnobfuscator.zoo.datasets import ZOO_DATASETS
 
 
 @dataclass
@@ -65,35 +62,35 @@ def load_artifact(directory: str | Path) -> ServedModel:
 
 
 def serve_model(model: TieredModel, *, labels: list[str] | None = None) -> ServedModel:
-    """Wrap an in-memory tiered model for serving (puts it in eval mode)."""
+    """Wrap an in-memory tiered model for serving (puts it in eval mode). Its preprocessing and
+    class names come from its ``meta`` (``preprocessing``, ``classes``), written when it was
+    calibrated from a data source; a model without them takes images at its input size,
+    normalised with ImageNet's statistics."""
     model.eval()
-    data = dict(model.meta.get("source", {}).get("data", {}))
-    data.update(model.meta.get("serving", {}))
-    return ServedModel(model, image_spec(model, data), labels or class_labels(model.meta, data))
+    classes = model.meta.get("classes")
+    return ServedModel(
+        model, image_spec(model), labels or ([str(c) for c in classes] if classes else None)
+    )
 
 
-def image_spec(model: TieredModel, data: dict[str, Any]) -> ImageSpec:
-    """Preprocessing that matches how the artifact's data was prepared for calibration."""
+def image_spec(model: TieredModel) -> ImageSpec:
+    """How an uploaded image becomes one input: the artifact's ``meta["preprocessing"]``, else
+    the model's input check with ImageNet defaults."""
+    stored = model.meta.get("preprocessing") or {}
     spec = model.input_spec
-    size = None
-    if spec is not None and spec.height and spec.width:
+    channels = int(stored.get("channels") or (spec.channels if spec else None) or 3)
+    size = stored.get("size")
+    if size is None and spec is not None and spec.height and spec.width:
         size = (spec.height, spec.width)
-    elif data.get("image_size"):
-        size = (int(data["image_size"]), int(data["image_size"]))
-    channels = (spec.channels if spec else None) or (1 if data.get("grayscale") else 3)
-    zoo = ZOO_DATASETS.get(data.get("zoo") or "")
-    if zoo is not None:
-        # The zoo's images are stretched to size and normalised with their own statistics.
-        return ImageSpec(channels, size, (zoo.mean,), (zoo.std,), crop=False)
-    mean = tuple(data.get("mean", IMAGENET_MEAN))
-    std = tuple(data.get("std", IMAGENET_STD))
+    defaults = ImageSpec(channels)
+    mean = tuple(stored.get("mean", defaults.mean))
+    std = tuple(stored.get("std", defaults.std))
     if channels == 1 and len(mean) == 3:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return ImageSpec(channels, size, mean, std, crop=model.task == "classification")
-
-
-def class_labels(meta: dict[str, Any], data: dict[str, Any]) -> list[str] | None:
-    """Class names: ``meta["classes"]``, else those of the data source (zoo or ImageFolder)."""
-    if meta.get("classes"):
-        return [str(name) for name in meta["classes"]]
-    return class_names(data)
+    return ImageSpec(
+        channels,
+        tuple(size) if size else None,
+        mean,
+        std,
+        crop=bool(stored.get("crop", model.task == "classification")),
+    )
