@@ -1,7 +1,7 @@
 """Shared by the ``make bench`` sections: settings, timing, machine facts, calibrated zoo models.
 
 Only the public API is used: ``obfuscate``, ``calibrate``, ``TieredModel.__call__``,
-``nnobfuscator.sources`` and ``nnobfuscator.zoo``.
+``nnobfuscator.jobs.sources`` and ``nnobfuscator.zoo``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from nnobfuscator import InputSpec, TieredModel, calibrate, obfuscate
-from nnobfuscator.data import Split
-from nnobfuscator.sources import load_split
+from nnobfuscator.core.data import Split
+from nnobfuscator.jobs.sources import load_split
 from nnobfuscator.zoo import load_zoo_model
 from nnobfuscator.zoo.classifiers import build_model, is_cached, zoo_entry
 

@@ -25,8 +25,8 @@ from torch import nn
 from torchvision import models
 
 from nnobfuscator import InputSpec, calibrate, obfuscate
-from nnobfuscator.data import Split
-from nnobfuscator.sources import load_split
+from nnobfuscator.core.data import Split
+from nnobfuscator.jobs.sources import load_split
 from nnobfuscator.zoo import cache_dir
 
 HEADING = "## Calibration time and target error (`make bench`)"

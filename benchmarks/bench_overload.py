@@ -67,7 +67,7 @@ def build_model():
     from torchvision.models import resnet18
 
     from nnobfuscator import InputSpec, obfuscate
-    from nnobfuscator.cost import relative_costs
+    from nnobfuscator.core.cost import relative_costs
 
     torch.manual_seed(0)
     tiered = obfuscate(
@@ -261,7 +261,7 @@ def summarise(results: list[tuple], tiers: Iterable[str] = tuple(MIX)) -> dict[s
 
 
 def run(seconds: float, quick: bool = False) -> dict:
-    from nnobfuscator.serving.keystore import KeyStore
+    from nnobfuscator.serving.api_keys import KeyStore
 
     png = smooth_png()
     out: dict = {"flops": relative_flops(), "seconds": seconds}

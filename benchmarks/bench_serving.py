@@ -63,7 +63,7 @@ def plain_app(max_batch_size: int, max_wait_ms: float):
 
     from nnobfuscator.serving.batcher import MicroBatcher
     from nnobfuscator.serving.images import decode_image
-    from nnobfuscator.serving.loader import serve_model
+    from nnobfuscator.serving.served_model import serve_model
 
     served = serve_model(build_model())
     bare = served.model.unload()
@@ -152,7 +152,7 @@ async def load(url: str, headers: dict[str, str], pngs: list[bytes], clients: in
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    from nnobfuscator.serving.keystore import KeyStore
+    from nnobfuscator.serving.api_keys import KeyStore
     from nnobfuscator.serving.testing import free_port, image_png
 
     rng = np.random.default_rng(0)

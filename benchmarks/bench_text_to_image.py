@@ -20,7 +20,7 @@ import torch
 from _results import update_section
 
 from nnobfuscator import TieredModel
-from nnobfuscator.sources import load_base_model
+from nnobfuscator.jobs.sources import load_base_model
 
 REPEATS = 7
 BATCHES = (1, 32)

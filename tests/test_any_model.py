@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nnobfuscator import InputSpec, TieredModel, obfuscate, read_output
-from nnobfuscator.cost import tier_flops
+from nnobfuscator.core.cost import tier_flops
 from nnobfuscator.zoo.families import Family, all_families
 
 KEY = bytes(range(32))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from nnobfuscator import obfuscate
 from nnobfuscator.cli import app
-from nnobfuscator.data import Split
+from nnobfuscator.core.data import Split
 from nnobfuscator.security.attacks import (
     augment_and_vote,
     repeat_and_vote,

@@ -13,7 +13,7 @@ from torchvision import models
 from typer.testing import CliRunner
 
 from nnobfuscator.cli import app
-from nnobfuscator.sources import image_folder_split
+from nnobfuscator.jobs.sources import image_folder_split
 from nnobfuscator.zoo.training import train_classifier
 
 runner = CliRunner()

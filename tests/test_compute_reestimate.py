@@ -8,9 +8,9 @@ from test_compute import EVERY, KEY, two_block_resnet
 from torch import nn
 
 from nnobfuscator import TieredModel, calibrate, obfuscate
-from nnobfuscator.compute_search import ComputeSearch
-from nnobfuscator.data import Split
-from nnobfuscator.runner import SettingRunner
+from nnobfuscator.calibration.compute_search import ComputeSearch
+from nnobfuscator.calibration.runner import SettingRunner
+from nnobfuscator.core.data import Split
 from nnobfuscator.strategies.bn_reestimate import TieredNorm, find_store
 from nnobfuscator.tasks import get_task
 from nnobfuscator.zoo.digits import digits_splits

@@ -8,8 +8,8 @@ from test_compute import KEY
 from torch import nn
 
 from nnobfuscator import TieredModel, calibrate, obfuscate
-from nnobfuscator.cost import tier_flops
-from nnobfuscator.runner import SettingRunner
+from nnobfuscator.calibration.runner import SettingRunner
+from nnobfuscator.core.cost import tier_flops
 from nnobfuscator.strategies import TieredBlock
 from nnobfuscator.strategies.bn_reestimate import find_store
 from nnobfuscator.strategies.slimmers import ConvStackSlimmer, slimmer_for

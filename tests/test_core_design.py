@@ -19,7 +19,7 @@ from nnobfuscator import (
     register_layer_adapter,
     register_strategy,
 )
-from nnobfuscator.outputs import scatter, select_call
+from nnobfuscator.core.outputs import scatter, select_call
 from nnobfuscator.tasks import ClassificationTask
 from nnobfuscator.tasks.base import register_task
 

@@ -183,7 +183,7 @@ def test_different_keys_give_different_tiers(digits8):
 def test_max_pooling_runs_channels_last_exactly_and_unloads():
     from torch import nn
 
-    from nnobfuscator.wrapping import ChannelsLastMaxPool
+    from nnobfuscator.core.wrapping import ChannelsLastMaxPool
 
     torch.manual_seed(0)
     base = nn.Sequential(

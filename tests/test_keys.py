@@ -16,8 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nnobfuscator.cli import app
-from nnobfuscator.serving.config import RateLimit, parse_rate_limits
-from nnobfuscator.serving.keystore import (
+from nnobfuscator.serving.api_keys import (
     ApiKey,
     KeyStore,
     KeyStoreError,
@@ -26,6 +25,7 @@ from nnobfuscator.serving.keystore import (
     parse_duration,
     parse_key,
 )
+from nnobfuscator.serving.config import RateLimit, parse_rate_limits
 from nnobfuscator.serving.usage import RedisUsage, SqliteUsage, UsageRow, usage_meter
 
 
@@ -491,8 +491,8 @@ def test_keys_commands_import_no_torch():
     code = (
         "import sys, nnobfuscator, nnobfuscator.serving.cli, nnobfuscator.cli; "
         "assert 'torch' not in sys.modules, 'torch was imported'; "
-        "import nnobfuscator.calibrate; from nnobfuscator import calibrate; "
-        "assert callable(calibrate) and calibrate.__module__ == 'nnobfuscator.calibrate'; "
+        "import nnobfuscator.calibration.calibrator; from nnobfuscator import calibrate; "
+        "assert callable(calibrate) and calibrate.__module__ == 'nnobfuscator.calibration.calibrator'; "
         "missing = [n for n in nnobfuscator.__all__ if getattr(nnobfuscator, n, None) is None]; "
         "assert not missing, missing"
     )

@@ -12,8 +12,8 @@ from torch import nn
 from torchvision.models import resnet18
 
 from nnobfuscator import TieredModel, obfuscate
-from nnobfuscator.tiers import parse_tiers
-from nnobfuscator.wrapping import DerivedCache, TieredLayer
+from nnobfuscator.core.tiers import parse_tiers
+from nnobfuscator.core.wrapping import DerivedCache, TieredLayer
 
 KEY = bytes(range(32))
 

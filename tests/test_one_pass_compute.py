@@ -9,9 +9,9 @@ from test_compute import two_block_resnet
 from torch import nn
 
 from nnobfuscator import TieredModel, obfuscate
+from nnobfuscator.core.tiers import parse_tiers
+from nnobfuscator.core.wrapping import Host, MixedPassUnsupported, TierContext
 from nnobfuscator.strategies.bn_reestimate import NormStore, find_store
-from nnobfuscator.tiers import parse_tiers
-from nnobfuscator.wrapping import Host, MixedPassUnsupported, TierContext
 
 KEY = bytes(range(32))
 TIERS = ["free", "pro", "plus", "premium"]

@@ -12,11 +12,11 @@ import pytest
 
 from nnobfuscator.serving import KeyStore, ServeConfig, create_app
 from nnobfuscator.serving.batcher import MicroBatcher
-from nnobfuscator.serving.conditions import Caller, PolicyEngine
 from nnobfuscator.serving.errors import ApiError
 from nnobfuscator.serving.limiter import LimitStore
-from nnobfuscator.serving.load import BrownoutSwitch, LoadMonitor
+from nnobfuscator.serving.load_signals import BrownoutSwitch, LoadMonitor
 from nnobfuscator.serving.policy import PolicyError, parse_policy
+from nnobfuscator.serving.policy_engine import Caller, PolicyEngine
 from nnobfuscator.serving.testing import random_png, serve_in_thread, torchvision_artifact
 
 TIERS = ["free", "pro", "premium"]
@@ -470,7 +470,7 @@ def test_a_batch_the_model_answers_wrongly_fails_its_requests_and_the_batcher_go
 
 
 def test_a_key_name_that_reads_like_an_id_is_refused(tmp_path):
-    from nnobfuscator.serving.keystore import KeyStoreError
+    from nnobfuscator.serving.api_keys import KeyStoreError
 
     store = KeyStore(tmp_path / "k.sqlite")
     with pytest.raises(KeyStoreError, match="reads like a key id"):

@@ -12,13 +12,13 @@ from conftest import BUILDERS, tiny_cnn
 from safetensors.torch import load_file
 
 from nnobfuscator import TieredModel, obfuscate
-from nnobfuscator.security.key_storage import (
+from nnobfuscator.core.key_derivation import key_id
+from nnobfuscator.core.secret_key import (
     ENCRYPTED_KEY_NAME,
     KEY_ENV,
     KeyNotFoundError,
     key_ring,
 )
-from nnobfuscator.security.keys import key_id
 from nnobfuscator.security.sealing import (
     SEALED_NAME,
     WEIGHTS_NAME,

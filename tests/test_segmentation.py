@@ -17,12 +17,12 @@ from torchvision.models.segmentation.fcn import FCNHead
 from typer.testing import CliRunner
 
 from nnobfuscator import TieredModel, calibrate, obfuscate
+from nnobfuscator.calibration.runner import SplitRunner
 from nnobfuscator.cli import app
-from nnobfuscator.cost import tier_flops
-from nnobfuscator.masks import plot_masks
-from nnobfuscator.runner import SplitRunner
-from nnobfuscator.sources import load_base_model
+from nnobfuscator.core.cost import tier_flops
+from nnobfuscator.jobs.sources import load_base_model
 from nnobfuscator.tasks import get_task
+from nnobfuscator.tasks.masks import plot_masks
 from nnobfuscator.zoo import digit_scenes
 from nnobfuscator.zoo.segmenters import small_deeplabv3, small_fcn
 from nnobfuscator.zoo.training import train_model
@@ -237,7 +237,7 @@ def test_demo_segmenters_are_torchvision_models_with_resnet_backbones(builder):
 
 
 def test_served_segmentation_classes_are_named():
-    from nnobfuscator.sources import class_names
+    from nnobfuscator.jobs.sources import class_names
 
     names = class_names({"zoo": "digit-scenes", "image_size": 48})
     assert (
@@ -250,7 +250,7 @@ def test_mask_folders_load_as_a_segmentation_split(tmp_path, scenes):
     import numpy as np
     from PIL import Image
 
-    from nnobfuscator.sources import SourceError, load_split
+    from nnobfuscator.jobs.sources import SourceError, load_split
 
     (tmp_path / "cal" / "images").mkdir(parents=True)
     (tmp_path / "cal" / "masks").mkdir()

@@ -95,7 +95,7 @@ def test_loading_onto_an_already_wrapped_model_is_refused(artifact):
 def test_tensors_shared_between_tiers_are_written_as_copies(tmp_path):
     from safetensors.torch import load_file
 
-    from nnobfuscator.serialization import TENSORS_NAME, write_artifact
+    from nnobfuscator.core.serialization import TENSORS_NAME, write_artifact
 
     shared = torch.arange(4.0)
     write_artifact(
@@ -111,7 +111,7 @@ def test_tensors_shared_between_tiers_are_written_as_copies(tmp_path):
 
 def test_artifacts_written_before_they_carried_preprocessing_are_upgraded_on_read(artifact):
     """An artifact that only names its data source gains its preprocessing and class names."""
-    from nnobfuscator.serialization import read_config, upgrade
+    from nnobfuscator.core.serialization import read_config, upgrade
     from nnobfuscator.zoo.fashion import FASHION_CLASSES
 
     path = artifact / "config.json"
@@ -140,7 +140,7 @@ def test_serving_reads_the_artifact_and_never_imports_the_zoo(artifact):
     import subprocess
     import sys
 
-    from nnobfuscator.serving.loader import serve_model
+    from nnobfuscator.serving.served_model import serve_model
 
     tiered = TieredModel.from_pretrained(str(artifact), tiny_cnn())
     tiered.meta["preprocessing"] = {
@@ -159,7 +159,7 @@ def test_serving_reads_the_artifact_and_never_imports_the_zoo(artifact):
         False,
     )
     code = (
-        "import sys, nnobfuscator.serving.app, nnobfuscator.serving.loader; "
+        "import sys, nnobfuscator.serving.app, nnobfuscator.serving.served_model; "
         "print(sorted(m for m in sys.modules if m.startswith('nnobfuscator.zoo')))"
     )
     result = subprocess.run(

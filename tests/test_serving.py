@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nnobfuscator.model import TieredModel
+from nnobfuscator.core.model import TieredModel
 from nnobfuscator.serving import KeyStore, RateLimit, ServeConfig, create_app
 from nnobfuscator.serving.images import decode_image
-from nnobfuscator.serving.loader import load_artifact
+from nnobfuscator.serving.served_model import load_artifact
 from nnobfuscator.serving.testing import (
     TinySegmenter,
     calibrated_by_hand,
@@ -409,6 +409,6 @@ def test_generate_prompt_to_png_and_empty_prompt(store):
 
 
 def _tiers():
-    from nnobfuscator.tiers import parse_tiers
+    from nnobfuscator.core.tiers import parse_tiers
 
     return parse_tiers("free=60%,pro=85%,premium=full")

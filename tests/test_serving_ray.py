@@ -12,7 +12,7 @@ import torch
 from nnobfuscator.serving import KeyStore, ServeConfig
 from nnobfuscator.serving.config import RateLimit
 from nnobfuscator.serving.images import decode_image
-from nnobfuscator.serving.loader import load_artifact
+from nnobfuscator.serving.served_model import load_artifact
 from nnobfuscator.serving.testing import free_port, random_png, torchvision_artifact
 
 pytestmark = [

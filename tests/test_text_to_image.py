@@ -14,10 +14,10 @@ pytest.importorskip("diffusers")
 from tiny_diffusion import CALL, tiny_pipeline  # noqa: E402
 
 from nnobfuscator import TieredModel, calibrate, obfuscate  # noqa: E402
-from nnobfuscator.cost import relative_costs  # noqa: E402
-from nnobfuscator.data import Split  # noqa: E402
-from nnobfuscator.grid import plot_generation_grid  # noqa: E402
+from nnobfuscator.core.cost import relative_costs  # noqa: E402
+from nnobfuscator.core.data import Split  # noqa: E402
 from nnobfuscator.tasks import TextToImageTask  # noqa: E402
+from nnobfuscator.tasks.grid import plot_generation_grid  # noqa: E402
 
 PROMPTS = ["a handwritten digit seven", "a red cat", "digit one", "two"]
 SEEDS = torch.tensor([0, 1, 2, 3])
@@ -262,7 +262,7 @@ def test_served_pipeline_generates_pngs_per_key_tier(pipe, tmp_path) -> None:
 
 
 def test_artifact_with_a_pipeline_directory_source_serves_the_same_images(pipe, tmp_path) -> None:
-    from nnobfuscator.serving.loader import load_artifact
+    from nnobfuscator.serving.served_model import load_artifact
 
     pipe.save_pretrained(tmp_path / "sd")
     source = {"model": {"diffusers": str(tmp_path / "sd")}}

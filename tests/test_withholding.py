@@ -7,7 +7,7 @@ import torch
 from conftest import BUILDERS, trained
 
 from nnobfuscator import CalibrationError, TieredModel, calibrate, obfuscate, parse_tiers
-from nnobfuscator.answers import AnswerFormat
+from nnobfuscator.core.answers import AnswerFormat
 from nnobfuscator.security.extract import CopyRecipe, extract, labels_only
 from nnobfuscator.strategies.class_merge import MASKED, groups_at, merge_order
 

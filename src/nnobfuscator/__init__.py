@@ -10,7 +10,14 @@ Example:
 Public names are imported on first use (PEP 562), so ``import nnobfuscator`` and light
 commands such as ``nnobf keys ...`` never load torch. Registries fill up as before: a
 strategy, block or layer adapter registers when its module is imported, and building a model
-imports them all (``nnobfuscator.model`` pulls in ``strategies``, ``wrapping`` and ``diffusion``).
+imports them all (``nnobfuscator.core.model`` pulls in ``strategies``, ``wrapping`` and
+``diffusion``).
+
+Layout, each layer importing only those below it: ``core`` (tiers, wrapping, the executor, the
+tiered model, artifacts, outputs, the secret key), ``strategies``, ``tasks``, ``calibration``,
+``security`` (attacks, extraction, sealing), ``jobs`` (sources, training, whole runs),
+``serving`` (HTTP), ``zoo`` (demo models and data) and ``cli``. Module paths from before this
+layout still import (``nnobfuscator._compat``).
 """
 
 from __future__ import annotations
@@ -20,15 +27,18 @@ import types
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from nnobfuscator import _compat
 from nnobfuscator.version import __version__
 
 if TYPE_CHECKING:
-    from nnobfuscator.calibrate import CalibrationError, calibrate, evaluate
-    from nnobfuscator.data import Split
-    from nnobfuscator.model import InputSpec, ObfuscationConfig, TieredModel, obfuscate
-    from nnobfuscator.outputs import read_output
-    from nnobfuscator.report import plot_report, write_report
-    from nnobfuscator.serialization import ArtifactError
+    from nnobfuscator.calibration.calibrator import CalibrationError, calibrate, evaluate
+    from nnobfuscator.calibration.report import plot_report, write_report
+    from nnobfuscator.core.data import Split
+    from nnobfuscator.core.model import InputSpec, ObfuscationConfig, TieredModel, obfuscate
+    from nnobfuscator.core.outputs import read_output
+    from nnobfuscator.core.serialization import ArtifactError
+    from nnobfuscator.core.tiers import Target, Tier, parse_tiers
+    from nnobfuscator.core.wrapping import LayerAdapter, register_layer_adapter
     from nnobfuscator.serving import create_app
     from nnobfuscator.strategies import (
         Strategy,
@@ -37,34 +47,32 @@ if TYPE_CHECKING:
         register_block,
         register_strategy,
     )
-    from nnobfuscator.tiers import Target, Tier, parse_tiers
-    from nnobfuscator.wrapping import LayerAdapter, register_layer_adapter
 
 #: public name -> the module it comes from
 _EXPORTS = {
-    "ArtifactError": "nnobfuscator.serialization",
-    "CalibrationError": "nnobfuscator.calibrate",
-    "InputSpec": "nnobfuscator.model",
-    "LayerAdapter": "nnobfuscator.wrapping",
-    "ObfuscationConfig": "nnobfuscator.model",
-    "Split": "nnobfuscator.data",
+    "ArtifactError": "nnobfuscator.core.serialization",
+    "CalibrationError": "nnobfuscator.calibration.calibrator",
+    "InputSpec": "nnobfuscator.core.model",
+    "LayerAdapter": "nnobfuscator.core.wrapping",
+    "ObfuscationConfig": "nnobfuscator.core.model",
+    "Split": "nnobfuscator.core.data",
     "Strategy": "nnobfuscator.strategies",
-    "Target": "nnobfuscator.tiers",
-    "Tier": "nnobfuscator.tiers",
-    "TieredModel": "nnobfuscator.model",
-    "calibrate": "nnobfuscator.calibrate",
+    "Target": "nnobfuscator.core.tiers",
+    "Tier": "nnobfuscator.core.tiers",
+    "TieredModel": "nnobfuscator.core.model",
+    "calibrate": "nnobfuscator.calibration.calibrator",
     "create_app": "nnobfuscator.serving",
-    "evaluate": "nnobfuscator.calibrate",
+    "evaluate": "nnobfuscator.calibration.calibrator",
     "get_strategy": "nnobfuscator.strategies",
     "list_strategies": "nnobfuscator.strategies",
-    "obfuscate": "nnobfuscator.model",
-    "parse_tiers": "nnobfuscator.tiers",
-    "plot_report": "nnobfuscator.report",
-    "read_output": "nnobfuscator.outputs",
+    "obfuscate": "nnobfuscator.core.model",
+    "parse_tiers": "nnobfuscator.core.tiers",
+    "plot_report": "nnobfuscator.calibration.report",
+    "read_output": "nnobfuscator.core.outputs",
     "register_block": "nnobfuscator.strategies",
-    "register_layer_adapter": "nnobfuscator.wrapping",
+    "register_layer_adapter": "nnobfuscator.core.wrapping",
     "register_strategy": "nnobfuscator.strategies",
-    "write_report": "nnobfuscator.report",
+    "write_report": "nnobfuscator.calibration.report",
 }
 
 __all__ = [
@@ -110,21 +118,18 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Keeps a public name bound to the function, not to the submodule of the same name.
+    """Keeps a public name bound to the function, not to a submodule of the same name.
 
-    Importing ``nnobfuscator.calibrate`` (the module) binds it as the package attribute
-    ``calibrate``, which would hide the function ``calibrate`` from ``from nnobfuscator import
-    calibrate``. As with the former eager imports, the function wins.
+    Importing the old path ``nnobfuscator.calibrate`` (the module, now an alias) binds it as the
+    package attribute ``calibrate``, which would hide the function from ``from nnobfuscator
+    import calibrate``: the function wins.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            isinstance(value, types.ModuleType)
-            and _EXPORTS.get(name) == value.__name__ == f"{__name__}.{name}"
-            and hasattr(value, name)
-        ):
+        if isinstance(value, types.ModuleType) and name in _EXPORTS and hasattr(value, name):
             value = getattr(value, name)
         super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
+_compat.install()

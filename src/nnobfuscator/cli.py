@@ -76,7 +76,7 @@ def _fail(message: str) -> None:
 
 
 def _print_table(report: dict[str, Any]) -> None:
-    from nnobfuscator.report import report_columns, report_rows
+    from nnobfuscator.calibration.report import report_columns, report_rows
 
     splits, base = report["splits"], report["base"]
     table = Table(
@@ -98,7 +98,7 @@ def _print_table(report: dict[str, Any]) -> None:
 
 def _run_job(**job: Any) -> None:
     """Run a calibration job, turning bad input into a clear exit, then print what it wrote."""
-    from nnobfuscator.pipeline import run_job
+    from nnobfuscator.jobs.run import run_job
 
     try:
         result = run_job(**job)
@@ -300,7 +300,7 @@ def eval_artifact(
     plot: Annotated[Path | None, typer.Option(help="Plot PNG path.")] = None,
 ) -> None:
     """Re-measure every tier of an artifact on its test split."""
-    from nnobfuscator.pipeline import evaluate_artifact
+    from nnobfuscator.jobs.run import evaluate_artifact
 
     try:
         result = evaluate_artifact(
@@ -316,7 +316,7 @@ def eval_artifact(
 @app.command()
 def info(artifact: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
     """Print an artifact's tiers, strategy, targeted layers and metrics (no model needed)."""
-    from nnobfuscator.serialization import read_config
+    from nnobfuscator.core.serialization import read_config
 
     try:
         config = read_config(artifact)
@@ -360,7 +360,7 @@ def _key_location(artifact: Path, key_id: str) -> str:
     """Where the artifact's secret key can be found on this machine (never the key itself)."""
     import os
 
-    from nnobfuscator.security.key_storage import ENCRYPTED_KEY_NAME, KEY_ENV, key_ring
+    from nnobfuscator.core.secret_key import ENCRYPTED_KEY_NAME, KEY_ENV, key_ring
 
     places = []
     if (key_ring() / f"{key_id}.key").is_file():

@@ -20,7 +20,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from torch import nn
 
-    from nnobfuscator.data import Split
+    from nnobfuscator.core.data import Split
     from nnobfuscator.security.distill import TrainRecipe
 
 _out = Console(width=None if sys.stdout.isatty() else 160)
@@ -106,7 +106,7 @@ def attack(
     names = _attack_names(attacks, task)
     budgets = _query_budgets(queries) if {"decode", "distill", "extract"} & set(names) else []
     if answer_format is not None:
-        from nnobfuscator.answers import AnswerFormat
+        from nnobfuscator.core.answers import AnswerFormat
 
         try:
             AnswerFormat.parse(answer_format)
@@ -139,7 +139,7 @@ def attack(
 
 
 def _read_config(artifact: Path) -> dict[str, Any]:
-    from nnobfuscator.serialization import read_config
+    from nnobfuscator.core.serialization import read_config
 
     try:
         return read_config(artifact)
@@ -189,7 +189,7 @@ def _run(
     train_steps: int | None,
     progress: bool,
 ) -> dict[str, Any]:
-    from nnobfuscator.pipeline import open_artifact
+    from nnobfuscator.jobs.run import open_artifact
     from nnobfuscator.security.attack_report import build_attack_report
     from nnobfuscator.security.attacks import run_attacks
     from nnobfuscator.security.augment import AugmentConfig
@@ -266,8 +266,8 @@ def _query_pool(opened: Any) -> tuple[Split, int]:
     how many training images the base model learned from (for the copy's training length)."""
     import torch
 
-    from nnobfuscator.data import Split
-    from nnobfuscator.sources import SourceError
+    from nnobfuscator.core.data import Split
+    from nnobfuscator.jobs.sources import SourceError
 
     with contextlib.suppress(SourceError, KeyError):
         pool = opened.split("pool")
@@ -292,8 +292,8 @@ def _copy_builder(
     """An untrained copy of the artifact's architecture, and how it trains: the base model's own
     recipe when the artifact records one (as many optimizer steps as its training took), else
     the default :class:`TrainRecipe`."""
+    from nnobfuscator.jobs.sources import build_architecture
     from nnobfuscator.security.distill import TrainRecipe
-    from nnobfuscator.sources import build_architecture
 
     recipe = TrainRecipe()
     trained = model.meta.get("base_model", {}).get("recipe")
@@ -311,7 +311,7 @@ def _copy_builder(
 def _write(
     artifact: Path, report_data: dict[str, Any], report: Path | None, plot: Path | None
 ) -> None:
-    from nnobfuscator.report import write_report
+    from nnobfuscator.calibration.report import write_report
     from nnobfuscator.security.attack_report import (
         ATTACK_COLUMNS,
         EXTRACT_COLUMNS,

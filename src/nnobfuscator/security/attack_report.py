@@ -10,7 +10,7 @@ from nnobfuscator.security.oracle import AttackResult
 from nnobfuscator.version import __version__
 
 if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+    from nnobfuscator.core.model import TieredModel
 
 #: results whose budget is a number of labelled or unlabelled queries, not copies per input
 QUERY_ATTACKS = ("distill", "decode-scores", "decode-label", "extract")
@@ -126,7 +126,7 @@ def plot_attacks(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnobfuscator.report import save_figure
+    from nnobfuscator.calibration.report import save_figure
 
     tiers = list(dict.fromkeys(row["tier"] for row in report["results"]))
     fig, axes = plt.subplots(

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from nnobfuscator.answers import AnswerFormat
-from nnobfuscator.data import Split
+from nnobfuscator.core.answers import AnswerFormat
+from nnobfuscator.core.data import Split
 from nnobfuscator.security.augment import (
     JITTER,
     AugmentConfig,
@@ -52,7 +52,7 @@ from nnobfuscator.security.oracle import (
 from nnobfuscator.tasks import Task, get_task
 
 if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+    from nnobfuscator.core.model import TieredModel
     from nnobfuscator.security.distill import TrainRecipe
     from nnobfuscator.security.extract import CopyRecipe
 

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from nnobfuscator.answers import AnswerFormat
-from nnobfuscator.data import Split
+from nnobfuscator.core.answers import AnswerFormat
+from nnobfuscator.core.data import Split
+from nnobfuscator.jobs.training import train_model
 from nnobfuscator.security.augment import AugmentConfig, random_perturbations
 from nnobfuscator.security.oracle import (
     AttackResult,
@@ -30,10 +31,9 @@ from nnobfuscator.security.oracle import (
     tier_baseline,
 )
 from nnobfuscator.tasks import Task, get_task
-from nnobfuscator.training import train_model
 
 if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+    from nnobfuscator.core.model import TieredModel
 
 MIN_QUERIES = 10
 

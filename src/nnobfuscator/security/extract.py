@@ -2,7 +2,7 @@
 
 The *face value* of a tier is its metric on its answers as given. Its user, though, holds a pool
 of unlabelled images (never the test split) with ``N`` true labels among them, queries the tier
-on the whole pool and sees each answer in the tier's format (:class:`~nnobfuscator.answers.
+on the whole pool and sees each answer in the tier's format (:class:`~nnobfuscator.core.answers.
 AnswerFormat`). The **extractable utility@N** is the best, on the test split, of
 
 - the face value;
@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnobfuscator.answers import AnswerFormat
-from nnobfuscator.data import Split
+from nnobfuscator.core.answers import AnswerFormat
+from nnobfuscator.core.data import Split
+from nnobfuscator.jobs.training import train_model
 from nnobfuscator.security.decode import fit_score_decoder
 from nnobfuscator.security.distill import score_model
 from nnobfuscator.tasks import get_task
-from nnobfuscator.training import train_model
 
 if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+    from nnobfuscator.core.model import TieredModel
 
 #: the query budgets of the issue: a few hundred and a thousand labels
 DEFAULT_QUERIES = (300, 1000)

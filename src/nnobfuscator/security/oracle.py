@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nnobfuscator.answers import AnswerFormat
-from nnobfuscator.data import Split
+from nnobfuscator.core.answers import AnswerFormat
+from nnobfuscator.core.data import Split
 from nnobfuscator.tasks import Task, get_task
 
 if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+    from nnobfuscator.core.model import TieredModel
 
 ATTACKED_TASKS = ("classification", "segmentation")
 #: vote ties go to the class with the higher average score (a vote is worth more than any score)
@@ -65,7 +65,7 @@ class TierOracle:
         model: the tiered model.
         tier: the tier whose answers the user gets.
         task: reads and scores outputs (default: the model's task).
-        answer_format: what the user sees (:class:`~nnobfuscator.answers.AnswerFormat`; withheld
+        answer_format: what the user sees (:class:`~nnobfuscator.core.answers.AnswerFormat`; withheld
             scores read 0); ``None``: the tier's own format (a classifier), every score (dense
             tasks, whose answer is a mask).
         batch_size: inputs per forward pass.

@@ -30,10 +30,10 @@ def seal_command(
     Prints one key per higher tier, once (stdout): the key of a tier unlocks it and every tier
     below it. Keys are not stored anywhere; sealing again makes a bundle with new keys.
     """
-    from nnobfuscator.model import TieredModel
+    from nnobfuscator.core.model import TieredModel
+    from nnobfuscator.core.serialization import read_config
+    from nnobfuscator.jobs.sources import load_base_model
     from nnobfuscator.security.sealing import SealError, seal
-    from nnobfuscator.serialization import read_config
-    from nnobfuscator.sources import load_base_model
 
     try:
         config = read_config(artifact)
@@ -126,7 +126,7 @@ def _measure(
 ) -> tuple[float, str]:
     """The bundle's test metric for ``state``, on the data source it records (inputs resized by
     the tier's ``input_scale``)."""
-    from nnobfuscator.sources import SourceError, build_architecture, load_split
+    from nnobfuscator.jobs.sources import SourceError, build_architecture, load_split
     from nnobfuscator.tasks import get_task
 
     source = manifest.get("source", {})
@@ -204,7 +204,7 @@ def _plot_sealed_attacks(payload: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnobfuscator.report import save_figure
+    from nnobfuscator.calibration.report import save_figure
 
     results = payload["results"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -150,8 +150,8 @@ def tier_state_dicts(
         SealError: a tier changes the model in a way weights cannot carry (output noise, channel
             slimming), or the model is a pipeline.
     """
+    from nnobfuscator.core.wrapping import unwrapped_name
     from nnobfuscator.strategies.bn_reestimate import find_store
-    from nnobfuscator.wrapping import unwrapped_name
 
     if tiered.task == "text-to-image":
         raise SealError("sealing covers nn.Module models; diffusers pipelines are not supported")

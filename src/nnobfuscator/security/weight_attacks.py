@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnobfuscator.data import Split
+from nnobfuscator.core.data import Split
+from nnobfuscator.jobs.training import train_model
 from nnobfuscator.tasks import Task
-from nnobfuscator.training import train_model
 
 SHARES = (0.01, 0.05, 0.1)
 CLIP_SIGMAS = (2.0, 3.0, 4.0)
@@ -260,8 +260,8 @@ def attack_bundle(
     Raises:
         SealError: not a bundle, or one without a recorded architecture and data source.
     """
+    from nnobfuscator.jobs.sources import SourceError, build_architecture, load_split
     from nnobfuscator.security.sealing import SealError, read_manifest, shipped_weights
-    from nnobfuscator.sources import SourceError, build_architecture, load_split
     from nnobfuscator.tasks import get_task
 
     manifest = read_manifest(directory)

@@ -17,9 +17,9 @@ _EXPORTS = {
     "create_app": "nnobfuscator.serving.app",
     "RateLimit": "nnobfuscator.serving.config",
     "ServeConfig": "nnobfuscator.serving.config",
-    "ApiKey": "nnobfuscator.serving.keystore",
-    "KeyStore": "nnobfuscator.serving.keystore",
-    "KeyStoreError": "nnobfuscator.serving.keystore",
+    "ApiKey": "nnobfuscator.serving.api_keys",
+    "KeyStore": "nnobfuscator.serving.api_keys",
+    "KeyStoreError": "nnobfuscator.serving.api_keys",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -23,21 +23,20 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from nnobfuscator.model import TieredModel
+from nnobfuscator.core.model import TieredModel
+from nnobfuscator.serving.api_keys import KeyStore
 from nnobfuscator.serving.auth import Authenticator, Principal
 from nnobfuscator.serving.batcher import MicroBatcher
-from nnobfuscator.serving.conditions import PolicyEngine
 from nnobfuscator.serving.config import ServeConfig
 from nnobfuscator.serving.errors import ApiError, install_error_handlers
 from nnobfuscator.serving.images import decode_image, generated_png
-from nnobfuscator.serving.keystore import KeyStore
 from nnobfuscator.serving.limiter import LimitStore
-from nnobfuscator.serving.load import LoadMonitor
-from nnobfuscator.serving.loader import ServedModel, load_artifact, serve_model
+from nnobfuscator.serving.load_signals import LoadMonitor
 from nnobfuscator.serving.metrics import Metrics
 from nnobfuscator.serving.middleware import ServingMiddleware
 from nnobfuscator.serving.payloads import IMAGE_BODY_DOC, read_image_payload, read_prompt
 from nnobfuscator.serving.policy import Policy, PolicyError, default_policy, load_policy, utc_now
+from nnobfuscator.serving.policy_engine import PolicyEngine
 from nnobfuscator.serving.results import (
     CLASSIFICATION,
     SEGMENTATION,
@@ -59,6 +58,7 @@ from nnobfuscator.serving.schemas import (
     TierInfo,
     TiersResponse,
 )
+from nnobfuscator.serving.served_model import ServedModel, load_artifact, serve_model
 from nnobfuscator.serving.usage import UsageMeter, usage_meter
 from nnobfuscator.version import __version__
 

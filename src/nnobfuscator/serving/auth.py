@@ -1,7 +1,7 @@
 """Who is calling and at which tier: API key -> the key's tier -> the policy's served tier.
 
 The key is checked against the store on every request (so tier changes, expiry and revocation
-apply at once); the serving policy (:mod:`nnobfuscator.serving.conditions`) then picks the tier
+apply at once); the serving policy (:mod:`nnobfuscator.serving.policy_engine`) then picks the tier
 the request is served at, or refuses it (429).
 """
 
@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from nnobfuscator.serving.conditions import Caller, Decision, PolicyEngine
+from nnobfuscator.serving.api_keys import ApiKey, KeyStore, KeyStoreError
 from nnobfuscator.serving.errors import ApiError
-from nnobfuscator.serving.keystore import ApiKey, KeyStore, KeyStoreError
 from nnobfuscator.serving.metrics import Metrics
+from nnobfuscator.serving.policy_engine import Caller, Decision, PolicyEngine
 from nnobfuscator.serving.usage import UsageMeter
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nnobfuscator"'}

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nnobfuscator.serving.keystore import (
+from nnobfuscator.serving.api_keys import (
     ApiKey,
     KeyStore,
     KeyStoreError,
@@ -403,7 +403,7 @@ def serve(
 
 def _check_policy(artifact: Path, policy: Path) -> None:
     """Refuse a bad policy file before anything starts (its line and what is wrong)."""
-    from nnobfuscator.serialization import read_config
+    from nnobfuscator.core.serialization import read_config
     from nnobfuscator.serving.policy import PolicyError, load_policy
 
     tiers = [t["name"] for t in read_config(artifact).get("tiers", [])]
@@ -415,7 +415,7 @@ def _check_policy(artifact: Path, policy: Path) -> None:
 
 def _weak_strategies(artifact: Path) -> list[str]:
     """The artifact's strategies marked ``weak`` (unknown names are left to the loader)."""
-    from nnobfuscator.serialization import read_config
+    from nnobfuscator.core.serialization import read_config
     from nnobfuscator.strategies.base import STRATEGIES
 
     try:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as F
 
-from nnobfuscator.outputs import read_output
+from nnobfuscator.core.outputs import read_output
 from nnobfuscator.serving.errors import ApiError
 
 ACCEPTED_FORMATS = {"PNG", "JPEG"}

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nnobfuscator.outputs import read_output
+from nnobfuscator.core.outputs import read_output
 from nnobfuscator.serving.images import generated_png, mask_of, mask_png, mask_rle
-from nnobfuscator.serving.loader import ServedModel
 from nnobfuscator.serving.schemas import (
     ClassifyResponse,
     GenerateResponse,
@@ -20,6 +19,7 @@ from nnobfuscator.serving.schemas import (
     ScoredLabel,
     SegmentResponse,
 )
+from nnobfuscator.serving.served_model import ServedModel
 
 CLASSIFICATION = "classification"
 SEGMENTATION = "segmentation"

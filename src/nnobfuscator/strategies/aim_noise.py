@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nnobfuscator.outputs import map_output
+from nnobfuscator.core.outputs import map_output
 from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.strategies.logit_noise import sample_scale
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from nnobfuscator.registry import Registry, TypeRegistry
-from nnobfuscator.wrapping import (
+from nnobfuscator.core.registry import Registry, TypeRegistry
+from nnobfuscator.core.wrapping import (
     Host,
     TieredLayer,
     acts_on_activations,

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from nnobfuscator.core.wrapping import Host
 from nnobfuscator.strategies.base import register_strategy
 from nnobfuscator.strategies.blocks import TieredBlock, skippable_blocks, wrap_block
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
-from nnobfuscator.wrapping import Host
 
 
 def matching(names: list[str], patterns: list[str] | None, strategy: str, what: str) -> list[str]:

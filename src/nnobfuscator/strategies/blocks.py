@@ -31,9 +31,8 @@ from torchvision.models import (
     vision_transformer,
 )
 
-from nnobfuscator.registry import TypeRegistry
-from nnobfuscator.strategies.slimmers import Slimmer, slimmer_for
-from nnobfuscator.wrapping import (
+from nnobfuscator.core.registry import TypeRegistry
+from nnobfuscator.core.wrapping import (
     DerivedCache,
     Host,
     MixedPassUnsupported,
@@ -43,6 +42,7 @@ from nnobfuscator.wrapping import (
     pass_of,
     unwrapped_name,
 )
+from nnobfuscator.strategies.slimmers import Slimmer, slimmer_for
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnobfuscator.wrapping import (
+from nnobfuscator.core.wrapping import (
     Host,
     MixedPassUnsupported,
     TierContext,

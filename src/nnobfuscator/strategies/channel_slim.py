@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nnobfuscator.core.wrapping import Host
 from nnobfuscator.strategies.base import register_strategy
 from nnobfuscator.strategies.block_skip import matching
 from nnobfuscator.strategies.blocks import (
@@ -22,7 +23,6 @@ from nnobfuscator.strategies.blocks import (
 )
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
 from nnobfuscator.strategies.slimmers import ConvStackSlimmer
-from nnobfuscator.wrapping import Host
 
 KEEP_STEPS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 

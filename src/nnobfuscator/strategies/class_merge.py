@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnobfuscator.core.wrapping import Host, TierContext, ordinary, unwrapped_name
 from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.strategies.bn_reestimate import find_store
-from nnobfuscator.wrapping import Host, TierContext, ordinary, unwrapped_name
 
 #: logit of a class a merged tier never answers (finite: softmax gives it 0, logs stay finite)
 MASKED = -1e4

@@ -3,7 +3,7 @@
 A compute strategy reads one *setting* per tier (a small JSON-able dict in
 ``Tier.params[name]``), has a default setting that changes nothing, and lists the settings one step
 cheaper than a given one. Calibration searches those steps for the cheapest setting whose utility
-still clears the tier's target (``nnobfuscator.compute_search``), then a degrading strategy lands
+still clears the tier's target (``nnobfuscator.calibration.compute_search``), then a degrading strategy lands
 the utility on the target.
 
 To add one (say, fewer denoising steps for a diffusion pipeline), subclass :class:`ComputeStrategy`,
@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from nnobfuscator.core.wrapping import Host
 from nnobfuscator.strategies.base import Strategy
 from nnobfuscator.strategies.bn_reestimate import NormStore, norm_store
-from nnobfuscator.wrapping import Host
 
 Setting = dict[str, Any]
 

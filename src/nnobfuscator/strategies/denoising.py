@@ -1,7 +1,7 @@
 """Compute strategies for diffusion pipelines: fewer denoising steps, guidance cut off early.
 
 Both change the pipeline *call* of a tier (:meth:`~nnobfuscator.strategies.Strategy.transform_call`)
-and need a model that knows its call options (a :class:`~nnobfuscator.diffusion.PipelineModule`).
+and need a model that knows its call options (a :class:`~nnobfuscator.core.diffusion.PipelineModule`).
 
 - ``fewer-steps``: a tier runs a share of the call's ``num_inference_steps``.
 - ``guidance-cutoff``: classifier-free guidance doubles the UNet batch; a tier keeps it for the
@@ -15,9 +15,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from nnobfuscator.core.wrapping import Host
 from nnobfuscator.strategies.base import register_strategy
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
-from nnobfuscator.wrapping import Host
 
 STEP_SHARES = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 GUIDANCE_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)

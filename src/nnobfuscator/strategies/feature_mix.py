@@ -4,7 +4,7 @@ At strength ``s`` a target layer sees ``h' = h + s * (Q h - h)`` instead of ``h`
 orthogonal map over the layer's input features (within each group of a grouped convolution; over
 the embedding of an attention's packed q/k/v projection). ``Q`` mixes consecutive features in
 groups of up to ``block``, each by its own keyed orthogonal matrix
-(:func:`~nnobfuscator.security.keys.keyed_block_orthogonal`).
+(:func:`~nnobfuscator.core.key_derivation.keyed_block_orthogonal`).
 
 The mix is applied to the layer's input activation, with one strength per sample: no per-tier
 weight exists (the model stays one model), a batch mixing tiers runs in one pass, and the cost is
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from nnobfuscator.security.keys import keyed_block_orthogonal
+from nnobfuscator.core.key_derivation import keyed_block_orthogonal
+from nnobfuscator.core.wrapping import TieredLayer
 from nnobfuscator.strategies.base import Strategy, register_strategy
-from nnobfuscator.wrapping import TieredLayer
 
 #: features mixed together (artifacts of nnobfuscator 0.3 and earlier used 256, after a keyed
 #: permutation)

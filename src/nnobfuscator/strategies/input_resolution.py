@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nnobfuscator.outputs import map_output
+from nnobfuscator.core.outputs import map_output
 from nnobfuscator.strategies.base import register_strategy
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
 

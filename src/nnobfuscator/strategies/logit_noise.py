@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from nnobfuscator.outputs import map_output
-from nnobfuscator.security.keys import keyed_normal
+from nnobfuscator.core.key_derivation import keyed_normal
+from nnobfuscator.core.outputs import map_output
 from nnobfuscator.strategies.base import Strategy, register_strategy
 
 #: the keyed table's share of the noise (the push from the predicted class to the runner-up is 1)

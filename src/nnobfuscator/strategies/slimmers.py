@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from nnobfuscator.strategies.bn_reestimate import TieredNorm
-from nnobfuscator.strategies.norms import batch_norm_at
-from nnobfuscator.wrapping import (
+from nnobfuscator.core.wrapping import (
     DerivedCache,
     TieredLayer,
     acts_on_activations,
     tensor_identity,
 )
+from nnobfuscator.strategies.bn_reestimate import TieredNorm
+from nnobfuscator.strategies.norms import batch_norm_at
 
 ActivationStats = list[tuple[torch.Tensor, torch.Tensor]]
 Space = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], int]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from nnobfuscator.security.keys import keyed_normal
+from nnobfuscator.core.key_derivation import keyed_normal
+from nnobfuscator.core.wrapping import TieredLayer
 from nnobfuscator.strategies.base import Strategy, register_strategy
-from nnobfuscator.wrapping import TieredLayer
 
 
 @register_strategy

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from nnobfuscator.outputs import read_output
-from nnobfuscator.registry import Registry
+from nnobfuscator.core.outputs import read_output
+from nnobfuscator.core.registry import Registry
 
 
 class Task(ABC):
@@ -21,7 +21,7 @@ class Task(ABC):
     metric: ClassVar[str]
 
     def logits(self, output: Any) -> torch.Tensor:
-        """The main tensor of a model output (see :func:`nnobfuscator.outputs.read_output`)."""
+        """The main tensor of a model output (see :func:`nnobfuscator.core.outputs.read_output`)."""
         return read_output(output)
 
     @abstractmethod

@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from nnobfuscator.outputs import read_images
+from nnobfuscator.core.outputs import read_images
 from nnobfuscator.tasks.base import Task, register_task
 
 

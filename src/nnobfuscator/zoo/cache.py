@@ -1,11 +1,11 @@
-"""Where trained demo models are cached (see :func:`nnobfuscator.home.cache_dir`), and the quick
+"""Where trained demo models are cached (see :func:`nnobfuscator.core.home.cache_dir`), and the quick
 mode in which tests train them in seconds."""
 
 from __future__ import annotations
 
 import os
 
-from nnobfuscator.home import cache_dir
+from nnobfuscator.core.home import cache_dir
 
 __all__ = ["QUICK_ENV", "cache_dir", "quick"]
 

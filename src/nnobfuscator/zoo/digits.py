@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnobfuscator.data import Split
+from nnobfuscator.core.data import Split
 
 __all__ = ["DIGITS_CLASSES", "Split", "digit_split_indices", "digits_splits"]
 

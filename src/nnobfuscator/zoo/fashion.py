@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnobfuscator.data import Split
+from nnobfuscator.core.data import Split
 from nnobfuscator.zoo.cache import quick
 
 __all__ = [

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nnobfuscator.data import Split
+from nnobfuscator.core.data import Split
 from nnobfuscator.zoo import classifiers
 from nnobfuscator.zoo.cache import cache_dir
 from nnobfuscator.zoo.judge import load_judge, real_digits

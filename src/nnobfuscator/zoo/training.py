@@ -1,6 +1,6 @@
-"""The demo models' training loop lives in the core (``nnobfuscator.training``); names kept here."""
+"""The demo models' training loop lives in the core (``nnobfuscator.jobs.training``); names kept here."""
 
-from nnobfuscator.training import (
+from nnobfuscator.jobs.training import (
     evaluate_accuracy,
     evaluate_metric,
     recalibrate_batchnorm,

@@ -24,8 +24,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from nnobfuscator.home import cache_dir
-from nnobfuscator.security.keys import coerce_key, key_id
+from nnobfuscator.core.home import cache_dir
+from nnobfuscator.core.key_derivation import coerce_key, key_id
 
 KEY_ENV = "NNOBF_MODEL_KEY"
 PASSPHRASE_ENV = "NNOBF_PASSPHRASE"

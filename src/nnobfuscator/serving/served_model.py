@@ -6,7 +6,7 @@ import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnobfuscator.model import TieredModel
+from nnobfuscator.core.model import TieredModel
 from nnobfuscator.serving.images import ImageSpec
 
 
@@ -46,8 +46,8 @@ def load_artifact(directory: str | Path) -> ServedModel:
     Raises:
         ValueError: the artifact is missing or corrupt, or does not record its model source.
     """
-    from nnobfuscator.serialization import read_config
-    from nnobfuscator.sources import load_base_model
+    from nnobfuscator.core.serialization import read_config
+    from nnobfuscator.jobs.sources import load_base_model
 
     config = read_config(directory)
     source = config.get("meta", {}).get("source")

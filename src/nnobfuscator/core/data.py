@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from nnobfuscator.outputs import batch_size, select
+from nnobfuscator.core.outputs import batch_size, select
 
 
 @dataclass

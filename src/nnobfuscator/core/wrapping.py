@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnobfuscator.registry import TypeRegistry
-from nnobfuscator.tiers import Tier
+from nnobfuscator.core.registry import TypeRegistry
+from nnobfuscator.core.tiers import Tier
 
 _contexts = itertools.count()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnobfuscator.data import Split
-from nnobfuscator.model import TieredModel
-from nnobfuscator.report import save_figure
+from nnobfuscator.calibration.report import save_figure
+from nnobfuscator.core.data import Split
+from nnobfuscator.core.model import TieredModel
 from nnobfuscator.tasks import get_task
 
 

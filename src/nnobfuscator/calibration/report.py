@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from nnobfuscator.version import __version__
 
 if TYPE_CHECKING:
-    from nnobfuscator.model import TieredModel
+    from nnobfuscator.core.model import TieredModel
     from nnobfuscator.tasks import Task
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nnobfuscator.data import Split
+from nnobfuscator.core.data import Split
 
 if TYPE_CHECKING:
     from nnobfuscator.tasks import Task

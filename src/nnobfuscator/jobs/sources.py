@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nnobfuscator.data import Split
+from nnobfuscator.core.data import Split
 from nnobfuscator.tasks import Task
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 
-from nnobfuscator.calibrate import calibrate, evaluate
-from nnobfuscator.data import Split
-from nnobfuscator.grid import plot_generation_grid
-from nnobfuscator.masks import plot_masks
-from nnobfuscator.model import InputSpec, TieredModel, obfuscate
-from nnobfuscator.report import plot_report, write_report
-from nnobfuscator.serialization import read_config
-from nnobfuscator.sources import (
+from nnobfuscator.calibration.calibrator import calibrate, evaluate
+from nnobfuscator.calibration.report import plot_report, write_report
+from nnobfuscator.core.data import Split
+from nnobfuscator.core.model import InputSpec, TieredModel, obfuscate
+from nnobfuscator.core.serialization import read_config
+from nnobfuscator.core.tiers import parse_tiers
+from nnobfuscator.jobs.sources import (
     class_names,
     load_base_model,
     load_split,
@@ -24,7 +23,8 @@ from nnobfuscator.sources import (
 )
 from nnobfuscator.strategies import get_strategy
 from nnobfuscator.tasks import Task
-from nnobfuscator.tiers import parse_tiers
+from nnobfuscator.tasks.grid import plot_generation_grid
+from nnobfuscator.tasks.masks import plot_masks
 
 
 @dataclass
@@ -129,8 +129,8 @@ def _extractable_options(
     copy of the architecture and the recipe the owner trained with."""
     from functools import partial
 
+    from nnobfuscator.jobs.sources import SourceError, build_architecture
     from nnobfuscator.security.extract import CopyRecipe
-    from nnobfuscator.sources import SourceError, build_architecture
 
     pool = None
     for name in ("pool", "train"):

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnobfuscator.core.wrapping import TieredLayer, layer_adapter, unwrapped_name
 from nnobfuscator.strategies.base import register_default_targets
-from nnobfuscator.wrapping import TieredLayer, layer_adapter, unwrapped_name
 
 #: compute strategies ``compute="auto"`` takes for a pipeline
 PIPELINE_COMPUTE = ("fewer-steps", "guidance-cutoff")

@@ -2,7 +2,7 @@
 
 A beam search over the steps the compute strategies offer (skip one more block, keep fewer
 channels in one more stage, shrink the input once more). Each candidate runs on the calibration
-split with its BatchNorm statistics re-estimated for it (:class:`~nnobfuscator.runner.
+split with its BatchNorm statistics re-estimated for it (:class:`~nnobfuscator.calibration.runner.
 SettingRunner`: the first batch measures them, its activations are reused by every candidate
 that shares a prefix of the network) and is costed in FLOPs with ``torch.utils.flop_counter``.
 Among the candidates that keep utility at or above the requirement, the beam keeps those that
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nnobfuscator.model import TieredModel
-from nnobfuscator.runner import SettingRunner
+from nnobfuscator.calibration.runner import SettingRunner
+from nnobfuscator.core.model import TieredModel
 from nnobfuscator.strategies.bn_reestimate import Stats
 from nnobfuscator.strategies.compute import Setting
 from nnobfuscator.tasks import Task

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnobfuscator.outputs import batch_size, main_input, scatter, select, select_call
+from nnobfuscator.core.outputs import batch_size, main_input, scatter, select, select_call
+from nnobfuscator.core.tiers import Tier
+from nnobfuscator.core.wrapping import MixedPassUnsupported, TierContext, pass_of
 from nnobfuscator.strategies import Strategy
-from nnobfuscator.tiers import Tier
-from nnobfuscator.wrapping import MixedPassUnsupported, TierContext, pass_of
 
 Body = Callable[..., Any]
 
@@ -85,7 +85,9 @@ class TierExecutor:
             return None
         info = self.tiers[tier]
         if not all(name in info.params for name in self.strategies):
-            raise RuntimeError(f"tier {tier!r} is not calibrated yet: run nnobfuscator.calibrate()")
+            raise RuntimeError(
+                f"tier {tier!r} is not calibrated yet: run nnobfuscator.calibration.calibrator()"
+            )
         return tier
 
     def transform_input(self, inputs: Any, tier: str | None) -> Any:

@@ -210,7 +210,7 @@ class AuditRow:
 
 def default_keys_path() -> Path:
     """``$NNOBF_HOME/keys.sqlite`` (``~/.cache/nnobfuscator/keys.sqlite`` without NNOBF_HOME)."""
-    from nnobfuscator.home import cache_dir
+    from nnobfuscator.core.home import cache_dir
 
     return cache_dir() / "keys.sqlite"
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from nnobfuscator.answers import AnswerFormat, default_format
+from nnobfuscator.core.answers import AnswerFormat, default_format
 
 TargetKind = Literal["absolute", "relative", "full"]
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -79,7 +79,7 @@ class Tier:
         params: calibrated parameters per strategy, e.g. ``{"feature-mix": {"strength": 0.7}}``.
         metrics: what the tier achieved, e.g. ``{"calibration": 0.61, "test": 0.60}``.
         answer_format: what a user of the tier receives from a classifier (``scores``,
-            ``top_k:N``, ``top1``, ``label``; see :class:`~nnobfuscator.answers.AnswerFormat`);
+            ``top_k:N``, ``top1``, ``label``; see :class:`~nnobfuscator.core.answers.AnswerFormat`);
             ``None``: ``top_k:5`` below the full tier, ``scores`` at it.
     """
 

@@ -2,7 +2,7 @@
 
 This module knows the file format only; ``TieredModel.save_pretrained`` / ``from_pretrained`` say
 what goes in. The secret key is never written here in plain (see
-``nnobfuscator.security.key_storage``).
+``nnobfuscator.core.secret_key``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def upgrade(config: dict[str, Any], directory: str | Path) -> dict[str, Any]:
     data = (meta.get("source") or {}).get("data")
     spec = config.get("input_spec") or {}
     if data and spec and "preprocessing" not in meta:
-        from nnobfuscator.sources import class_names, preprocessing
+        from nnobfuscator.jobs.sources import class_names, preprocessing
 
         size = (spec["height"], spec["width"]) if spec.get("height") and spec.get("width") else None
         meta["preprocessing"] = preprocessing(

@@ -13,16 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnobfuscator import serialization
-from nnobfuscator.diffusion import PIPELINE_COMPUTE, PipelineModule, as_module
-from nnobfuscator.executor import TierExecutor
-from nnobfuscator.outputs import main_input
-from nnobfuscator.security.key_storage import find_key, store_key
-from nnobfuscator.security.keys import coerce_key, key_id
+from nnobfuscator.core import serialization
+from nnobfuscator.core.diffusion import PIPELINE_COMPUTE, PipelineModule, as_module
+from nnobfuscator.core.executor import TierExecutor
+from nnobfuscator.core.key_derivation import coerce_key, key_id
+from nnobfuscator.core.outputs import main_input
+from nnobfuscator.core.secret_key import find_key, store_key
+from nnobfuscator.core.tiers import Tier, parse_tiers
+from nnobfuscator.core.wrapping import Host, TierContext, unwrapped_name, wrap_max_pooling
 from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, list_strategies
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
-from nnobfuscator.tiers import Tier, parse_tiers
-from nnobfuscator.wrapping import Host, TierContext, unwrapped_name, wrap_max_pooling
 
 
 @dataclass
@@ -319,11 +319,11 @@ class TieredModel(nn.Module):
 
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, passphrase: str | None = None) -> Path:
-        """Write config JSON + safetensors + a README card (see ``nnobfuscator.serialization``).
+        """Write config JSON + safetensors + a README card (see ``nnobfuscator.core.serialization``).
 
         The secret key is not written in plain: it goes to this machine's key ring, and, with a
         ``passphrase`` (or ``NNOBF_PASSPHRASE``), encrypted into the artifact as ``key.enc.json``
-        (see ``nnobfuscator.security.key_storage``).
+        (see ``nnobfuscator.core.secret_key``).
         """
         config = {
             **{k: v for k, v in self.describe().items() if k != "strategies"},
@@ -356,7 +356,7 @@ class TieredModel(nn.Module):
 
         Args:
             key, passphrase: where the secret key comes from when it is not in this machine's key
-                ring or ``NNOBF_MODEL_KEY`` (see ``nnobfuscator.security.key_storage``).
+                ring or ``NNOBF_MODEL_KEY`` (see ``nnobfuscator.core.secret_key``).
 
         Raises:
             ArtifactError: corrupt files, a different base model (when ``check_base``), or keyed

@@ -25,7 +25,7 @@ from nnobfuscator.serving.limiter import (
     parse_limit,
     rate_limit_headers,
 )
-from nnobfuscator.serving.load import BrownoutSwitch, LoadMonitor
+from nnobfuscator.serving.load_signals import BrownoutSwitch, LoadMonitor
 from nnobfuscator.serving.policy import Downgrade, Policy, utc_now
 
 KEY_TIER_HEADER = "X-Key-Tier"

@@ -1,11 +1,11 @@
 """Calibration: per tier, the cheapest compute setting, then the strength that hits the target.
 
 With compute strategies, each tier first gets the cheapest setting whose calibration metric still
-clears its target plus a headroom (:mod:`nnobfuscator.compute_search`), within its ``max_cost``.
+clears its target plus a headroom (:mod:`nnobfuscator.calibration.compute_search`), within its ``max_cost``.
 Then all degrading strategies share one knob per tier, ``u`` in [0, 1] (each strategy's strength
 is ``u * max_strength``). The metric falls as ``u`` grows, so each tier's ``u`` is found by a
 safeguarded regula-falsi bisection on a split whose unchanging prefix is cached
-(:class:`~nnobfuscator.runner.SplitRunner`). Then every tier is measured on the held-out split.
+(:class:`~nnobfuscator.calibration.runner.SplitRunner`). Then every tier is measured on the held-out split.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nnobfuscator.compute_search import ComputeSearch
-from nnobfuscator.cost import relative_costs, tier_latency_ms
-from nnobfuscator.data import DataLike, Split, as_split
-from nnobfuscator.model import TieredModel
-from nnobfuscator.outputs import select
-from nnobfuscator.report import build_report
-from nnobfuscator.runner import SettingRunner, SplitRunner
+from nnobfuscator.calibration.compute_search import ComputeSearch
+from nnobfuscator.calibration.report import build_report
+from nnobfuscator.calibration.runner import SettingRunner, SplitRunner
+from nnobfuscator.core.cost import relative_costs, tier_latency_ms
+from nnobfuscator.core.data import DataLike, Split, as_split
+from nnobfuscator.core.model import TieredModel
+from nnobfuscator.core.outputs import select
+from nnobfuscator.core.tiers import Tier
 from nnobfuscator.tasks import Task, get_task
-from nnobfuscator.tiers import Tier
 
 logger = logging.getLogger(__name__)
 
