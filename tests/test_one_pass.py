@@ -12,8 +12,9 @@ from torch import nn
 from torchvision.models import resnet18
 
 from nnobfuscator import TieredModel, obfuscate
+from nnobfuscator.core.tier_pass import DerivedCache
 from nnobfuscator.core.tiers import parse_tiers
-from nnobfuscator.core.wrapping import DerivedCache, TieredLayer
+from nnobfuscator.core.wrapping import TieredLayer
 
 KEY = bytes(range(32))
 

@@ -9,8 +9,9 @@ from test_compute import two_block_resnet
 from torch import nn
 
 from nnobfuscator import TieredModel, obfuscate
+from nnobfuscator.core.tier_pass import MixedPassUnsupported, TierContext
 from nnobfuscator.core.tiers import parse_tiers
-from nnobfuscator.core.wrapping import Host, MixedPassUnsupported, TierContext
+from nnobfuscator.core.wrapping import Host
 from nnobfuscator.strategies.bn_reestimate import NormStore, find_store
 
 KEY = bytes(range(32))

@@ -34,11 +34,11 @@ if TYPE_CHECKING:
     from nnobfuscator.calibration.calibrator import CalibrationError, calibrate, evaluate
     from nnobfuscator.calibration.report import plot_report, write_report
     from nnobfuscator.core.data import Split
+    from nnobfuscator.core.layer_adapters import LayerAdapter, register_layer_adapter
     from nnobfuscator.core.model import InputSpec, ObfuscationConfig, TieredModel, obfuscate
     from nnobfuscator.core.outputs import read_output
     from nnobfuscator.core.serialization import ArtifactError
     from nnobfuscator.core.tiers import Target, Tier, parse_tiers
-    from nnobfuscator.core.wrapping import LayerAdapter, register_layer_adapter
     from nnobfuscator.serving import create_app
     from nnobfuscator.strategies import (
         Strategy,
@@ -53,7 +53,7 @@ _EXPORTS = {
     "ArtifactError": "nnobfuscator.core.serialization",
     "CalibrationError": "nnobfuscator.calibration.calibrator",
     "InputSpec": "nnobfuscator.core.model",
-    "LayerAdapter": "nnobfuscator.core.wrapping",
+    "LayerAdapter": "nnobfuscator.core.layer_adapters",
     "ObfuscationConfig": "nnobfuscator.core.model",
     "Split": "nnobfuscator.core.data",
     "Strategy": "nnobfuscator.strategies",
@@ -70,7 +70,7 @@ _EXPORTS = {
     "plot_report": "nnobfuscator.calibration.report",
     "read_output": "nnobfuscator.core.outputs",
     "register_block": "nnobfuscator.strategies",
-    "register_layer_adapter": "nnobfuscator.core.wrapping",
+    "register_layer_adapter": "nnobfuscator.core.layer_adapters",
     "register_strategy": "nnobfuscator.strategies",
     "write_report": "nnobfuscator.calibration.report",
 }

@@ -33,7 +33,7 @@ from nnobfuscator.core.executor import invoke
 from nnobfuscator.core.outputs import batch_size as count_samples
 from nnobfuscator.core.outputs import read_output, select
 from nnobfuscator.core.registry import TypeRegistry
-from nnobfuscator.core.wrapping import tensor_bytes
+from nnobfuscator.core.tier_pass import tensor_bytes
 from nnobfuscator.strategies.bn_reestimate import Stats, find_store
 
 Stage = tuple[str, Callable[[Any], Any] | None]

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnobfuscator.core.wrapping import TieredLayer, layer_adapter, unwrapped_name
+from nnobfuscator.core.layer_adapters import layer_adapter
+from nnobfuscator.core.wrapping import TieredLayer, unwrapped_name
 from nnobfuscator.strategies.base import register_default_targets
 
 #: compute strategies ``compute="auto"`` takes for a pipeline

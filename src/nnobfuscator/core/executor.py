@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from nnobfuscator.core.outputs import batch_size, main_input, scatter, select, select_call
+from nnobfuscator.core.tier_pass import MixedPassUnsupported, TierContext, pass_of
 from nnobfuscator.core.tiers import Tier
-from nnobfuscator.core.wrapping import MixedPassUnsupported, TierContext, pass_of
 from nnobfuscator.strategies import Strategy
 
 Body = Callable[..., Any]

@@ -19,8 +19,9 @@ from nnobfuscator.core.executor import TierExecutor
 from nnobfuscator.core.key_derivation import coerce_key, key_id
 from nnobfuscator.core.outputs import main_input
 from nnobfuscator.core.secret_key import find_key, store_key
+from nnobfuscator.core.tier_pass import TierContext
 from nnobfuscator.core.tiers import Tier, parse_tiers
-from nnobfuscator.core.wrapping import Host, TierContext, unwrapped_name, wrap_max_pooling
+from nnobfuscator.core.wrapping import Host, unwrapped_name, wrap_max_pooling
 from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, list_strategies
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
 

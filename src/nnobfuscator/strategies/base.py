@@ -20,14 +20,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from nnobfuscator.core.layer_adapters import layer_adapter
 from nnobfuscator.core.registry import Registry, TypeRegistry
-from nnobfuscator.core.wrapping import (
-    Host,
-    TieredLayer,
-    acts_on_activations,
-    layer_adapter,
-    unwrapped_name,
-)
+from nnobfuscator.core.wrapping import Host, TieredLayer, acts_on_activations, unwrapped_name
 
 
 class Strategy:

@@ -32,16 +32,15 @@ from torchvision.models import (
 )
 
 from nnobfuscator.core.registry import TypeRegistry
-from nnobfuscator.core.wrapping import (
+from nnobfuscator.core.tier_pass import (
     DerivedCache,
-    Host,
     MixedPassUnsupported,
     TierContext,
     TierPass,
     ordinary,
     pass_of,
-    unwrapped_name,
 )
+from nnobfuscator.core.wrapping import Host, unwrapped_name
 from nnobfuscator.strategies.slimmers import Slimmer, slimmer_for
 
 

@@ -28,13 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnobfuscator.core.wrapping import (
-    Host,
-    MixedPassUnsupported,
-    TierContext,
-    ordinary,
-    unwrapped_name,
-)
+from nnobfuscator.core.tier_pass import MixedPassUnsupported, TierContext, ordinary
+from nnobfuscator.core.wrapping import Host, unwrapped_name
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 PREFIX = "bn-reestimate"

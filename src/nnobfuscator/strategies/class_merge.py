@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnobfuscator.core.wrapping import Host, TierContext, ordinary, unwrapped_name
+from nnobfuscator.core.tier_pass import TierContext, ordinary
+from nnobfuscator.core.wrapping import Host, unwrapped_name
 from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.strategies.bn_reestimate import find_store
 

@@ -24,12 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from nnobfuscator.core.wrapping import (
-    DerivedCache,
-    TieredLayer,
-    acts_on_activations,
-    tensor_identity,
-)
+from nnobfuscator.core.tier_pass import DerivedCache, tensor_identity
+from nnobfuscator.core.wrapping import TieredLayer, acts_on_activations
 from nnobfuscator.strategies.bn_reestimate import TieredNorm
 from nnobfuscator.strategies.norms import batch_norm_at
 
