@@ -365,13 +365,16 @@ def calibrate(
     for tier in bar:
         target = tier.target_value
         curve.start(tier.name, compute_utility.get(tier.name), own=bool(fitted))
-        for _ in range(_REFITS if fitted and search is not None else 0):
+        refits = _REFITS if fitted and search is not None else 0
+        for attempt in range(refits):
             # a readout fitted on the search half can answer below what the compute search saw
-            # with the model's own head: ask for a setting that keeps that much more, and refit
+            # with the model's own head: ask for a setting that keeps that much more, and refit;
+            # the last try asks for all of the full model's utility (at worst, no compute saving)
             shortfall = target - curve(tier.name, 0.0)
             if shortfall <= tolerance or required[tier.name] >= base:
                 break
-            required[tier.name] = min(required[tier.name] + shortfall + tolerance, base)
+            raised = required[tier.name] + shortfall + tolerance
+            required[tier.name] = base if attempt == refits - 1 else min(raised, base)
             compute_utility[tier.name], _ = _choose_compute(
                 search, tier, target, required[tier.name], task.metric
             )
