@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nnobfuscator.tasks.figures import save_figure
 from nnobfuscator.version import __version__
 
 if TYPE_CHECKING:
@@ -197,14 +198,3 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     ax_cost.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Write a matplotlib figure as PNG (creating its folder) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path

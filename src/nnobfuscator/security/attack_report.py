@@ -126,7 +126,7 @@ def plot_attacks(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnobfuscator.calibration.report import save_figure
+    from nnobfuscator.tasks.figures import save_figure
 
     tiers = list(dict.fromkeys(row["tier"] for row in report["results"]))
     fig, axes = plt.subplots(

@@ -204,7 +204,7 @@ def _plot_sealed_attacks(payload: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnobfuscator.calibration.report import save_figure
+    from nnobfuscator.tasks.figures import save_figure
 
     results = payload["results"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnobfuscator.calibration.report import save_figure
 from nnobfuscator.core.data import Split
 from nnobfuscator.core.model import TieredModel
 from nnobfuscator.tasks import get_task
+from nnobfuscator.tasks.figures import save_figure
 
 
 def _palette(classes: int) -> np.ndarray:
