@@ -15,7 +15,7 @@ imports them all (``nnobfuscator.core.model`` pulls in ``strategies``, ``wrappin
 
 Layout, each layer importing only those below it: ``core`` (tiers, wrapping, the executor, the
 tiered model, artifacts, outputs, the secret key), ``strategies``, ``tasks``, ``calibration``,
-``security`` (attacks, extraction, sealing), ``jobs`` (sources, training, whole runs),
+``security`` (attacks, extraction, sealing), ``jobs`` (sources, whole runs),
 ``serving`` (HTTP), ``zoo`` (demo models and data) and ``cli``. Module paths from before this
 layout still import (``nnobfuscator._compat``).
 """

@@ -37,7 +37,7 @@ MOVED = {
         "grid": "tasks.grid",
         "pipeline": "jobs.run",
         "sources": "jobs.sources",
-        "training": "jobs.training",
+        "training": "core.training",
         "serving.keystore": "serving.api_keys",
         "serving.load": "serving.load_signals",
         "serving.loader": "serving.served_model",

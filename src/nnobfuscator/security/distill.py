@@ -20,7 +20,7 @@ from torch import nn
 
 from nnobfuscator.core.answers import AnswerFormat
 from nnobfuscator.core.data import Split
-from nnobfuscator.jobs.training import train_model
+from nnobfuscator.core.training import train_model
 from nnobfuscator.security.augment import AugmentConfig, random_perturbations
 from nnobfuscator.security.oracle import (
     AttackResult,

@@ -32,7 +32,7 @@ from torch import nn
 
 from nnobfuscator.core.answers import AnswerFormat
 from nnobfuscator.core.data import Split
-from nnobfuscator.jobs.training import train_model
+from nnobfuscator.core.training import train_model
 from nnobfuscator.security.decode import fit_score_decoder
 from nnobfuscator.security.distill import score_model
 from nnobfuscator.tasks import get_task

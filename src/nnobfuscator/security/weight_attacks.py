@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from nnobfuscator.core.data import Split
-from nnobfuscator.jobs.training import train_model
+from nnobfuscator.core.training import train_model
 from nnobfuscator.tasks import Task
 
 SHARES = (0.01, 0.05, 0.1)

@@ -1,6 +1,6 @@
-"""The demo models' training loop lives in the core (``nnobfuscator.jobs.training``); names kept here."""
+"""The demo models' training loop lives in ``nnobfuscator.core.training``; names kept here."""
 
-from nnobfuscator.jobs.training import (
+from nnobfuscator.core.training import (
     evaluate_accuracy,
     evaluate_metric,
     recalibrate_batchnorm,
