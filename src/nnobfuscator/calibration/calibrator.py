@@ -190,15 +190,19 @@ def _hold_extractable(
     attack["recipe"] = attack.get("recipe") or CopyRecipe()
     pool = attack.pop("pool")
 
+    baselines: dict[int, dict] = {}  # labels-only per split, measured once (copies train)
+
     def measure(split: Split, names: list[str] | None = None) -> list[Any]:
-        baseline = labels_only(
-            pool,
-            split,
-            attack["queries"],
-            build_copy=attack["build_copy"],
-            recipe=attack["recipe"],
-            progress=attack["progress"],
-        )
+        if id(split) not in baselines:
+            baselines[id(split)] = labels_only(
+                pool,
+                split,
+                attack["queries"],
+                build_copy=attack["build_copy"],
+                recipe=attack["recipe"],
+                progress=attack["progress"],
+            )
+        baseline = baselines[id(split)]
         return add_extractable(model, rows, pool, split, baseline=baseline, tiers=names, **attack)
 
     overruns = measure(check)
