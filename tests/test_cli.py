@@ -88,6 +88,11 @@ def test_calibrate_eval_info(user_project):
         ({"model": {"arch": "resnet18", "weights": "nope.pt"}, "data": {}}, "does not exist"),
         ({"model": {}, "data": {}, "colour": "red"}, "unknown keys"),
         ({"model": "resnet18", "data": {}}, "'model' must be a mapping"),
+        (
+            {"model": {}, "data": {}, "strategy": {"name": "feature-mix", "blok": 64}},
+            "unknown options ['blok']",
+        ),
+        ({"model": {}, "data": {}, "strategy": [{"name": "feature-mix", "block": 1}]}, ">= 2"),
     ],
 )
 def test_bad_plans_exit_2_with_a_reason(tmp_path, plan, message):

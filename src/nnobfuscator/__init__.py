@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from nnobfuscator.core.tiers import Target, Tier, parse_tiers
     from nnobfuscator.serving import create_app
     from nnobfuscator.strategies import (
+        FeatureMixConfig,
         Strategy,
+        StrategyConfig,
         get_strategy,
         list_strategies,
         register_block,
@@ -56,7 +58,9 @@ _EXPORTS = {
     "LayerAdapter": "nnobfuscator.core.layer_adapters",
     "ObfuscationConfig": "nnobfuscator.core.model",
     "Split": "nnobfuscator.core.data",
+    "FeatureMixConfig": "nnobfuscator.strategies",
     "Strategy": "nnobfuscator.strategies",
+    "StrategyConfig": "nnobfuscator.strategies",
     "Target": "nnobfuscator.core.tiers",
     "Tier": "nnobfuscator.core.tiers",
     "TieredModel": "nnobfuscator.core.model",
@@ -78,11 +82,13 @@ _EXPORTS = {
 __all__ = [
     "ArtifactError",
     "CalibrationError",
+    "FeatureMixConfig",
     "InputSpec",
     "LayerAdapter",
     "ObfuscationConfig",
     "Split",
     "Strategy",
+    "StrategyConfig",
     "Target",
     "Tier",
     "TieredModel",

@@ -259,7 +259,7 @@ def calibrate_plan(
         model_source=model_source,
         data_source=data_source,
         tiers=spec.get("tiers", DEFAULT_TIERS),
-        strategy=spec.get("strategy", "auto"),
+        strategy=_plan_strategy(spec.get("strategy", "auto"), plan),
         compute=_plan_compute(spec.get("compute"), plan),
         targets=spec.get("targets"),
         out=out,
@@ -278,6 +278,27 @@ def _plan_queries(value: Any, plan: Path) -> list[int]:
     if not values or not all(isinstance(v, int) and v >= 10 for v in values):
         _fail(f"plan {plan}: 'queries' must be integers of at least 10, e.g. [300, 1000]")
     return values
+
+
+def _plan_strategy(value: Any, plan: Path) -> Any:
+    """A plan's ``strategy``: names joined with ``+``, a mapping of one strategy's options
+    (``{name: feature-mix, block: 64}``) or a list of names and mappings."""
+    from nnobfuscator.strategies import strategy_config
+
+    if isinstance(value, str):
+        return value
+    strategies = []
+    for item in value if isinstance(value, list) else [value]:
+        try:
+            if not isinstance(item, str | dict):
+                raise ValueError("neither a name nor a mapping")
+            strategies.append(item if isinstance(item, str) else strategy_config(item))
+        except (TypeError, ValueError) as err:
+            _fail(
+                f"plan {plan}: strategy {item!r}: {err}. Give a name ('class-merge'), a mapping "
+                "of one strategy's options ({name: feature-mix, block: 64}) or a list of them"
+            )
+    return strategies
 
 
 def _plan_compute(value: Any, plan: Path) -> str | None:

@@ -23,7 +23,9 @@ from nnobfuscator.core.tier_pass import TierContext
 from nnobfuscator.core.tiers import Tier, parse_tiers
 from nnobfuscator.core.wrapping import Host, unwrapped_name, wrap_max_pooling
 from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, list_strategies
+from nnobfuscator.strategies.base import strategy_config
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
+from nnobfuscator.strategies.options import StrategyConfig
 
 
 @dataclass
@@ -55,7 +57,9 @@ class ObfuscationConfig:
         tiers: ``"free=60%,pro=85%,premium=full"``, a list or a mapping (see ``parse_tiers``).
         strategy: a registered degrading strategy, or several joined with ``+``; ``"auto"``
             (the default): ``class-merge`` for a classifier with an ``nn.Linear`` head (its
-            tiers withhold what they do not show), ``feature-mix`` otherwise.
+            tiers withhold what they do not show), ``feature-mix`` otherwise. A strategy with
+            options: its typed config (``FeatureMixConfig(block=64)``), or a list of configs
+            and names.
         compute: compute strategies that make lower tiers cheaper, joined with ``+``
             (``"block-skip+channel-slim+input-resolution"``), ``"auto"`` (those that apply to the
             architecture) or ``None`` (every tier costs what the full model costs).
@@ -71,7 +75,7 @@ class ObfuscationConfig:
     """
 
     tiers: str | list[Any] | dict[str, Any] = "free=60%,pro=85%,premium=full"
-    strategy: str = "auto"
+    strategy: str | StrategyConfig | list[str | StrategyConfig] = "auto"
     compute: str | None = None
     targets: list[str] | None = None
     key: bytes | str | None = None
@@ -109,7 +113,7 @@ class TieredModel(nn.Module):
         self,
         base_model: nn.Module,
         tiers: Sequence[Tier],
-        strategies: Sequence[dict[str, Any]],
+        strategies: Sequence[StrategyConfig | dict[str, Any]],
         key: bytes,
         *,
         task: str = "classification",
@@ -139,11 +143,11 @@ class TieredModel(nn.Module):
         # Degrading strategies wrap layers first, compute strategies then wrap whole blocks, so
         # layer names stay the plain module names whatever the combination.
         specs = sorted(
-            (dict(spec) for spec in strategies),
-            key=lambda spec: get_strategy(spec["name"]).role == "compute",
+            (strategy_config(spec) for spec in strategies),
+            key=lambda spec: get_strategy(spec.name).role == "compute",
         )
         for spec in specs:
-            strategy = get_strategy(spec.pop("name"))(key, **spec)
+            strategy = get_strategy(spec.name)(key, spec)
             strategy.attach(self.host)
             self.strategies[strategy.name] = strategy
         wrap_max_pooling(self.host)
@@ -436,15 +440,8 @@ def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: 
     task = config.task or (
         "text-to-image" if isinstance(model, PipelineModule) else "classification"
     )
-    strategies = []
-    for name in resolve_strategy(model, config.strategy, task).split("+"):
-        if get_strategy(name.strip()).role == "compute":
-            raise ValueError(
-                f"{name.strip()!r} is a compute strategy: pass it as compute=, not strategy="
-            )
-        strategies.append({"name": name.strip(), "targets": config.targets})
-    for name in resolve_compute(model, config.compute):
-        strategies.append({"name": name, "targets": None})
+    strategies = degrading_strategies(model, config.strategy, config.targets, task)
+    strategies += [strategy_config(name) for name in resolve_compute(model, config.compute)]
     return TieredModel(
         model,
         parse_tiers(config.tiers),
@@ -455,6 +452,43 @@ def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: 
         input_spec=config.input_spec,
         meta=meta,
     )
+
+
+def degrading_strategies(
+    model: nn.Module,
+    strategy: str | StrategyConfig | Sequence[str | StrategyConfig],
+    targets: list[str] | None,
+    task: str,
+) -> list[StrategyConfig]:
+    """The typed options of each degrading strategy ``strategy`` names (see
+    :class:`ObfuscationConfig`); ``targets`` go to those named without options of their own.
+
+    Raises:
+        ValueError: an unknown strategy or option, or a compute strategy given as ``strategy``.
+    """
+    if isinstance(strategy, str):
+        items: list[str | StrategyConfig] = resolve_strategy(model, strategy, task).split("+")
+    elif isinstance(strategy, StrategyConfig):
+        items = [strategy]
+    else:
+        items = list(strategy)
+    configs = []
+    for item in items:
+        if isinstance(item, str):
+            config = strategy_config({"name": item.strip(), "targets": targets})
+        elif isinstance(item, StrategyConfig):
+            config = strategy_config(item)
+        else:
+            raise ValueError(
+                f"strategy must be a name, a strategy config (e.g. FeatureMixConfig(block=64)) or "
+                f"a list of them, got {item!r}"
+            )
+        if get_strategy(config.name).role == "compute":
+            raise ValueError(
+                f"{config.name!r} is a compute strategy: pass it as compute=, not strategy="
+            )
+        configs.append(config)
+    return configs
 
 
 def resolve_strategy(model: nn.Module, strategy: str, task: str) -> str:

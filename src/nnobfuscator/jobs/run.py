@@ -21,7 +21,7 @@ from nnobfuscator.jobs.sources import (
     load_task,
     preprocessing,
 )
-from nnobfuscator.strategies import get_strategy
+from nnobfuscator.strategies import StrategyConfig, get_strategy
 from nnobfuscator.tasks import Task
 from nnobfuscator.tasks.grid import plot_generation_grid
 from nnobfuscator.tasks.masks import plot_masks
@@ -46,7 +46,7 @@ def run_job(
     model_source: dict[str, Any],
     data_source: dict[str, Any],
     tiers: str | list[Any],
-    strategy: str,
+    strategy: str | StrategyConfig | list[str | StrategyConfig],
     out: Path,
     compute: str | None = None,
     targets: list[str] | None = None,
@@ -67,9 +67,10 @@ def run_job(
             split; knock-offs are the model's architecture trained with its recipe).
     """
     parse_tiers(tiers)  # fail on a bad tier spec before any model is trained or loaded
-    for name in strategy.split("+"):
-        if name.strip() != "auto":
-            get_strategy(name.strip())
+    if isinstance(strategy, str):
+        for name in strategy.split("+"):
+            if name.strip() != "auto":
+                get_strategy(name.strip())
     scorer = load_task(task, task_source, progress=progress)
     base, info = load_base_model(model_source, progress=progress)
     calibration = load_split(data_source, "calibration")

@@ -8,6 +8,7 @@ from nnobfuscator.strategies.base import (
     register_default_targets,
     register_strategy,
     resolve_targets,
+    strategy_config,
 )
 from nnobfuscator.strategies.block_skip import BlockSkip
 from nnobfuscator.strategies.blocks import TieredBlock, register_block
@@ -15,9 +16,10 @@ from nnobfuscator.strategies.channel_slim import ChannelSlim
 from nnobfuscator.strategies.class_merge import ClassMerge
 from nnobfuscator.strategies.compute import ComputeStrategy
 from nnobfuscator.strategies.denoising import FewerSteps, GuidanceCutoff
-from nnobfuscator.strategies.feature_mix import FeatureMix
+from nnobfuscator.strategies.feature_mix import FeatureMix, FeatureMixConfig
 from nnobfuscator.strategies.input_resolution import InputResolution
 from nnobfuscator.strategies.logit_noise import LogitNoise
+from nnobfuscator.strategies.options import StrategyConfig
 from nnobfuscator.strategies.weight_noise import WeightNoise
 
 __all__ = [
@@ -27,11 +29,13 @@ __all__ = [
     "ClassMerge",
     "ComputeStrategy",
     "FeatureMix",
+    "FeatureMixConfig",
     "FewerSteps",
     "GuidanceCutoff",
     "InputResolution",
     "LogitNoise",
     "Strategy",
+    "StrategyConfig",
     "TieredBlock",
     "WeightNoise",
     "get_strategy",
@@ -40,4 +44,5 @@ __all__ = [
     "register_default_targets",
     "register_strategy",
     "resolve_targets",
+    "strategy_config",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from nnobfuscator.core.layer_adapters import layer_adapter
 from nnobfuscator.core.registry import Registry, TypeRegistry
 from nnobfuscator.core.wrapping import Host, TieredLayer, acts_on_activations, unwrapped_name
+from nnobfuscator.strategies.options import StrategyConfig
 
 
 class Strategy:
@@ -33,8 +34,8 @@ class Strategy:
 
     Args:
         key: the tiered model's secret key; every random choice derives from it.
-        targets: module-name patterns (``fnmatch``) of the layers to act on; ``None`` picks the
-            default (:func:`resolve_targets`).
+        options: the strategy's typed options (``config_class``; ``None``: the defaults, acting
+            on the default targets, :func:`resolve_targets`).
     """
 
     name: ClassVar[str]
@@ -47,12 +48,19 @@ class Strategy:
     weak: ClassVar[bool] = False
     #: where the default targets start, as a share of the model's candidate layers in order
     default_start: ClassVar[float] = 1 / 3
+    #: the dataclass of this strategy's options
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
 
-    def __init__(self, key: bytes, targets: list[str] | None = None, **options: Any) -> None:
-        if options:
-            raise ValueError(f"strategy {self.name!r} got unknown options {sorted(options)}")
+    def __init__(self, key: bytes, options: StrategyConfig | None = None) -> None:
+        if options is None:
+            options = self.config_class(name=self.name)
+        elif options.name != self.name:
+            raise ValueError(f"{self.name} got the options of {options.name!r}")
+        elif type(options) is not self.config_class:
+            options = self.config_class.from_dict(options.to_dict())
         self.key = key
-        self.target_patterns = list(targets) if targets else None
+        self.options = options
+        self.target_patterns = options.targets or None
         self.layers: dict[str, nn.Module] = {}
         self.host: Host | None = None
 
@@ -168,8 +176,12 @@ class Strategy:
 
     # --- persistence -----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """What rebuilds this strategy: its name and its resolved target layers."""
-        return {"name": self.name, "targets": sorted(self.layers) or self.target_patterns}
+        """What rebuilds this strategy: its options, with the target layers resolved."""
+        return {**self.options.to_dict(), "targets": self.resolved_targets()}
+
+    def resolved_targets(self) -> list[str] | None:
+        """The layers this strategy acts on, as saved (its patterns before it is attached)."""
+        return sorted(self.layers) or self.target_patterns
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Keyed tensors worth saving (small ones); large ones are re-derived from the key."""
@@ -191,6 +203,26 @@ class Strategy:
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+
+
+def strategy_config(spec: str | StrategyConfig | Mapping[str, Any]) -> StrategyConfig:
+    """The typed options of one strategy, from its name, its options or a saved mapping.
+
+    Raises:
+        ValueError: no strategy of that name is registered, an option it does not take, or an
+            invalid value.
+    """
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    elif isinstance(spec, StrategyConfig):
+        spec = spec.to_dict()
+    return get_strategy(spec.get("name", "")).config_class.from_dict(spec)
+
+
+def build_strategy(key: bytes, spec: str | StrategyConfig | Mapping[str, Any]) -> Strategy:
+    """A strategy made from ``spec`` (see :func:`strategy_config`)."""
+    options = strategy_config(spec)
+    return get_strategy(options.name)(key, options)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:

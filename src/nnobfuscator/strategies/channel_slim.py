@@ -22,6 +22,7 @@ from nnobfuscator.strategies.blocks import (
     wrap_block,
 )
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
+from nnobfuscator.strategies.options import StrategyConfig
 from nnobfuscator.strategies.slimmers import ConvStackSlimmer
 
 KEEP_STEPS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
@@ -32,8 +33,8 @@ class ChannelSlim(ComputeStrategy):
     name = "channel-slim"
     description = "run blocks with fewer hidden channels at lower tiers (smaller layers)"
 
-    def __init__(self, key: bytes, targets: list[str] | None = None, **options: Any) -> None:
-        super().__init__(key, targets, **options)
+    def __init__(self, key: bytes, options: StrategyConfig | None = None) -> None:
+        super().__init__(key, options)
         self.stage: dict[str, str] = {}
         #: blocks whose hidden spaces take shares of their own: per space, its stage
         self.space_stages: dict[str, list[str]] = {}

@@ -41,6 +41,7 @@ from nnobfuscator.core.tier_pass import TierContext, ordinary
 from nnobfuscator.core.wrapping import Host, unwrapped_name
 from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.strategies.bn_reestimate import find_store
+from nnobfuscator.strategies.options import StrategyConfig
 
 #: logit of a class a merged tier never answers (finite: softmax gives it 0, logs stay finite)
 MASKED = -1e4
@@ -192,8 +193,8 @@ class ClassMerge(Strategy):
     )
     needs_labels: ClassVar[bool] = True
 
-    def __init__(self, key: bytes, targets: list[str] | None = None, **options: Any) -> None:
-        super().__init__(key, targets, **options)
+    def __init__(self, key: bytes, options: StrategyConfig | None = None) -> None:
+        super().__init__(key, options)
         self.order: torch.Tensor | None = None
         self.classes: int | None = None
         #: per tier: the compute settings its readouts were fit at, and a readout per level
@@ -423,9 +424,6 @@ class ClassMerge(Strategy):
 
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         return self.state_tensors()
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "targets": sorted(self.layers)}
 
 
 def _quantile(values: torch.Tensor, share: float) -> float:

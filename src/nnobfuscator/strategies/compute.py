@@ -95,6 +95,3 @@ class ComputeStrategy(Strategy):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if hasattr(self, "norms"):
             self.norms.load_state_tensors(tensors)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "targets": sorted(self.layers)}

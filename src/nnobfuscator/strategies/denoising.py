@@ -60,8 +60,8 @@ class _CallStrategy(ComputeStrategy):
         value = kwargs.get(name)
         return value if value is not None else self.host.root.option(name)
 
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "targets": ["<call>"]}
+    def resolved_targets(self) -> list[str]:
+        return ["<call>"]
 
 
 @register_strategy

@@ -16,20 +16,44 @@ and smooth in ``s``; re-derived from the key, never stored.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
 
 import torch
 
 from nnobfuscator.core.key_derivation import keyed_block_orthogonal
 from nnobfuscator.core.wrapping import TieredLayer
 from nnobfuscator.strategies.base import Strategy, register_strategy
+from nnobfuscator.strategies.options import StrategyConfig
 
 #: features mixed together (artifacts of nnobfuscator 0.3 and earlier used 256, after a keyed
 #: permutation)
 DEFAULT_BLOCK = 32
 LEGACY_BLOCK = 256
+
+
+@dataclasses.dataclass
+class FeatureMixConfig(StrategyConfig):
+    """Options of ``feature-mix``.
+
+    Args:
+        block: features mixed together by one keyed orthogonal matrix (at least 2); larger
+            blocks mix more widely and cost ``block`` multiply-adds per input feature.
+        permute: permute the features by a keyed permutation before cutting them into blocks
+            (what artifacts of 0.3 and earlier did; two gathers per call).
+    """
+
+    name: str = "feature-mix"
+    block: int = DEFAULT_BLOCK
+    permute: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 2:
+            raise ValueError(f"feature-mix block must be an integer >= 2, got {self.block!r}")
+        if not isinstance(self.permute, bool):
+            raise ValueError(f"feature-mix permute must be true or false, got {self.permute!r}")
 
 
 class Mixer:
@@ -134,19 +158,12 @@ class FeatureMix(Strategy):
     name = "feature-mix"
     description = "keyed orthogonal feature mixing at chosen layers' inputs (a few % of their cost)"
 
-    def __init__(
-        self,
-        key: bytes,
-        targets: list[str] | None = None,
-        block: int = DEFAULT_BLOCK,
-        permute: bool = False,
-        **options: Any,
-    ) -> None:
-        super().__init__(key, targets, **options)
-        if not isinstance(block, int) or block < 2:
-            raise ValueError(f"feature-mix block must be an integer >= 2, got {block!r}")
-        self.block = block
-        self.permute = bool(permute)
+    config_class = FeatureMixConfig
+
+    def __init__(self, key: bytes, options: StrategyConfig | None = None) -> None:
+        super().__init__(key, options)
+        self.block = self.options.block
+        self.permute = self.options.permute
         self.mixers: dict[str, Mixer] = {}
         self._subset_mixers: dict[tuple[str, int], Mixer] = {}
 
@@ -200,9 +217,6 @@ class FeatureMix(Strategy):
 
     def transform_weight(self, layer: str, weight: torch.Tensor, tier: str) -> torch.Tensor:
         return mix_weight(weight, self.mixers[layer], self.strength(tier))
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "block": self.block, "permute": self.permute}
 
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}

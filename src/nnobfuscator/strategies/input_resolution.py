@@ -81,5 +81,5 @@ class InputResolution(ComputeStrategy):
 
         return map_output(output, restore)
 
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "targets": ["<input>"]}
+    def resolved_targets(self) -> list[str]:
+        return ["<input>"]

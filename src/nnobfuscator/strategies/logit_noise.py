@@ -29,6 +29,7 @@ import torch
 from nnobfuscator.core.key_derivation import keyed_normal
 from nnobfuscator.core.outputs import map_output
 from nnobfuscator.strategies.base import Strategy, register_strategy
+from nnobfuscator.strategies.options import StrategyConfig
 
 #: the keyed table's share of the noise (the push from the predicted class to the runner-up is 1)
 TABLE_WEIGHT = 0.3
@@ -61,8 +62,8 @@ class LogitNoise(Strategy):
     #: bumped when the noise changes, so artifacts of another version refuse to load
     scheme: ClassVar[str] = "runner-up/3"
 
-    def __init__(self, key: bytes, targets: list[str] | None = None, **options: Any) -> None:
-        super().__init__(key, targets, **options)
+    def __init__(self, key: bytes, options: StrategyConfig | None = None) -> None:
+        super().__init__(key, options)
         self._tables: dict[int, torch.Tensor] = {}
 
     def table(self, classes: int) -> torch.Tensor:

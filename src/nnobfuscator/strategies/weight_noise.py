@@ -11,6 +11,7 @@ import torch
 from nnobfuscator.core.key_derivation import keyed_normal
 from nnobfuscator.core.wrapping import TieredLayer
 from nnobfuscator.strategies.base import Strategy, register_strategy
+from nnobfuscator.strategies.options import StrategyConfig
 
 
 @register_strategy
@@ -20,8 +21,8 @@ class WeightNoise(Strategy):
     default_start = 1 / 2
     description = "keyed Gaussian weight noise, scaled to each layer's weight spread"
 
-    def __init__(self, key: bytes, targets: list[str] | None = None, **options) -> None:
-        super().__init__(key, targets, **options)
+    def __init__(self, key: bytes, options: StrategyConfig | None = None) -> None:
+        super().__init__(key, options)
         self.noise: dict[str, torch.Tensor] = {}
         self.scales: dict[str, float] = {}
 
