@@ -67,7 +67,7 @@ def build_model():
     from torchvision.models import resnet18
 
     from nnobfuscator import InputSpec, obfuscate
-    from nnobfuscator.core.cost import relative_costs
+    from nnobfuscator.tiered.cost import relative_costs
 
     torch.manual_seed(0)
     tiered = obfuscate(

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from torchvision import models
 
 from nnobfuscator.core.data import Split
-from nnobfuscator.core.training import train_model
 from nnobfuscator.jobs.run import run_job
 from nnobfuscator.jobs.sources import IMAGENET_MEAN, IMAGENET_STD
+from nnobfuscator.tasks.training import train_model
 from nnobfuscator.zoo import cache_dir
 from nnobfuscator.zoo.fashion import FASHION_CLASSES, _official
 from nnobfuscator.zoo.training import recalibrate_batchnorm

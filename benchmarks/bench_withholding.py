@@ -4,7 +4,7 @@ The demo resnet18 (Fashion-MNIST), tiers ``free=60%,pro=85%,premium=full`` with
 ``compute="auto"``, each degrading strategy calibrated alike. Per tier and query budget N: the
 face value, decoding its answers with N labels, a knock-off trained on the pool's answers plus N
 labels (the owner's recipe), the extractable utility (the best of the three) and what the N
-labels give alone (``nnobfuscator.security.extract``); the bound is
+labels give alone (``nnobfuscator.extraction.extract``); the bound is
 ``max(target, labels-only) + 3`` points. Then the default strategy's tiers under every answer
 format, the curve of face value against decodable utility over each strategy's strength (a
 plot), and the vote attacks on the default strategy's tiers.
@@ -19,9 +19,9 @@ import torch
 from _common import KEY, QUICK, TIERS, Section, where
 
 from nnobfuscator import calibrate, obfuscate
+from nnobfuscator.extraction.augment import AugmentConfig
+from nnobfuscator.extraction.extract import CopyRecipe, extract, labels_only
 from nnobfuscator.security.attacks import run_attacks
-from nnobfuscator.security.augment import AugmentConfig
-from nnobfuscator.security.extract import CopyRecipe, extract, labels_only
 from nnobfuscator.zoo import load_zoo_model
 from nnobfuscator.zoo.classifiers import build_model
 from nnobfuscator.zoo.fashion import fashion_mnist_splits

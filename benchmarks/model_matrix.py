@@ -15,7 +15,7 @@ import torch
 from _results import update_section
 
 from nnobfuscator import obfuscate, read_output
-from nnobfuscator.core.cost import tier_flops
+from nnobfuscator.tiered.cost import tier_flops
 from nnobfuscator.zoo.families import Family, all_families
 
 

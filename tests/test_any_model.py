@@ -12,7 +12,7 @@ from invariants import check_invariants
 from torch import nn
 
 from nnobfuscator import InputSpec, TieredModel, obfuscate, read_output
-from nnobfuscator.core.cost import tier_flops
+from nnobfuscator.tiered.cost import tier_flops
 from nnobfuscator.zoo.families import Family, all_families
 
 KEY = bytes(range(32))

@@ -15,15 +15,15 @@ from typer.testing import CliRunner
 from nnobfuscator import obfuscate
 from nnobfuscator.cli import app
 from nnobfuscator.core.data import Split
+from nnobfuscator.extraction.augment import JITTER, AugmentConfig, random_perturbations
+from nnobfuscator.extraction.decode import decode
+from nnobfuscator.extraction.distill import TrainRecipe, distill, draw_queries
 from nnobfuscator.security.attacks import (
     augment_and_vote,
     repeat_and_vote,
     run_attacks,
     tier_baseline,
 )
-from nnobfuscator.security.augment import JITTER, AugmentConfig, random_perturbations
-from nnobfuscator.security.decode import decode
-from nnobfuscator.security.distill import TrainRecipe, distill, draw_queries
 from nnobfuscator.serving.testing import calibrated_by_hand
 
 KEY = bytes(range(32))

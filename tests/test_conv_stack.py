@@ -9,10 +9,10 @@ from torch import nn
 
 from nnobfuscator import TieredModel, calibrate, obfuscate
 from nnobfuscator.calibration.runner import SettingRunner
-from nnobfuscator.core.cost import tier_flops
 from nnobfuscator.strategies import TieredBlock
 from nnobfuscator.strategies.bn_reestimate import find_store
 from nnobfuscator.strategies.slimmers import ConvStackSlimmer, slimmer_for
+from nnobfuscator.tiered.cost import tier_flops
 from nnobfuscator.zoo.digits import digits_splits
 from nnobfuscator.zoo.training import train_classifier
 

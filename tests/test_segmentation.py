@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from nnobfuscator import TieredModel, calibrate, obfuscate
 from nnobfuscator.calibration.runner import SplitRunner
 from nnobfuscator.cli import app
-from nnobfuscator.core.cost import tier_flops
 from nnobfuscator.jobs.sources import load_base_model
 from nnobfuscator.tasks import get_task
 from nnobfuscator.tasks.masks import plot_masks
+from nnobfuscator.tiered.cost import tier_flops
 from nnobfuscator.zoo import digit_scenes
 from nnobfuscator.zoo.segmenters import small_deeplabv3, small_fcn
 from nnobfuscator.zoo.training import train_model

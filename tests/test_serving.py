@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from nnobfuscator.core.model import TieredModel
 from nnobfuscator.serving import KeyStore, RateLimit, ServeConfig, create_app
 from nnobfuscator.serving.images import decode_image
 from nnobfuscator.serving.served_model import load_artifact
@@ -24,6 +23,7 @@ from nnobfuscator.serving.testing import (
     serve_in_thread,
     torchvision_artifact,
 )
+from nnobfuscator.tiered.model import TieredModel
 
 TIERS = ["free", "pro", "premium"]
 MAX_BODY = 256 * 1024

@@ -14,10 +14,10 @@ pytest.importorskip("diffusers")
 from tiny_diffusion import CALL, tiny_pipeline  # noqa: E402
 
 from nnobfuscator import TieredModel, calibrate, obfuscate  # noqa: E402
-from nnobfuscator.core.cost import relative_costs  # noqa: E402
 from nnobfuscator.core.data import Split  # noqa: E402
 from nnobfuscator.tasks import TextToImageTask  # noqa: E402
 from nnobfuscator.tasks.grid import plot_generation_grid  # noqa: E402
+from nnobfuscator.tiered.cost import relative_costs  # noqa: E402
 
 PROMPTS = ["a handwritten digit seven", "a red cat", "digit one", "two"]
 SEEDS = torch.tensor([0, 1, 2, 3])

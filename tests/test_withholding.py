@@ -9,7 +9,7 @@ from invariants import check_invariants
 
 from nnobfuscator import CalibrationError, calibrate, obfuscate, parse_tiers
 from nnobfuscator.core.answers import AnswerFormat
-from nnobfuscator.security.extract import CopyRecipe, extract, labels_only
+from nnobfuscator.extraction.extract import CopyRecipe, extract, labels_only
 from nnobfuscator.strategies.class_merge import MASKED, groups_at, merge_order
 
 KEY = bytes(range(32))

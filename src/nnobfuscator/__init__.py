@@ -10,7 +10,7 @@ Example:
 Public names are imported on first use (PEP 562), so ``import nnobfuscator`` and light
 commands such as ``nnobf keys ...`` never load torch. Registries fill up as before: a
 strategy, block or layer adapter registers when its module is imported, and building a model
-imports them all (``nnobfuscator.core.model`` pulls in ``strategies``, ``wrapping`` and
+imports them all (``nnobfuscator.tiered.model`` pulls in ``strategies``, ``wrapping`` and
 ``diffusion``).
 
 Layout, each layer importing only those below it: ``core`` (tiers, wrapping, the executor, the
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from nnobfuscator.calibration.report import plot_report, write_report
     from nnobfuscator.core.data import Split
     from nnobfuscator.core.layer_adapters import LayerAdapter, register_layer_adapter
-    from nnobfuscator.core.model import InputSpec, ObfuscationConfig, TieredModel, obfuscate
     from nnobfuscator.core.outputs import read_output
     from nnobfuscator.core.serialization import ArtifactError
     from nnobfuscator.core.tiers import Target, Tier, parse_tiers
@@ -49,27 +48,28 @@ if TYPE_CHECKING:
         register_block,
         register_strategy,
     )
+    from nnobfuscator.tiered.model import InputSpec, ObfuscationConfig, TieredModel, obfuscate
 
 #: public name -> the module it comes from
 _EXPORTS = {
     "ArtifactError": "nnobfuscator.core.serialization",
     "CalibrationError": "nnobfuscator.calibration.calibrator",
-    "InputSpec": "nnobfuscator.core.model",
+    "InputSpec": "nnobfuscator.tiered.model",
     "LayerAdapter": "nnobfuscator.core.layer_adapters",
-    "ObfuscationConfig": "nnobfuscator.core.model",
+    "ObfuscationConfig": "nnobfuscator.tiered.model",
     "Split": "nnobfuscator.core.data",
     "FeatureMixConfig": "nnobfuscator.strategies",
     "Strategy": "nnobfuscator.strategies",
     "StrategyConfig": "nnobfuscator.strategies",
     "Target": "nnobfuscator.core.tiers",
     "Tier": "nnobfuscator.core.tiers",
-    "TieredModel": "nnobfuscator.core.model",
+    "TieredModel": "nnobfuscator.tiered.model",
     "calibrate": "nnobfuscator.calibration.calibrator",
     "create_app": "nnobfuscator.serving",
     "evaluate": "nnobfuscator.calibration.calibrator",
     "get_strategy": "nnobfuscator.strategies",
     "list_strategies": "nnobfuscator.strategies",
-    "obfuscate": "nnobfuscator.core.model",
+    "obfuscate": "nnobfuscator.tiered.model",
     "parse_tiers": "nnobfuscator.core.tiers",
     "plot_report": "nnobfuscator.calibration.report",
     "read_output": "nnobfuscator.core.outputs",

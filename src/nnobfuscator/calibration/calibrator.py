@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from nnobfuscator.calibration.compute_search import ComputeSearch
 from nnobfuscator.calibration.report import build_report
 from nnobfuscator.calibration.runner import SettingRunner, SplitRunner
-from nnobfuscator.core.cost import relative_costs, tier_latency_ms
 from nnobfuscator.core.data import DataLike, Split, as_split
-from nnobfuscator.core.model import TieredModel
 from nnobfuscator.core.outputs import select
 from nnobfuscator.core.tiers import Tier
 from nnobfuscator.tasks import Task, get_task
+from nnobfuscator.tiered.cost import relative_costs, tier_latency_ms
+from nnobfuscator.tiered.model import TieredModel
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _hold_extractable(
 ) -> list[Any]:
     """Set tiers whose users extract more than their bound stronger, then write what each
     tier's user extracts on ``test`` into ``rows``
-    (:func:`~nnobfuscator.security.extract.add_extractable`).
+    (:func:`~nnobfuscator.extraction.extract.add_extractable`).
 
     Decisions read ``check`` (calibration data, never the test split): a tier over its bound
     aims its calibration metric that much lower, up to ``_TIGHTENINGS`` times, but never more
@@ -185,7 +185,7 @@ def _hold_extractable(
     Returns:
         The overruns left on ``check``: tiers that stay over their bound.
     """
-    from nnobfuscator.security.extract import CopyRecipe, add_extractable, labels_only
+    from nnobfuscator.extraction.extract import CopyRecipe, add_extractable, labels_only
 
     attack["recipe"] = attack.get("recipe") or CopyRecipe()
     pool = attack.pop("pool")
@@ -273,7 +273,7 @@ def calibrate(
             (text-to-image needs one with its judge: ``TextToImageTask(judge=...)``).
         against: ``"face"`` lands each tier's metric on its target; ``"extractable"`` also
             measures, per budget in ``queries``, what a user of each tier extracts with that many
-            labels (:mod:`nnobfuscator.security.extract`: decoding its answers, and a knock-off
+            labels (:mod:`nnobfuscator.extraction.extract`: decoding its answers, and a knock-off
             trained on them when ``build_copy`` is given) and requires it to stay at or below
             ``max(target, labels-only) + margin`` (classification): measured on the calibration
             split's landing half, a tier over it is set stronger, at most ``margin`` below its
@@ -282,7 +282,7 @@ def calibrate(
             default the calibration split's search half).
         build_copy: an untrained copy of the architecture (the knock-off); ``None`` measures
             decoding only (seconds instead of minutes).
-        recipe: how copies train (:class:`~nnobfuscator.security.extract.CopyRecipe`).
+        recipe: how copies train (:class:`~nnobfuscator.extraction.extract.CopyRecipe`).
 
     Returns:
         The report (a dict matching ``report.schema.json``).

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from nnobfuscator.calibration.runner import SettingRunner
-from nnobfuscator.core.model import TieredModel
 from nnobfuscator.strategies.bn_reestimate import Stats
 from nnobfuscator.strategies.compute import Setting
 from nnobfuscator.tasks import Task
+from nnobfuscator.tiered.model import TieredModel
 
 Settings = dict[str, Setting]
 #: a candidate whose measuring batch is this many standard errors below the requirement is dropped

@@ -10,8 +10,8 @@ from nnobfuscator.tasks.figures import save_figure
 from nnobfuscator.version import __version__
 
 if TYPE_CHECKING:
-    from nnobfuscator.core.model import TieredModel
     from nnobfuscator.tasks import Task
+    from nnobfuscator.tiered.model import TieredModel
 
 
 def build_report(

@@ -4,7 +4,7 @@ Calibration evaluates the same inputs dozens of times at different strengths. Ev
 the first module any strategy wraps is identical each time, so it runs once and is cached, for
 models whose forward can be cut into stages (a registry keyed by model type, filled for
 torchvision's common families; :func:`register_stages` adds others). Other models are run whole.
-Every run goes through the model's :class:`~nnobfuscator.core.executor.TierExecutor`.
+Every run goes through the model's :class:`~nnobfuscator.tiered.executor.TierExecutor`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from torchvision.models import (
 )
 from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
-from nnobfuscator.core.executor import invoke
 from nnobfuscator.core.outputs import batch_size as count_samples
 from nnobfuscator.core.outputs import read_output, select
 from nnobfuscator.core.registry import TypeRegistry
 from nnobfuscator.core.tier_pass import tensor_bytes
 from nnobfuscator.strategies.bn_reestimate import Stats, find_store
+from nnobfuscator.tiered.executor import invoke
 
 Stage = tuple[str, Callable[[Any], Any] | None]
 RESIZE_TO_INPUT = "resize-to-input"  # a stage that scales dense logits to the input's size

@@ -20,10 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnobfuscator.core.layer_adapters import layer_adapter
-from nnobfuscator.core.wrapping import TieredLayer, unwrapped_name
-from nnobfuscator.strategies.base import register_default_targets
-
 #: compute strategies ``compute="auto"`` takes for a pipeline
 PIPELINE_COMPUTE = ("fewer-steps", "guidance-cutoff")
 
@@ -111,25 +107,3 @@ class PipelineModule(nn.Module):
             count = 1 if isinstance(prompt, str) else len(prompt)
             options["generator"] = seed_generators(seed, count)
         return self.pipeline(prompt, **options)
-
-
-def text_conditioned_layers(model: nn.Module) -> list[str]:
-    """The key and value projections of every cross-attention: the layers that read the text.
-
-    Mixing their input features is mixing the text-embedding channels the image model sees, so a
-    tier's prompt adherence falls smoothly with the strength while the image stays an image.
-    """
-    found = []
-    for name, module in model.named_modules():
-        if not getattr(module, "is_cross_attention", False):
-            continue
-        for child in ("to_k", "to_v"):
-            layer = getattr(module, child, None)
-            if isinstance(layer, TieredLayer) or (
-                isinstance(layer, nn.Module) and layer_adapter(layer) is not None
-            ):
-                found.append(unwrapped_name(f"{name}.{child}"))
-    return found
-
-
-register_default_targets(PipelineModule, text_conditioned_layers)

@@ -17,12 +17,37 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nnobfuscator.core.preprocessing import DatasetFacts, class_names, preprocessing
 from nnobfuscator.version import __version__
 
 FORMAT = "nnobfuscator-tiered-model"
 CONFIG_NAME = "config.json"
 TENSORS_NAME = "tiers.safetensors"
 CARD_NAME = "README.md"
+#: feature-mix options of artifacts saved before mixing blocks (0.3 and earlier)
+LEGACY_FEATURE_MIX = {"block": 256, "permute": True}
+#: the demo zoo's data sets as they were when artifacts began to carry their preprocessing
+#: (frozen: an upgrade restores what the artifact was calibrated with, whatever the zoo is now)
+LEGACY_DATASETS = {
+    "fashion-mnist": DatasetFacts(
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        0.286,
+        0.353,
+    ),
+    "digits": DatasetFacts(tuple(str(i) for i in range(10)), 0.30, 0.38),
+    "digit-scenes": DatasetFacts(("background", *(str(i) for i in range(10))), 0.12, 0.235),
+}
 _KNOWN_KEYS = {
     "format",
     "version",
@@ -126,22 +151,22 @@ def upgrade(config: dict[str, Any], directory: str | Path) -> dict[str, Any]:
     strategies = []
     for saved in config.get("strategies", []):
         if saved.get("name") == "feature-mix" and "block" not in saved:
-            from nnobfuscator.strategies.feature_mix import LEGACY_BLOCK
-
-            saved = {**saved, "block": LEGACY_BLOCK, "permute": True}
+            saved = {**saved, **LEGACY_FEATURE_MIX}
         strategies.append(saved)
     config["strategies"] = strategies
     meta = dict(config.get("meta") or {})
     data = (meta.get("source") or {}).get("data")
     spec = config.get("input_spec") or {}
     if data and spec and "preprocessing" not in meta:
-        from nnobfuscator.jobs.sources import class_names, preprocessing
-
         size = (spec["height"], spec["width"]) if spec.get("height") and spec.get("width") else None
         meta["preprocessing"] = preprocessing(
-            data, channels=spec.get("channels"), size=size, task=str(config.get("task"))
+            data,
+            LEGACY_DATASETS,
+            channels=spec.get("channels"),
+            size=size,
+            task=str(config.get("task")),
         )
-        if "classes" not in meta and (classes := class_names(data)):
+        if "classes" not in meta and (classes := class_names(data, LEGACY_DATASETS)):
             meta["classes"] = classes
     config["meta"] = meta
     return config

@@ -11,7 +11,6 @@ import torch
 from nnobfuscator.calibration.calibrator import calibrate, evaluate
 from nnobfuscator.calibration.report import plot_report, write_report
 from nnobfuscator.core.data import Split
-from nnobfuscator.core.model import InputSpec, TieredModel, obfuscate
 from nnobfuscator.core.serialization import read_config
 from nnobfuscator.core.tiers import parse_tiers
 from nnobfuscator.jobs.sources import (
@@ -25,6 +24,7 @@ from nnobfuscator.strategies import StrategyConfig, get_strategy
 from nnobfuscator.tasks import Task
 from nnobfuscator.tasks.grid import plot_generation_grid
 from nnobfuscator.tasks.masks import plot_masks
+from nnobfuscator.tiered.model import InputSpec, TieredModel, obfuscate
 
 
 @dataclass
@@ -130,8 +130,8 @@ def _extractable_options(
     copy of the architecture and the recipe the owner trained with."""
     from functools import partial
 
+    from nnobfuscator.extraction.extract import CopyRecipe
     from nnobfuscator.jobs.sources import SourceError, build_architecture
-    from nnobfuscator.security.extract import CopyRecipe
 
     pool = None
     for name in ("pool", "train"):

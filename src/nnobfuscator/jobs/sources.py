@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from nnobfuscator.core.data import Split
+from nnobfuscator.core.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from nnobfuscator.core.preprocessing import class_names as core_class_names
+from nnobfuscator.core.preprocessing import preprocessing as core_preprocessing
 from nnobfuscator.tasks import Task
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class SourceError(ValueError):
@@ -150,55 +150,18 @@ def preprocessing(
     size: tuple[int, int] | None = None,
     task: str = "classification",
 ) -> dict[str, Any]:
-    """How an uploaded image becomes one input of a model calibrated on ``data``, stored in the
-    artifact (``meta["preprocessing"]``) so that serving needs no data source.
+    """The stored preprocessing of a model calibrated on ``data`` (see
+    :func:`nnobfuscator.core.preprocessing.preprocessing`; zoo sources use the zoo's facts)."""
+    from nnobfuscator.zoo.datasets import ZOO_DATASETS
 
-    Args:
-        channels, size: what the model takes (its input check), when known.
-
-    Returns:
-        ``channels``, ``size`` (``[height, width]`` or ``None``: the image's own), per-channel
-        ``mean`` and ``std``, and ``crop`` (resize the shorter side and centre-crop, ImageFolder
-        style, instead of stretching).
-    """
-    if size is None and data.get("image_size"):
-        size = (int(data["image_size"]), int(data["image_size"]))
-    channels = channels or (1 if data.get("grayscale") else 3)
-    if "zoo" in data:
-        from nnobfuscator.zoo.datasets import ZOO_DATASETS
-
-        zoo = ZOO_DATASETS.get(data["zoo"])
-        if zoo is not None:  # stretched to size, normalised with the data set's own statistics
-            return {
-                "channels": channels,
-                "size": list(size) if size else None,
-                "mean": [zoo.mean] * channels,
-                "std": [zoo.std] * channels,
-                "crop": False,
-            }
-    mean, std = list(data.get("mean", IMAGENET_MEAN)), list(data.get("std", IMAGENET_STD))
-    if channels == 1 and len(mean) == 3:
-        mean, std = [sum(mean) / 3], [sum(std) / 3]
-    return {
-        "channels": channels,
-        "size": list(size) if size else None,
-        "mean": mean,
-        "std": std,
-        "crop": task == "classification",
-    }
+    return core_preprocessing(data, ZOO_DATASETS, channels=channels, size=size, task=task)
 
 
 def class_names(data: dict[str, Any]) -> list[str] | None:
     """Class names by index of a data source: the zoo dataset's, or an ImageFolder's folders."""
-    if "zoo" in data:
-        from nnobfuscator.zoo.datasets import ZOO_DATASETS
+    from nnobfuscator.zoo.datasets import ZOO_DATASETS
 
-        dataset = ZOO_DATASETS.get(data["zoo"])
-        return list(dataset.classes) if dataset is not None else None
-    folder = data.get("calibration")
-    if folder and Path(folder).is_dir() and not (Path(folder) / "masks").is_dir():
-        return sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir()) or None
-    return None
+    return core_class_names(data, ZOO_DATASETS)
 
 
 def load_split(data: dict[str, Any], split: str) -> Split:

@@ -1,3 +1,3 @@
-"""Security: what a tier's user can extract (`extract`, `decode`, `distill`), attacks on served
-tiers (`attacks`, `augment`, `oracle`, `attack_cli`), sealed bundles and attacks on their weights
-(`sealing`, `weight_attacks`, `seal_cli`)."""
+"""Security: attacks on served tiers (``attacks``, ``attack_cli``), sealed bundles and attacks on
+their weights (``sealing``, ``weight_attacks``, ``seal_cli``). What a tier's user extracts with a
+few labels lives below, in ``nnobfuscator.extraction``."""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from nnobfuscator.core.data import Split
-    from nnobfuscator.security.distill import TrainRecipe
+    from nnobfuscator.extraction.distill import TrainRecipe
 
 _out = Console(width=None if sys.stdout.isatty() else 160)
 _err = Console(stderr=True, soft_wrap=True)
@@ -88,7 +88,7 @@ def attack(
     """Attack an artifact's served tiers as a user of one tier would, and report what each
     attack recovers (repeat and vote, changed copies and vote, decoding, distillation); on a
     sealed bundle, attack the shipped weights (fine-tuning, clipping, outlier replacement)."""
-    from nnobfuscator.security.oracle import ATTACKED_TASKS, check_budget
+    from nnobfuscator.extraction.oracle import ATTACKED_TASKS, check_budget
 
     if (artifact / "bundle.json").is_file():  # a sealed bundle: attacks on the shipped weights
         from nnobfuscator.security.seal_cli import attack_bundle_command
@@ -165,7 +165,7 @@ def _attack_names(value: str | None, task: str) -> list[str]:
 
 
 def _query_budgets(value: str) -> list[int]:
-    from nnobfuscator.security.distill import MIN_QUERIES
+    from nnobfuscator.extraction.distill import MIN_QUERIES
 
     try:
         budgets = [int(part) for part in value.split(",") if part.strip()]
@@ -189,10 +189,10 @@ def _run(
     train_steps: int | None,
     progress: bool,
 ) -> dict[str, Any]:
+    from nnobfuscator.extraction.augment import AugmentConfig
     from nnobfuscator.jobs.run import open_artifact
     from nnobfuscator.security.attack_report import build_attack_report
     from nnobfuscator.security.attacks import run_attacks
-    from nnobfuscator.security.augment import AugmentConfig
 
     opened = open_artifact(artifact, progress=progress)
     model, data = opened.model, opened.source.get("data", {})
@@ -208,7 +208,7 @@ def _run(
             build_copy, recipe = _copy_builder(model, opened.source["model"], train_size)
             if train_steps is not None:
                 recipe = replace(recipe, steps=train_steps)
-            from nnobfuscator.security.extract import CopyRecipe
+            from nnobfuscator.extraction.extract import CopyRecipe
 
             copy_recipe = CopyRecipe.from_training(model.meta.get("base_model", {}).get("recipe"))
     if weak := sorted(n for n, s in model.strategies.items() if s.weak):
@@ -292,8 +292,8 @@ def _copy_builder(
     """An untrained copy of the artifact's architecture, and how it trains: the base model's own
     recipe when the artifact records one (as many optimizer steps as its training took), else
     the default :class:`TrainRecipe`."""
+    from nnobfuscator.extraction.distill import TrainRecipe
     from nnobfuscator.jobs.sources import build_architecture
-    from nnobfuscator.security.distill import TrainRecipe
 
     recipe = TrainRecipe()
     trained = model.meta.get("base_model", {}).get("recipe")

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnobfuscator.security.oracle import AttackResult
+from nnobfuscator.extraction.oracle import AttackResult
 from nnobfuscator.version import __version__
 
 if TYPE_CHECKING:
-    from nnobfuscator.core.model import TieredModel
+    from nnobfuscator.tiered.model import TieredModel
 
 #: results whose budget is a number of labelled or unlabelled queries, not copies per input
 QUERY_ATTACKS = ("distill", "decode-scores", "decode-label", "extract")

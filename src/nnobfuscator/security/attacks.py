@@ -10,12 +10,12 @@ and the full model's, so a tier's *gain* under attack reads directly:
   shifts, small rotations and scalings, noise, flips where the task allows; voted and averaged the
   same way. Segmentation copies only shift and flip (plus noise), and their per-pixel scores are
   mapped back before voting. ``jitter`` does the same with faint noise alone.
-- *distillation* (``distill``, :mod:`nnobfuscator.security.distill`): a fresh copy of the
+- *distillation* (``distill``, :mod:`nnobfuscator.extraction.distill`): a fresh copy of the
   architecture trained on the tier's answers for a budget of unlabelled queries, against the same
   copy trained on as many true labels.
-- *decoding* (``decode``, :mod:`nnobfuscator.security.decode`): a user with a few labelled
+- *decoding* (``decode``, :mod:`nnobfuscator.extraction.decode`): a user with a few labelled
   images learns to map the tier's answers back to the true class.
-- *extractable utility* (``extract``, :mod:`nnobfuscator.security.extract`): the best of the face
+- *extractable utility* (``extract``, :mod:`nnobfuscator.extraction.extract`): the best of the face
   value, decoding and a knock-off trained on the pool's answers plus a few true labels, beside
   what those labels give alone.
 
@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from nnobfuscator.core.answers import AnswerFormat
 from nnobfuscator.core.data import Split
-from nnobfuscator.security.augment import (
+from nnobfuscator.extraction.augment import (
     JITTER,
     AugmentConfig,
     Perturbation,
     random_perturbations,
 )
-from nnobfuscator.security.oracle import (
+from nnobfuscator.extraction.oracle import (
     AttackResult,
     TierBaseline,
     TierOracle,
@@ -52,9 +52,9 @@ from nnobfuscator.security.oracle import (
 from nnobfuscator.tasks import Task, get_task
 
 if TYPE_CHECKING:
-    from nnobfuscator.core.model import TieredModel
-    from nnobfuscator.security.distill import TrainRecipe
-    from nnobfuscator.security.extract import CopyRecipe
+    from nnobfuscator.extraction.distill import TrainRecipe
+    from nnobfuscator.extraction.extract import CopyRecipe
+    from nnobfuscator.tiered.model import TieredModel
 
 _TIE_BREAK = 1e-3
 
@@ -115,7 +115,7 @@ def augment_and_vote(
     Args:
         augment: how far copies stray (default :class:`AugmentConfig`: flips allowed; pass
             ``AugmentConfig(flips=False)`` for digits and other data that flips change;
-            :data:`~nnobfuscator.security.augment.JITTER` for faint noise alone).
+            :data:`~nnobfuscator.extraction.augment.JITTER` for faint noise alone).
         name: the results' prefix (``augment``, ``jitter``).
         seed: fixes every random change.
         answer_format: what the user sees (``None``: the tier's own format).
@@ -220,9 +220,9 @@ def run_attacks(
         attacks: names from :data:`ATTACKS`; default: every attack that covers the task.
         pool: query images for ``distill`` and ``decode`` (train and calibration data).
         build_copy: an untrained copy of the architecture, for ``distill``.
-        recipe: how the copy trains (:class:`~nnobfuscator.security.distill.TrainRecipe`).
+        recipe: how the copy trains (:class:`~nnobfuscator.extraction.distill.TrainRecipe`).
         copy_recipe: how ``extract``'s knock-offs and from-scratch copies train (the owner's
-            recipe: :class:`~nnobfuscator.security.extract.CopyRecipe`).
+            recipe: :class:`~nnobfuscator.extraction.extract.CopyRecipe`).
         augment: the ``augment`` attack's changes (``jitter`` always uses faint noise alone).
         answer_format: what the user sees (``None``: the tier's own format).
 
@@ -242,7 +242,7 @@ def run_attacks(
     for tier in tiers:
         model.get_tier(tier)
     task = get_task(model.task)
-    from nnobfuscator.security import decode, distill, extract
+    from nnobfuscator.extraction import decode, distill, extract
 
     if "decode" in attacks or "extract" in attacks:
         decode.check_decodable(model, pool, queries)

@@ -30,10 +30,10 @@ def seal_command(
     Prints one key per higher tier, once (stdout): the key of a tier unlocks it and every tier
     below it. Keys are not stored anywhere; sealing again makes a bundle with new keys.
     """
-    from nnobfuscator.core.model import TieredModel
     from nnobfuscator.core.serialization import read_config
     from nnobfuscator.jobs.sources import load_base_model
     from nnobfuscator.security.sealing import SealError, seal
+    from nnobfuscator.tiered.model import TieredModel
 
     try:
         config = read_config(artifact)

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from nnobfuscator.core.data import Split
-from nnobfuscator.core.training import train_model
 from nnobfuscator.tasks import Task
+from nnobfuscator.tasks.training import train_model
 
 SHARES = (0.01, 0.05, 0.1)
 CLIP_SIGMAS = (2.0, 3.0, 4.0)

@@ -20,7 +20,6 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from nnobfuscator.core.model import TieredModel
 from nnobfuscator.serving.api_keys import KeyStore
 from nnobfuscator.serving.auth import Authenticator
 from nnobfuscator.serving.batcher import MicroBatcher
@@ -36,6 +35,7 @@ from nnobfuscator.serving.routes import inference, owner, service, tiers
 from nnobfuscator.serving.served_model import ServedModel, load_artifact, serve_model
 from nnobfuscator.serving.state import TIER_HEADER, Serving
 from nnobfuscator.serving.usage import usage_meter
+from nnobfuscator.tiered.model import TieredModel
 from nnobfuscator.version import __version__
 
 __all__ = ["TIER_HEADER", "create_app"]

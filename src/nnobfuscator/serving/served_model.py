@@ -6,8 +6,8 @@ import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnobfuscator.core.model import TieredModel
 from nnobfuscator.serving.images import ImageSpec
+from nnobfuscator.tiered.model import TieredModel
 
 
 @dataclass

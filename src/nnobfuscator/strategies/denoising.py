@@ -15,8 +15,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from nnobfuscator.core.wrapping import Host
-from nnobfuscator.strategies.base import register_strategy
+from torch import nn
+
+from nnobfuscator.core.diffusion import PipelineModule
+from nnobfuscator.core.layer_adapters import layer_adapter
+from nnobfuscator.core.wrapping import Host, TieredLayer, unwrapped_name
+from nnobfuscator.strategies.base import register_default_targets, register_strategy
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
 
 STEP_SHARES = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -118,3 +122,25 @@ def _guidance_cutoff(share: float, user: Callable[..., Any] | None) -> Callable[
         return user(pipeline, step, timestep, tensors) if user is not None else tensors
 
     return callback
+
+
+def text_conditioned_layers(model: nn.Module) -> list[str]:
+    """The key and value projections of every cross-attention: the layers that read the text.
+
+    Mixing their input features is mixing the text-embedding channels the image model sees, so a
+    tier's prompt adherence falls smoothly with the strength while the image stays an image.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not getattr(module, "is_cross_attention", False):
+            continue
+        for child in ("to_k", "to_v"):
+            layer = getattr(module, child, None)
+            if isinstance(layer, TieredLayer) or (
+                isinstance(layer, nn.Module) and layer_adapter(layer) is not None
+            ):
+                found.append(unwrapped_name(f"{name}.{child}"))
+    return found
+
+
+register_default_targets(PipelineModule, text_conditioned_layers)

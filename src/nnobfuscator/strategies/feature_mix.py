@@ -28,9 +28,8 @@ from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.strategies.options import StrategyConfig
 
 #: features mixed together (artifacts of nnobfuscator 0.3 and earlier used 256, after a keyed
-#: permutation)
+#: permutation: ``core.serialization.LEGACY_FEATURE_MIX``)
 DEFAULT_BLOCK = 32
-LEGACY_BLOCK = 256
 
 
 @dataclasses.dataclass

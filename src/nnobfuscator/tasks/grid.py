@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from nnobfuscator.core.data import Split
-from nnobfuscator.core.model import TieredModel
 from nnobfuscator.core.outputs import read_images, select
 from nnobfuscator.tasks.figures import save_figure
+from nnobfuscator.tiered.model import TieredModel
 
 
 def first_of_each_class(split: Split, columns: int = 10) -> torch.Tensor:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from nnobfuscator.core.data import Split
-from nnobfuscator.core.model import TieredModel
 from nnobfuscator.tasks import get_task
 from nnobfuscator.tasks.figures import save_figure
+from nnobfuscator.tiered.model import TieredModel
 
 
 def _palette(classes: int) -> np.ndarray:

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from nnobfuscator.core.preprocessing import DatasetFacts as ZooDataset
 from nnobfuscator.zoo import digits, fashion, scenes
-
-
-@dataclass(frozen=True)
-class ZooDataset:
-    """Class names (by index) and the single-channel normalisation ``(x - mean) / std``."""
-
-    classes: tuple[str, ...]
-    mean: float
-    std: float
-
 
 ZOO_DATASETS: dict[str, ZooDataset] = {
     "fashion-mnist": ZooDataset(tuple(fashion.FASHION_CLASSES), fashion._MEAN, fashion._STD),

@@ -1,6 +1,6 @@
-"""The demo models' training loop lives in ``nnobfuscator.core.training``; names kept here."""
+"""The demo models' training loop lives in ``nnobfuscator.tasks.training``; names kept here."""
 
-from nnobfuscator.core.training import (
+from nnobfuscator.tasks.training import (
     evaluate_accuracy,
     evaluate_metric,
     recalibrate_batchnorm,

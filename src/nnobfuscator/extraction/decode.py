@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from nnobfuscator.core.answers import AnswerFormat
 from nnobfuscator.core.data import Split
-from nnobfuscator.security.augment import AugmentConfig
-from nnobfuscator.security.distill import MIN_QUERIES, draw_queries
-from nnobfuscator.security.oracle import (
+from nnobfuscator.extraction.augment import AugmentConfig
+from nnobfuscator.extraction.distill import MIN_QUERIES, draw_queries
+from nnobfuscator.extraction.oracle import (
     AttackResult,
     TierBaseline,
     TierOracle,
@@ -37,7 +37,7 @@ from nnobfuscator.security.oracle import (
 from nnobfuscator.tasks import Task, get_task
 
 if TYPE_CHECKING:
-    from nnobfuscator.core.model import TieredModel
+    from nnobfuscator.tiered.model import TieredModel
 
 _FLOOR = 1e-6  # log-scores of classes an answer leaves out (top-k) read log(_FLOOR)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnobfuscator.core.model import TieredModel
+from nnobfuscator.tiered.model import TieredModel
 
 
 @torch.inference_mode()

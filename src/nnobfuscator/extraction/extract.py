@@ -7,7 +7,7 @@ AnswerFormat`). The **extractable utility@N** is the best, on the test split, of
 
 - the face value;
 - ``decode``: a logistic regression from answers to labels, fitted on the ``N`` labelled
-  answers (:func:`~nnobfuscator.security.decode.fit_score_decoder`);
+  answers (:func:`~nnobfuscator.extraction.decode.fit_score_decoder`);
 - ``knockoff``: the model's architecture, trained from scratch with the owner's recipe on the
   pool's answers (soft targets: the scores shown, the rest of the mass spread over the classes
   not shown) plus the ``N`` true labels.
@@ -32,13 +32,13 @@ from torch import nn
 
 from nnobfuscator.core.answers import AnswerFormat
 from nnobfuscator.core.data import Split
-from nnobfuscator.core.training import train_model
-from nnobfuscator.security.decode import fit_score_decoder
-from nnobfuscator.security.distill import score_model
+from nnobfuscator.extraction.decode import fit_score_decoder
+from nnobfuscator.extraction.distill import score_model
 from nnobfuscator.tasks import get_task
+from nnobfuscator.tasks.training import train_model
 
 if TYPE_CHECKING:
-    from nnobfuscator.core.model import TieredModel
+    from nnobfuscator.tiered.model import TieredModel
 
 #: the query budgets of the issue: a few hundred and a thousand labels
 DEFAULT_QUERIES = (300, 1000)

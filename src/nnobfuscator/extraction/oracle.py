@@ -15,7 +15,7 @@ from nnobfuscator.core.data import Split
 from nnobfuscator.tasks import Task, get_task
 
 if TYPE_CHECKING:
-    from nnobfuscator.core.model import TieredModel
+    from nnobfuscator.tiered.model import TieredModel
 
 ATTACKED_TASKS = ("classification", "segmentation")
 #: vote ties go to the class with the higher average score (a vote is worth more than any score)

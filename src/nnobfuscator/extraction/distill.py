@@ -20,9 +20,8 @@ from torch import nn
 
 from nnobfuscator.core.answers import AnswerFormat
 from nnobfuscator.core.data import Split
-from nnobfuscator.core.training import train_model
-from nnobfuscator.security.augment import AugmentConfig, random_perturbations
-from nnobfuscator.security.oracle import (
+from nnobfuscator.extraction.augment import AugmentConfig, random_perturbations
+from nnobfuscator.extraction.oracle import (
     AttackResult,
     TierBaseline,
     TierOracle,
@@ -31,9 +30,10 @@ from nnobfuscator.security.oracle import (
     tier_baseline,
 )
 from nnobfuscator.tasks import Task, get_task
+from nnobfuscator.tasks.training import train_model
 
 if TYPE_CHECKING:
-    from nnobfuscator.core.model import TieredModel
+    from nnobfuscator.tiered.model import TieredModel
 
 MIN_QUERIES = 10
 

@@ -15,7 +15,6 @@ from torch import nn
 
 from nnobfuscator.core import serialization
 from nnobfuscator.core.diffusion import PIPELINE_COMPUTE, PipelineModule, as_module
-from nnobfuscator.core.executor import TierExecutor
 from nnobfuscator.core.key_derivation import coerce_key, key_id
 from nnobfuscator.core.outputs import main_input
 from nnobfuscator.core.secret_key import find_key, store_key
@@ -26,6 +25,7 @@ from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy, lis
 from nnobfuscator.strategies.base import strategy_config
 from nnobfuscator.strategies.blocks import skippable_blocks, slimmable_blocks
 from nnobfuscator.strategies.options import StrategyConfig
+from nnobfuscator.tiered.executor import TierExecutor
 
 
 @dataclass
