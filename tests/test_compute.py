@@ -17,7 +17,7 @@ from nnobfuscator import CalibrationError, TieredModel, calibrate, obfuscate
 from nnobfuscator.core.tiers import parse_tiers
 from nnobfuscator.strategies import TieredBlock
 from nnobfuscator.tiered.cost import relative_costs, tier_flops
-from nnobfuscator.tiered.model import resolve_compute
+from nnobfuscator.tiered.obfuscate import resolve_compute
 
 KEY = b"c" * 32
 #: every compute strategy that applies to a ResNet ("auto" leaves channel slimming out there)

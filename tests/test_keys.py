@@ -16,16 +16,15 @@ import pytest
 from typer.testing import CliRunner
 
 from nnobfuscator.cli import app
-from nnobfuscator.serving.api_keys import (
-    ApiKey,
-    KeyStore,
+from nnobfuscator.serving.api_keys import ApiKey, KeyStore
+from nnobfuscator.serving.config import RateLimit, parse_rate_limits
+from nnobfuscator.serving.key_format import (
     KeyStoreError,
     key_checksum,
     key_stub,
     parse_duration,
     parse_key,
 )
-from nnobfuscator.serving.config import RateLimit, parse_rate_limits
 from nnobfuscator.serving.usage import RedisUsage, SqliteUsage, UsageRow, usage_meter
 
 

@@ -10,14 +10,13 @@ Example:
 Public names are imported on first use (PEP 562), so ``import nnobfuscator`` and light
 commands such as ``nnobf keys ...`` never load torch. Registries fill up as before: a
 strategy, block or layer adapter registers when its module is imported, and building a model
-imports them all (``nnobfuscator.tiered.model`` pulls in ``strategies``, ``wrapping`` and
-``diffusion``).
+imports them all (``nnobfuscator.tiered.model`` pulls in ``strategies`` and ``wrapping``).
 
-Layout, each layer importing only those below it: ``core`` (tiers, wrapping, the executor, the
-tiered model, artifacts, outputs, the secret key), ``strategies``, ``tasks``, ``calibration``,
-``security`` (attacks, extraction, sealing), ``jobs`` (sources, whole runs),
-``serving`` (HTTP), ``zoo`` (demo models and data) and ``cli``. Module paths from before this
-layout still import (``nnobfuscator._compat``).
+Layout, each layer importing only those below it (docs/layout.md): ``core`` (tiers, wrapping,
+artifacts, outputs, the secret key), ``strategies``, ``tiered`` (the tiered model, ``obfuscate``,
+the executor), ``tasks``, ``extraction`` and ``zoo`` (demo models and data), ``calibration``,
+``jobs`` (sources, whole runs), ``security`` (attacks, sealing) and ``serving`` (HTTP), and
+``cli``. Module paths from before this layout still import (``nnobfuscator._compat``).
 """
 
 from __future__ import annotations
@@ -48,7 +47,8 @@ if TYPE_CHECKING:
         register_block,
         register_strategy,
     )
-    from nnobfuscator.tiered.model import InputSpec, ObfuscationConfig, TieredModel, obfuscate
+    from nnobfuscator.tiered.model import InputSpec, TieredModel
+    from nnobfuscator.tiered.obfuscate import ObfuscationConfig, obfuscate
 
 #: public name -> the module it comes from
 _EXPORTS = {
@@ -56,7 +56,7 @@ _EXPORTS = {
     "CalibrationError": "nnobfuscator.calibration.calibrator",
     "InputSpec": "nnobfuscator.tiered.model",
     "LayerAdapter": "nnobfuscator.core.layer_adapters",
-    "ObfuscationConfig": "nnobfuscator.tiered.model",
+    "ObfuscationConfig": "nnobfuscator.tiered.obfuscate",
     "Split": "nnobfuscator.core.data",
     "FeatureMixConfig": "nnobfuscator.strategies",
     "Strategy": "nnobfuscator.strategies",
@@ -69,7 +69,7 @@ _EXPORTS = {
     "evaluate": "nnobfuscator.calibration.calibrator",
     "get_strategy": "nnobfuscator.strategies",
     "list_strategies": "nnobfuscator.strategies",
-    "obfuscate": "nnobfuscator.tiered.model",
+    "obfuscate": "nnobfuscator.tiered.obfuscate",
     "parse_tiers": "nnobfuscator.core.tiers",
     "plot_report": "nnobfuscator.calibration.report",
     "read_output": "nnobfuscator.core.outputs",

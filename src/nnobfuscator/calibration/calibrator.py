@@ -22,8 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nnobfuscator.calibration.compute_search import ComputeSearch
+from nnobfuscator.calibration.extractable import hold_extractable
 from nnobfuscator.calibration.report import build_report
 from nnobfuscator.calibration.runner import SettingRunner, SplitRunner
+from nnobfuscator.calibration.strength import StrengthCurve, search_knob, set_knob
 from nnobfuscator.core.data import DataLike, Split, as_split
 from nnobfuscator.core.outputs import select
 from nnobfuscator.core.tiers import Tier
@@ -36,64 +38,6 @@ logger = logging.getLogger(__name__)
 
 class CalibrationError(ValueError):
     """A tier target cannot be reached; the message names the reachable range."""
-
-
-class _Curve:
-    """The metric on the calibration split as a function of the shared knob ``u`` (memoised).
-
-    The curve of tiers without a compute setting is shared; a tier with one gets its own.
-    """
-
-    def __init__(self, model: TieredModel, runner: SplitRunner, labels: torch.Tensor, task: Task):
-        self.model, self.runner, self.labels, self.task = model, runner, labels, task
-        self.base = task.score(runner.full_logits(), labels)
-        self._shared: dict[float, float] = {0.0: self.base}
-        self._own: dict[str, dict[float, float]] = {}
-
-    def start(self, tier: str, utility_at_zero: float | None, own: bool = False) -> None:
-        """Begin the curve of ``tier``; ``utility_at_zero`` when its compute setting saves work;
-        ``own``: the tier's curve is its own (a strategy fit to it), measured from the start."""
-        if own:
-            self._own[tier] = {}
-            self(tier, 0.0)
-        elif utility_at_zero is not None:
-            self._own[tier] = {0.0: utility_at_zero}
-
-    def points(self, tier: str) -> dict[float, float]:
-        return self._own.get(tier, self._shared)
-
-    def __call__(self, tier: str, u: float) -> float:
-        u = round(u, 6)
-        points = self.points(tier)
-        if u not in points:
-            _set_knob(self.model, tier, u)
-            points[u] = self.task.score(self.runner.logits(tier), self.labels)
-        return points[u]
-
-
-def _set_knob(model: TieredModel, tier: str, u: float) -> None:
-    for name, strategy in model.degrading.items():
-        model.set_strength(tier, name, u * strategy.max_strength)
-
-
-def _search(curve: _Curve, tier: str, target: float, tolerance: float, max_evals: int) -> float:
-    """The knob whose metric is closest to ``target`` (the curve falls as the knob grows)."""
-    points = curve.points(tier)
-    for _ in range(max_evals):
-        above = [u for u, m in points.items() if m >= target]
-        below = [u for u, m in points.items() if m < target]
-        best = min(points, key=lambda u: (abs(points[u] - target), u))
-        if abs(points[best] - target) <= tolerance or not below:
-            return best
-        lo = max((u for u in above if u < min(below)), default=0.0)
-        hi = min(u for u in below if u > lo)
-        width = hi - lo
-        if width < 1e-4:
-            return best
-        f_lo, f_hi = points[lo], points[hi]
-        guess = lo + width * (f_lo - target) / max(f_lo - f_hi, 1e-12)
-        curve(tier, min(max(guess, lo + 0.15 * width), hi - 0.15 * width))
-    return min(points, key=lambda u: (abs(points[u] - target), u))
 
 
 def _fit_to_tiers(
@@ -112,7 +56,7 @@ def _fit_to_tiers(
     for strategy in strategies:
         strategy.fit_order(predicted, data.labels, classes)
         for tier in tiers:
-            _set_knob(model, tier.name, 0.0)
+            set_knob(model, tier.name, 0.0)
             strategy.forget(tier.name)  # features from the tier's own layers and the model's head
             features = strategy.head_inputs(lambda t=tier.name: runner.logits(t))
             strategy.fit_tier(tier.name, features, data.labels)
@@ -121,8 +65,6 @@ def _fit_to_tiers(
 #: how many times a tier whose fitted readout falls short of its target asks the compute search
 #: for a costlier setting before calibration gives up
 _REFITS = 4
-#: rounds of setting tiers stronger when their users extract more than their bound
-_TIGHTENINGS = 3
 
 
 def _headroom(target: float, n: int, headroom: float | None) -> float:
@@ -159,75 +101,6 @@ def _choose_compute(
             "max_cost, or add compute strategies"
         )
     return point.utility, point.settings
-
-
-def _hold_extractable(
-    model: TieredModel,
-    rows: dict[str, Any],
-    curve: _Curve,
-    knobs: dict[str, float],
-    *,
-    check: Split,
-    test: Split | None,
-    tolerance: float,
-    max_evals: int,
-    **attack: Any,
-) -> list[Any]:
-    """Set tiers whose users extract more than their bound stronger, then write what each
-    tier's user extracts on ``test`` into ``rows``
-    (:func:`~nnobfuscator.extraction.extract.add_extractable`).
-
-    Decisions read ``check`` (calibration data, never the test split): a tier over its bound
-    aims its calibration metric that much lower, up to ``_TIGHTENINGS`` times, but never more
-    than ``margin`` below its target (a tier that only renames what the model knows would
-    otherwise fall far below it).
-
-    Returns:
-        The overruns left on ``check``: tiers that stay over their bound.
-    """
-    from nnobfuscator.extraction.extract import CopyRecipe, add_extractable, labels_only
-
-    attack["recipe"] = attack.get("recipe") or CopyRecipe()
-    pool = attack.pop("pool")
-
-    baselines: dict[int, dict] = {}  # labels-only per split, measured once (copies train)
-
-    def measure(split: Split, names: list[str] | None = None) -> list[Any]:
-        if id(split) not in baselines:
-            baselines[id(split)] = labels_only(
-                pool,
-                split,
-                attack["queries"],
-                build_copy=attack["build_copy"],
-                recipe=attack["recipe"],
-                progress=attack["progress"],
-            )
-        baseline = baselines[id(split)]
-        return add_extractable(model, rows, pool, split, baseline=baseline, tiers=names, **attack)
-
-    overruns = measure(check)
-    for _ in range(_TIGHTENINGS):
-        excess: dict[str, float] = {}
-        for over in overruns:
-            excess[over.tier] = max(excess.get(over.tier, 0.0), over.excess)
-        moved = []
-        for name, amount in excess.items():
-            tier = model.tiers[name]
-            floor = (tier.target_value or 0.0) - attack["margin"]
-            aim = max(tier.metrics["calibration"] - amount - tolerance, floor)
-            knob = _search(curve, name, aim, tolerance, max_evals)
-            if knob <= knobs[name]:
-                continue  # as strong as its target allows, or its metric no longer falls
-            knobs[name] = knob
-            _set_knob(model, name, knob)
-            tier.metrics["calibration"] = curve.points(name)[knob]
-            moved.append(name)
-        if not moved:
-            break
-        overruns = [over for over in overruns if over.tier not in moved] + measure(check, moved)
-    if test is not None and test is not check:
-        measure(test)
-    return overruns
 
 
 def halves(split: Split) -> tuple[Split, Split]:
@@ -307,7 +180,7 @@ def calibrate(
     fitted = [s for s in model.degrading.values() if getattr(s, "needs_labels", False)]
     search_part, land_part = halves(cal) if model.compute or fitted else (cal, cal)
     runner = SplitRunner(model, land_part.inputs, task.logits, batch_size)
-    curve = _Curve(model, runner, land_part.labels, task)
+    curve = StrengthCurve(model, runner, land_part.labels, task)
     base = (
         curve.base
         if land_part is cal
@@ -347,7 +220,7 @@ def calibrate(
                 f"tier {tier.name!r}: target {target:.3f} is above the full model's "
                 f"{task.metric} {base:.3f} on the calibration split; use 'full' or a lower target"
             )
-        _set_knob(model, tier.name, 0.0)
+        set_knob(model, tier.name, 0.0)
     compute_utility: dict[str, float] = {}
     if search is not None:
         # strictest tier first; each looser tier continues the descent where the last one stopped
@@ -399,8 +272,8 @@ def calibrate(
                 f"reachable {task.metric} range is [{floor:.3f}, {base:.3f}]. Raise the target, "
                 "add target layers, or combine strategies (e.g. feature-mix+logit-noise)"
             )
-        knobs[tier.name] = _search(curve, tier.name, target, tolerance, max_evals)
-        _set_knob(model, tier.name, knobs[tier.name])
+        knobs[tier.name] = search_knob(curve, tier.name, target, tolerance, max_evals)
+        set_knob(model, tier.name, knobs[tier.name])
         tier.metrics["calibration"] = curve.points(tier.name)[knobs[tier.name]]
         bar.set_postfix(
             tier=tier.name,
@@ -409,7 +282,7 @@ def calibrate(
         )
     extractable: dict[str, Any] = {"tiers": [{"name": t.name} for t in tiers]}
     if against == "extractable":
-        overruns = _hold_extractable(
+        overruns = hold_extractable(
             model,
             extractable,
             curve,

@@ -24,7 +24,8 @@ from nnobfuscator.strategies import StrategyConfig, get_strategy
 from nnobfuscator.tasks import Task
 from nnobfuscator.tasks.grid import plot_generation_grid
 from nnobfuscator.tasks.masks import plot_masks
-from nnobfuscator.tiered.model import InputSpec, TieredModel, obfuscate
+from nnobfuscator.tiered.model import InputSpec, TieredModel
+from nnobfuscator.tiered.obfuscate import obfuscate
 
 
 @dataclass

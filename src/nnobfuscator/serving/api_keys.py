@@ -1,20 +1,6 @@
 """API keys in SQLite: salted hashes only, looked up on every request (no restart needed).
 
-Key format:
-    ``nnobf_<id>_<secret><check>``, for example ``nnobf_1a2b3c4d5e6f_<30 base62 chars><6 chars>``:
-
-    * ``nnobf_`` is a fixed prefix, so secret scanners (and people) recognise a leaked key;
-    * ``id`` (12 lowercase hex digits) is the public handle used to find the row; ``nnobf_<id>_…``
-      (the *stub*) is safe to log and display;
-    * ``secret`` (30 base62 characters, about 178 bits) is never stored: only
-      ``sha256(salt || secret)``, compared in constant time;
-    * ``check`` is the CRC32 of everything before it, written as 6 base62 digits (like GitHub's
-      tokens). :func:`parse_key` checks prefix, shape and checksum before any database lookup, so
-      a mistyped or made-up key costs no query.
-
-    Keys made before the checksum (``nnobf_<id>_<43 url-safe characters>``) keep working: they
-    have their own exact shape, are still looked up and checked against their stored hash, and
-    keep their expiry, revocation and rotation like any key. Rotate them to get the new format.
+Key format: :mod:`nnobfuscator.serving.key_format` (``nnobf_<id>_<secret><check>``).
 
 Lifecycle: a key may expire (``expires_at``), be revoked (``revoked_at``) or be rotated: its
 replacement gets the same tier, owner flag and name, and the old key keeps working until
@@ -23,10 +9,7 @@ used now. Every change (create, rotate, set-tier, set-expiry, revoke) appends a 
 ``audit`` table, which SQLite triggers keep append-only; this module has no call that changes
 or deletes audit rows.
 
-Schema and migration: tables ``api_keys`` (``expires_at``, ``last_used_at``, ``replaced_by`` and
-``retires_at`` were added after the first release) and ``audit``; :class:`KeyStore` adds missing
-columns in place (``ALTER TABLE ... ADD COLUMN``) when it opens an older file. Per-day usage
-counts live in ``key_usage`` (see :mod:`nnobfuscator.serving.usage`).
+Schema and migration of older files: :mod:`nnobfuscator.serving.key_database`.
 
 The database runs in WAL mode so a server reads while ``nnobf keys ...`` writes, and every write
 is one transaction.
@@ -34,15 +17,11 @@ is one transaction.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import re
-import secrets
 import sqlite3
-import string
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,55 +29,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-KEY_PREFIX = "nnobf"
-BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
-ID_LENGTH = 12
-SECRET_LENGTH = 30
-CHECK_LENGTH = 6
-_KEY_PATTERN = re.compile(
-    rf"^{KEY_PREFIX}_([0-9a-f]{{{ID_LENGTH}}})_([0-9A-Za-z]{{{SECRET_LENGTH}}})"
-    rf"([0-9A-Za-z]{{{CHECK_LENGTH}}})$"
+from nnobfuscator.serving.key_database import connect, default_keys_path, ensure_schema
+from nnobfuscator.serving.key_format import (
+    KEY_PREFIX,
+    KeyStoreError,
+    check_tier_name,
+    hash_secret,
+    key_stub,
+    new_key,
+    parse_key,
 )
-# Keys created before the checksum: token_hex(6) id, token_urlsafe(32) secret.
-_LEGACY_PATTERN = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
-_TIER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DURATION_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)\s*$")
-_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    name TEXT UNIQUE,
-    salt BLOB NOT NULL,
-    hash BLOB NOT NULL,
-    tier TEXT,
-    owner INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL,
-    revoked_at TEXT,
-    expires_at TEXT,
-    last_used_at TEXT,
-    replaced_by TEXT,
-    retires_at TEXT
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    action TEXT NOT NULL,
-    key_id TEXT,
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_append_only_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
-#: columns added to ``api_keys`` after the first release: name -> SQL type
-_ADDED_COLUMNS = {
-    "expires_at": "TEXT",
-    "last_used_at": "TEXT",
-    "replaced_by": "TEXT",
-    "retires_at": "TEXT",
-}
 _COLUMNS = (
     "id, name, tier, owner, created_at, revoked_at, expires_at, last_used_at, replaced_by, "
     "retires_at"
@@ -106,10 +47,6 @@ _COLUMNS = (
 _NCOLUMNS = len(_COLUMNS.split(","))
 
 Clock = Callable[[], datetime]
-
-
-class KeyStoreError(ValueError):
-    """A key store operation got a bad argument (unknown key, bad tier name, duplicate name)."""
 
 
 def _utcnow() -> datetime:
@@ -208,116 +145,6 @@ class AuditRow:
     detail: str
 
 
-def default_keys_path() -> Path:
-    """``$NNOBF_HOME/keys.sqlite`` (``~/.cache/nnobfuscator/keys.sqlite`` without NNOBF_HOME)."""
-    from nnobfuscator.core.home import cache_dir
-
-    return cache_dir() / "keys.sqlite"
-
-
-def _hash(salt: bytes, secret: str) -> bytes:
-    return hashlib.sha256(salt + secret.encode()).digest()
-
-
-def _base62(number: int, width: int) -> str:
-    digits = []
-    while number:
-        number, digit = divmod(number, 62)
-        digits.append(BASE62[digit])
-    return "".join(reversed(digits)).rjust(width, BASE62[0])
-
-
-def key_checksum(body: str) -> str:
-    """The 6 base62 digits of CRC32(``body``) that end a key whose text before them is ``body``."""
-    return _base62(zlib.crc32(body.encode()), CHECK_LENGTH)
-
-
-def key_stub(key_id: str) -> str:
-    """``nnobf_<id>_…``: a key shown without its secret."""
-    return f"{KEY_PREFIX}_{key_id}_…"
-
-
-def parse_key(token: str) -> tuple[str, str] | None:
-    """``(id, secret)`` of a well-formed key with a valid checksum, else ``None``.
-
-    Needs no database: this is the check that runs before any lookup. Keys of the old format
-    (no checksum, see the module docstring) are recognised by their exact shape.
-    """
-    if not isinstance(token, str):
-        return None
-    match = _KEY_PATTERN.match(token)
-    if match is not None:
-        key_id, secret, check = match.groups()
-        body = token[:-CHECK_LENGTH]
-        return (key_id, secret) if hmac.compare_digest(check, key_checksum(body)) else None
-    legacy = _LEGACY_PATTERN.match(token)
-    return (legacy.group(1), legacy.group(2)) if legacy is not None else None
-
-
-def _new_key() -> tuple[str, str, str]:
-    """A fresh ``(id, secret, key)``."""
-    key_id = secrets.token_hex(ID_LENGTH // 2)
-    secret = "".join(secrets.choice(BASE62) for _ in range(SECRET_LENGTH))
-    body = f"{KEY_PREFIX}_{key_id}_{secret}"
-    return key_id, secret, body + key_checksum(body)
-
-
-def parse_duration(text: str) -> timedelta | None:
-    """``"30d"``, ``"12h"``, ``"15m"``/``"15min"``, ``"90s"`` or ``"0"``; ``"never"`` gives ``None``.
-
-    Raises:
-        KeyStoreError: anything else.
-    """
-    value = text.strip().lower()
-    if value in {"never", "none"}:
-        return None
-    if value == "0":
-        return timedelta(0)
-    match = _DURATION_PATTERN.match(value)
-    if match is None:
-        raise KeyStoreError(
-            f"invalid duration {text!r}: use a number and a unit (s, m or min, h, d), e.g. "
-            "'30d' or '24h', or 'never'"
-        )
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def check_tier_name(tier: str) -> str:
-    """Return ``tier`` if it is a valid tier name, else raise :class:`KeyStoreError`."""
-    if not isinstance(tier, str) or not _TIER_PATTERN.match(tier):
-        raise KeyStoreError(
-            f"invalid tier name {tier!r}: use letters, digits, '_', '-' or '.' (e.g. 'pro')"
-        )
-    return tier
-
-
-def ensure_schema(db: sqlite3.Connection) -> None:
-    """Create the tables and add the columns an older file lacks (in the caller's transaction)."""
-    _run_script(db, _SCHEMA)
-    have = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
-    for column, kind in _ADDED_COLUMNS.items():
-        if column not in have:
-            db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} {kind}")
-
-
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    """``executescript`` commits first; run the statements one by one inside a transaction."""
-    statement = ""
-    for line in script.splitlines(keepends=True):
-        statement += line
-        if sqlite3.complete_statement(statement):
-            db.execute(statement)
-            statement = ""
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection in autocommit mode (explicit transactions), WAL journal, 10 s busy wait."""
-    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA busy_timeout=10000")
-    return db
-
-
 class KeyStore:
     """A SQLite file of API keys, safe to share between processes and threads.
 
@@ -412,14 +239,23 @@ class KeyStore:
         expires_in: timedelta | None,
         note: str,
     ) -> tuple[str, str]:
-        key_id, secret, key = _new_key()
+        key_id, secret, key = new_key()
         salt, now = os.urandom(16), self.now()
         expires_at = _iso(now + expires_in) if expires_in is not None else None
         try:
             db.execute(
                 "INSERT INTO api_keys (id, name, salt, hash, tier, owner, created_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key_id, name, salt, _hash(salt, secret), tier, int(owner), _iso(now), expires_at),
+                (
+                    key_id,
+                    name,
+                    salt,
+                    hash_secret(salt, secret),
+                    tier,
+                    int(owner),
+                    _iso(now),
+                    expires_at,
+                ),
             )
         except sqlite3.IntegrityError:
             raise KeyStoreError(f"a key named {name!r} already exists; pick another name") from None
@@ -555,9 +391,9 @@ class KeyStore:
         )
         if row is None:
             # Spend the same hashing work on unknown ids as on known ones.
-            hmac.compare_digest(_hash(self._dummy_salt, parts[1]), bytes(32))
+            hmac.compare_digest(hash_secret(self._dummy_salt, parts[1]), bytes(32))
             return None
-        if not hmac.compare_digest(_hash(row[_NCOLUMNS], parts[1]), row[_NCOLUMNS + 1]):
+        if not hmac.compare_digest(hash_secret(row[_NCOLUMNS], parts[1]), row[_NCOLUMNS + 1]):
             return None
         return _record(row[:_NCOLUMNS])
 

@@ -16,14 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nnobfuscator.serving.api_keys import (
-    ApiKey,
-    KeyStore,
-    KeyStoreError,
-    default_keys_path,
-    key_stub,
-    parse_duration,
-)
+from nnobfuscator.serving.api_keys import ApiKey, KeyStore
+from nnobfuscator.serving.key_database import default_keys_path
+from nnobfuscator.serving.key_format import KeyStoreError, key_stub, parse_duration
 
 if TYPE_CHECKING:
     from nnobfuscator.serving.usage import UsageMeter

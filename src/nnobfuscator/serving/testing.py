@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from PIL import Image
 from torch import nn
 
-from nnobfuscator.tiered.model import InputSpec, TieredModel, obfuscate
+from nnobfuscator.tiered.model import InputSpec, TieredModel
+from nnobfuscator.tiered.obfuscate import obfuscate
 
 TIERS = "free=60%,pro=85%,premium=full"
 STRENGTHS = {"free": 1.0, "pro": 0.5}

@@ -32,7 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from nnobfuscator.serving.api_keys import connect, ensure_schema
+from nnobfuscator.serving.key_database import connect, ensure_schema
 
 log = logging.getLogger(__name__)
 

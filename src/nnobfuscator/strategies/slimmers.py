@@ -15,7 +15,6 @@ their mean activation, folded into a constant. Two kinds are built in:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,104 +23,24 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from nnobfuscator.core.tier_pass import DerivedCache, tensor_identity
-from nnobfuscator.core.wrapping import TieredLayer, acts_on_activations
-from nnobfuscator.strategies.bn_reestimate import TieredNorm
+from nnobfuscator.core.tier_pass import DerivedCache
 from nnobfuscator.strategies.norms import batch_norm_at
-
-ActivationStats = list[tuple[torch.Tensor, torch.Tensor]]
-Space = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], int]
-_ELEMENTWISE = (
-    nn.ReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Hardswish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Dropout,
-    nn.Identity,
+from nnobfuscator.strategies.slim_layers import (
+    CHANNELWISE,
+    ELEMENTWISE,
+    POOLS,
+    ActivationStats,
+    Keep,
+    Space,
+    constant_map,
+    mix_input,
+    pair,
+    plain_layer,
+    relu_of_gaussian,
+    tier_weight,
+    tier_weight_key,
+    unchanged,
 )
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-#: layers that act on each channel alone (a channel held constant stays constant through them)
-_CHANNELWISE = (
-    *_ELEMENTWISE,
-    *_POOLS,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.Dropout2d,
-)
-Keep = float | tuple[float, ...]
-
-
-def _plain(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, TieredLayer | TieredNorm) else module
-
-
-def _relu_of_gaussian(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data-free (mean, std) of ``relu(bn(x))``, taking the BN output as Gaussian."""
-    shift = bn.bias.detach().float()
-    scale = bn.weight.detach().float().abs().clamp_min(1e-6)
-    t = shift / scale
-    cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
-    pdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
-    mean = shift * cdf + scale * pdf
-    second = (shift * shift + scale * scale) * cdf + shift * scale * pdf
-    return mean, (second - mean * mean).clamp_min(0).sqrt()
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
-    return value if isinstance(value, tuple) else (value, value)
-
-
-def _weight(module: nn.Module, tier: str) -> torch.Tensor:
-    """A layer's weight at ``tier``, with what weight-folding strategies folded into it
-    (strategies that act on activations are applied to the slimmed input instead)."""
-    if isinstance(module, TieredLayer):
-        weight = module.tier_weight(tier)
-        return module.base_weight if weight is None else weight
-    return module.weight  # type: ignore[return-value]
-
-
-def _weight_key(module: nn.Module, tier: str) -> Any:
-    """What :func:`_weight` depends on: the folded strategies' signatures and the base weight."""
-    plain = _plain(module)
-    base = plain.weight
-    folded = (
-        tuple(t.signature(tier) for t in module.transforms.values() if not acts_on_activations(t))
-        if isinstance(module, TieredLayer)
-        else ()
-    )
-    return folded, tensor_identity(base)
-
-
-def _constant_map(
-    conv: nn.Module, weight: torch.Tensor, fill: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """``conv`` with ``weight`` on a ``size`` map whose channels are constant at ``fill``.
-
-    By linearity this is one single-channel convolution of a map of ones with the fill-weighted
-    sum of the kernels (borders included): far cheaper than convolving every dropped channel.
-    """
-    fill = fill.to(weight.dtype).view(1, -1, *([1] * (weight.dim() - 2)))
-    if conv.groups != 1:
-        return conv._conv_forward(fill.expand(1, -1, *size), weight, None)
-    folded = (weight * fill).sum(1, keepdim=True)
-    return conv._conv_forward(weight.new_ones(1, 1, *size), folded, None)
-
-
-def _mix_input(
-    module: nn.Module, x: torch.Tensor, feature_axis: int, channels: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x`` as ``module`` sees it in the pass in flight (feature mixing, per sample)."""
-    if not isinstance(module, TieredLayer):
-        return x
-    return module.transform_activation(x, feature_axis, 0 if x.dim() > 1 else None, channels)
 
 
 class Slimmer:
@@ -148,7 +67,7 @@ class Slimmer:
         """(mean, std) per hidden channel without data."""
         return [
             (torch.zeros(n), torch.ones(n))
-            for n in (_plain(r).weight.shape[1] for r in self.readers())
+            for n in (plain_layer(r).weight.shape[1] for r in self.readers())
         ]
 
     def set_statistics(self, stats: ActivationStats | None) -> None:
@@ -165,7 +84,7 @@ class Slimmer:
         if self._order is None:
             self._order = []
             for reader, (_, std) in zip(self.readers(), self.activation_stats(), strict=True):
-                weight = _plain(reader).weight.detach().float()
+                weight = plain_layer(reader).weight.detach().float()
                 reads = weight.abs().sum(dim=[d for d in range(weight.dim()) if d != 1])
                 self._order.append((std.to(reads.device) * reads).argsort(descending=True))
         return self._order
@@ -192,7 +111,7 @@ class Slimmer:
 
     def sources(self, tier: str) -> tuple[torch.Tensor, ...]:
         """The weights slices are cut from at ``tier``."""
-        return tuple(_weight(layer, tier) for layer in self.layers())
+        return tuple(tier_weight(layer, tier) for layer in self.layers())
 
     def cut(self, tier: str, keep: Keep, sources: tuple[torch.Tensor, ...]) -> Any:
         """Sliced parameters for ``keep`` from ``sources``."""
@@ -200,7 +119,7 @@ class Slimmer:
 
     def slice_key(self, tier: str, keep: Keep) -> tuple:
         """What the slices at ``tier`` depend on (tiers with equal keys share them)."""
-        weights = tuple(_weight_key(layer, tier) for layer in self.layers())
+        weights = tuple(tier_weight_key(layer, tier) for layer in self.layers())
         return ("slice", id(self), self._version, keep, weights)
 
     def sliced(self, tier: str, keep: Keep) -> Any:
@@ -233,7 +152,7 @@ class ResidualConvSlimmer(Slimmer):
 
     def estimated_stats(self) -> ActivationStats:
         """Data-free (mean, std) of each hidden ReLU output, taking BN outputs as Gaussian."""
-        return [_relu_of_gaussian(bn) for bn in self.norms()[:-1]]
+        return [relu_of_gaussian(bn) for bn in self.norms()[:-1]]
 
     def layers(self) -> list[nn.Module]:
         return self.convs()
@@ -263,8 +182,8 @@ class ResidualConvSlimmer(Slimmer):
                 weight = self.sources(tier)[space + 1].index_select(1, parts["dropped"][space])
                 if space + 1 < len(parts["kept"]):  # the reader's outputs are sliced too
                     weight = weight.index_select(0, parts["kept"][space + 1])
-                conv = _plain(self.convs()[space + 1])
-                return _constant_map(conv, weight, parts["fills"][space], size)
+                conv = plain_layer(self.convs()[space + 1])
+                return constant_map(conv, weight, parts["fills"][space], size)
 
         return self.cache.get((*self.slice_key(tier, keep), "constant", space, size), compute)
 
@@ -275,8 +194,8 @@ class ResidualConvSlimmer(Slimmer):
         convs, norms = self.convs(), self.norms()
         for i, (conv, weight, bn) in enumerate(zip(convs, parts["convs"], norms, strict=True)):
             size = (out.shape[-2], out.shape[-1])
-            out = _mix_input(conv, out, 1, parts["kept"][i - 1] if i > 0 else None)
-            out = _plain(conv)._conv_forward(out, weight, None)
+            out = mix_input(conv, out, 1, parts["kept"][i - 1] if i > 0 else None)
+            out = plain_layer(conv)._conv_forward(out, weight, None)
             if i > 0 and len(parts["dropped"][i - 1]):
                 out = out + self._constant(tier, keep, parts, i - 1, size)
             out = batch_norm_at(bn, out, parts["kept"][i] if i < len(parts["kept"]) else None)
@@ -292,7 +211,7 @@ class MLPSlimmer(Slimmer):
     def __init__(self, block: nn.Sequential, cache: DerivedCache | None = None) -> None:
         super().__init__(block, cache)
         layers = list(block)
-        second = max(i for i, m in enumerate(layers) if isinstance(_plain(m), nn.Linear))
+        second = max(i for i, m in enumerate(layers) if isinstance(plain_layer(m), nn.Linear))
         self.first, self.second = layers[0], layers[second]
         self.middle, self.tail = layers[1:second], layers[second + 1 :]
 
@@ -309,7 +228,7 @@ class MLPSlimmer(Slimmer):
     def cut(self, tier: str, keep: float, sources: tuple[torch.Tensor, ...]) -> Any:
         first, second = sources
         (kept,), (dropped,) = self.split(keep, first.device)
-        bias1, bias2 = _plain(self.first).bias, _plain(self.second).bias
+        bias1, bias2 = plain_layer(self.first).bias, plain_layer(self.second).bias
         mean = self.activation_stats()[0][0].to(first.device, first.dtype)
         constant = second.index_select(1, dropped) @ mean.index_select(0, dropped)
         return (
@@ -322,10 +241,10 @@ class MLPSlimmer(Slimmer):
 
     def forward(self, x: torch.Tensor, tier: str, keep: float) -> torch.Tensor:
         weight1, bias1, weight2, bias2, kept = self.sliced(tier, keep)
-        hidden = F.linear(_mix_input(self.first, x, -1), weight1, bias1)
+        hidden = F.linear(mix_input(self.first, x, -1), weight1, bias1)
         for module in self.middle:
             hidden = module(hidden)
-        out = F.linear(_mix_input(self.second, hidden, -1, kept), weight2, bias2)
+        out = F.linear(mix_input(self.second, hidden, -1, kept), weight2, bias2)
         for module in self.tail:
             out = module(out)
         return out
@@ -336,7 +255,7 @@ def _conv_positions(module: nn.Module) -> list[int] | None:
     ``None`` when ``module`` is not one."""
     if not isinstance(module, nn.Sequential) or len(module) < 2:
         return None
-    layers = [_plain(m) for m in module]
+    layers = [plain_layer(m) for m in module]
     if len({id(m) for m in layers}) != len(layers):  # a layer used twice: spaces would clash
         return None
     convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
@@ -351,7 +270,7 @@ def _conv_positions(module: nn.Module) -> list[int] | None:
         elif isinstance(layer, nn.BatchNorm2d):
             if channels is None or layer.num_features != channels or not layer.affine:
                 return None
-        elif not isinstance(layer, _CHANNELWISE):
+        elif not isinstance(layer, CHANNELWISE):
             return None
     return convs
 
@@ -388,7 +307,7 @@ class ConvStackSlimmer(Slimmer):
     def spaces(self) -> list[Space]:
         """Measured where the next convolution reads them (after activation and pooling)."""
         return [
-            (self.block[self.positions[i + 1] - 1], _identity, 1)
+            (self.block[self.positions[i + 1] - 1], unchanged, 1)
             for i in range(len(self.positions) - 1)
         ]
 
@@ -402,11 +321,11 @@ class ConvStackSlimmer(Slimmer):
         """Per space, how many downsamplings (pools, strided convolutions) precede its producer."""
         groups, level = [], 0
         for index, module in enumerate(self.block):
-            layer = _plain(module)
+            layer = plain_layer(module)
             if index in self.positions[:-1]:
                 groups.append(level)
-            strided = isinstance(layer, nn.Conv2d) and max(_pair(layer.stride)) > 1
-            if isinstance(layer, _POOLS) or strided:
+            strided = isinstance(layer, nn.Conv2d) and max(pair(layer.stride)) > 1
+            if isinstance(layer, POOLS) or strided:
                 level += 1
         return groups
 
@@ -415,10 +334,10 @@ class ConvStackSlimmer(Slimmer):
         fallback = super().estimated_stats()
         stats = []
         for space, default in enumerate(fallback):
-            between = [_plain(m) for m in self._between(space)]
+            between = [plain_layer(m) for m in self._between(space)]
             norms = [m for m in between if isinstance(m, nn.BatchNorm2d)]
             relu = any(isinstance(m, nn.ReLU) for m in between)
-            stats.append(_relu_of_gaussian(norms[-1]) if norms and relu else default)
+            stats.append(relu_of_gaussian(norms[-1]) if norms and relu else default)
         return stats
 
     def keeps(self, tier: str, keep: float) -> tuple[float, ...]:
@@ -436,7 +355,7 @@ class ConvStackSlimmer(Slimmer):
         ]
         weights, biases = [], []
         for i, (conv, weight) in enumerate(zip(self.convs(), sources, strict=True)):
-            bias = _plain(conv).bias
+            bias = plain_layer(conv).bias
             if i < len(kept):
                 weight = weight.index_select(0, kept[i])
                 bias = None if bias is None else bias.index_select(0, kept[i])
@@ -462,8 +381,8 @@ class ConvStackSlimmer(Slimmer):
                 weight = self.sources(tier)[space + 1].index_select(1, parts["dropped"][space])
                 if space + 1 < len(parts["kept"]):
                     weight = weight.index_select(0, parts["kept"][space + 1])
-                conv = _plain(self.convs()[space + 1])
-                return _constant_map(conv, weight, parts["fills"][space], size)
+                conv = plain_layer(self.convs()[space + 1])
+                return constant_map(conv, weight, parts["fills"][space], size)
 
         return self.cache.get((*self.slice_key(tier, keep), "constant", space, size), compute)
 
@@ -476,13 +395,13 @@ class ConvStackSlimmer(Slimmer):
             out = module(out)
         for i, conv in enumerate(self.convs()):
             size = (out.shape[-2], out.shape[-1])
-            out = _mix_input(conv, out, 1, kept[i - 1] if i > 0 else None)
-            out = _plain(conv)._conv_forward(out, parts["weights"][i], parts["biases"][i])
+            out = mix_input(conv, out, 1, kept[i - 1] if i > 0 else None)
+            out = plain_layer(conv)._conv_forward(out, parts["weights"][i], parts["biases"][i])
             if i > 0 and len(parts["dropped"][i - 1]):
                 out = out + self._constant(tier, keeps, parts, i - 1, size)
             channels = kept[i] if i < len(kept) else None
             for module in self._between(i):
-                if isinstance(_plain(module), nn.BatchNorm2d):
+                if isinstance(plain_layer(module), nn.BatchNorm2d):
                     out = batch_norm_at(module, out, channels)
                 else:
                     out = module(out)
@@ -492,14 +411,14 @@ class ConvStackSlimmer(Slimmer):
 def _is_mlp(module: nn.Module) -> bool:
     if not isinstance(module, nn.Sequential) or len(module) < 2:
         return False
-    layers = [_plain(m) for m in module]
+    layers = [plain_layer(m) for m in module]
     linear = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
     if len(linear) != 2 or linear[0] != 0:
         return False
     others = [m for m in layers if not isinstance(m, nn.Linear)]
     hidden = layers[0].out_features
     return (
-        all(isinstance(m, _ELEMENTWISE) for m in others) and layers[linear[1]].in_features == hidden
+        all(isinstance(m, ELEMENTWISE) for m in others) and layers[linear[1]].in_features == hidden
     )
 
 
