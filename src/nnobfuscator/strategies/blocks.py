@@ -96,13 +96,57 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def skippable_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """Blocks of ``model`` that a tier may skip, by module name, in definition order."""
+    """Blocks of ``model`` that a tier may skip, by module name, in definition order: registered
+    block types (:func:`register_block`) and the layers of transformer stacks
+    (:func:`stack_layers`)."""
+    modules = _walk(model)
+    stacked = stack_layers(dict(modules))
     found: dict[str, nn.Module] = {}
-    for name, module in _walk(model):
+    for name, module in modules:
         adapter = BLOCKS.lookup(module)
-        if adapter is not None and adapter.skippable(module):
+        if adapter is not None:
+            if adapter.skippable(module):
+                found[name] = module
+        elif name in stacked:
             found[name] = module
     return found
+
+
+def stack_layers(modules: dict[str, nn.Module]) -> set[str]:
+    """The layers of transformer stacks, found by structure (no class names): the modules of an
+    ``nn.ModuleList`` of two or more modules of one type, each holding an attention (a child
+    named like ``attn`` or ``attention`` with linear projections) and an MLP (another child with
+    two ``nn.Linear`` or more). Such a layer adds its attention's and its MLP's output to its
+    input (``x + f(x)``), so skipping it returns its input.
+
+    The first layer of each stack is left out: a decoder's key-value cache reads its length
+    there, and it is the layer a model can least do without.
+    """
+    found: set[str] = set()
+    for name, module in modules.items():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        children = [modules.get(f"{name}.{i}" if name else str(i)) for i in range(len(module))]
+        if any(child is None for child in children):
+            continue
+        if len({type(child) for child in children}) != 1 or not _is_stack_layer(children[0]):
+            continue
+        found.update(f"{name}.{i}" if name else str(i) for i in range(1, len(children)))
+    return found
+
+
+def _is_stack_layer(module: nn.Module) -> bool:
+    attention = mlp = False
+    for child_name, child in module.named_children():
+        linears = sum(isinstance(m, nn.Linear) for m in child.modules())
+        is_attention = any(word in child_name.lower() for word in ("attn", "attention"))
+        if is_attention and (
+            linears >= 3 or any(isinstance(m, nn.MultiheadAttention) for m in child.modules())
+        ):
+            attention = True
+        elif not is_attention and linears >= 2:
+            mlp = True
+    return attention and mlp
 
 
 def slimmable_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -204,16 +248,39 @@ class TieredBlock(nn.Module):
         rows = state.rows or ()
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
             raise MixedPassUnsupported(f"{type(self.base_block).__name__}: no batch axis to split")
-        if any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
-            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: tensor arguments")
         kept = (~torch.tensor(skipping)[index]).nonzero().squeeze(1)
         lead, sub_rows = pass_of(tuple(rows[i] for i in kept.tolist()))
         kept = kept.to(x.device)
+        name = type(self.base_block).__name__
+        args = tuple(_rows_of(v, kept, len(rows), name) for v in args)
+        kwargs = {k: _rows_of(v, kept, len(rows), name) for k, v in kwargs.items()}
         with self._context.activate(lead, sub_rows):
             out = self._run(lead, x.index_select(0, kept), args, kwargs)
         if not isinstance(out, torch.Tensor) or out.shape[1:] != x.shape[1:]:
             raise MixedPassUnsupported(f"{type(self.base_block).__name__}: output is not x-shaped")
         return x.index_copy(0, kept, out.to(x.dtype))
+
+
+def _rows_of(value: Any, rows: torch.Tensor, count: int, block: str) -> Any:
+    """``value``, a further argument of a block called on a batch of ``count`` samples, for the
+    samples ``rows``: a tensor of two axes or more whose first is the batch (an attention mask,
+    position embeddings: a tuple of them) is cut to them; one whose first axis is 1 is shared
+    by every sample, and so is a value that holds no tensor (a key-value cache, which each layer
+    updates with the samples that run it, the same ones at every step of a generation).
+
+    Raises:
+        MixedPassUnsupported: a tensor that cannot be told apart from a batch (one axis as long
+            as the batch, or a first axis of another length).
+    """
+    if isinstance(value, tuple | list):
+        return type(value)(_rows_of(v, rows, count, block) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if value.dim() >= 2 and value.shape[0] == count:
+        return value.index_select(0, rows.to(value.device))
+    if value.shape[0] == 1 and value.dim() >= 2:
+        return value
+    raise MixedPassUnsupported(f"{block}: a tensor argument of shape {tuple(value.shape)}")
 
 
 def wrap_block(host: Host, name: str) -> TieredBlock:

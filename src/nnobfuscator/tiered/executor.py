@@ -159,6 +159,47 @@ class TierExecutor:
             self._checked.append(names)
         return separate
 
+    def generate(self, tiers: Sequence[str | None], body: Body, *args: Any, **kwargs: Any) -> Any:
+        """Generate with a tier per row (``None``: the untouched model) in as few calls of
+        ``body`` (the model's ``generate``) as there are pass keys among the tiers: the rows of
+        tiers that share one decode together, every step of every row at its own tier (a layer
+        runs on the rows whose tier keeps it, and keeps their key-value cache only).
+
+        Rows of tiers that cannot share a pass come back padded on the right with
+        ``pad_token_id`` (the call's, else the model's generation config's).
+
+        Raises:
+            ValueError: ``tiers`` does not name one known tier per row, or a strategy changes
+                the model's output (generation reads logits at every step).
+        """
+        args, kwargs = as_call(args, kwargs)
+        count = batch_size(main_input(args, kwargs))
+        if len(tiers) != count:
+            raise ValueError(f"tiers= needs one tier per row: got {len(tiers)} for {count} rows")
+        changing = [name for name, s in self.strategies.items() if changes_output(s)]
+        if changing:
+            raise ValueError(
+                f"{changing} change the model's output, which generate() does not read (it reads "
+                "the logits of every step): use layer or compute strategies for generation"
+            )
+        groups = group_by_tier(tiers, {**self.tiers, None: None})
+        shared: dict[tuple, list[Any]] = {}
+        for name in groups:
+            key = () if name is None else self.pass_key(name)
+            shared.setdefault(key, []).append(name)
+        parts = []
+        for names in shared.values():
+            rows = torch.cat([groups[name] for name in names]).sort().values
+            part_args, part_kwargs = (
+                (args, kwargs) if len(shared) == 1 else select_call(args, kwargs, rows, count)
+            )
+            lead, active = pass_of(tuple(self.active(tiers[i]) for i in rows.tolist()))
+            with self.context.activate(lead, active):
+                parts.append((rows, body(*part_args, **part_kwargs)))
+        if len(parts) == 1:
+            return parts[0][1]
+        return _pad_scatter(parts, count, kwargs.get("pad_token_id", _pad_id(self.model)))
+
     def _run_passes(
         self,
         passes: Mapping[Any, list[str]],
@@ -223,6 +264,35 @@ class TierExecutor:
                     part = strategy.transform_output(part, part_inputs, tier)
             parts.append((index, part))
         return scatter(parts, count)
+
+
+def _pad_id(model: nn.Module) -> int:
+    config = getattr(model, "generation_config", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        value = value[0] if isinstance(value, list | tuple) and value else value
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _pad_scatter(parts: list[tuple[torch.Tensor, Any]], count: int, pad_id: int) -> torch.Tensor:
+    """Token sequences of row groups, padded on the right to one length, back in row order.
+
+    Raises:
+        ValueError: a group's output is not a tensor of token ids.
+    """
+    if not all(isinstance(out, torch.Tensor) and out.dim() == 2 for _, out in parts):
+        raise ValueError(
+            "tiers that decode in separate calls need generate() to return token ids "
+            "(return_dict_in_generate=False)"
+        )
+    length = max(out.shape[1] for _, out in parts)
+    first = parts[0][1]
+    result = first.new_full((count, length), pad_id)
+    for rows, out in parts:
+        result[rows.to(out.device), : out.shape[1]] = out
+    return result
 
 
 def changes_output(strategy: Strategy) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from nnobfuscator.core import serialization
 from nnobfuscator.core.diffusion import as_module
 from nnobfuscator.core.key_derivation import key_id
-from nnobfuscator.core.outputs import main_input
+from nnobfuscator.core.outputs import batch_size, main_input
 from nnobfuscator.core.secret_key import find_key, store_key
 from nnobfuscator.core.tier_pass import TierContext
 from nnobfuscator.core.tiers import Tier
@@ -24,7 +24,7 @@ from nnobfuscator.core.wrapping import Host, unwrapped_name, wrap_max_pooling
 from nnobfuscator.strategies import ComputeStrategy, Strategy, get_strategy
 from nnobfuscator.strategies.base import strategy_config
 from nnobfuscator.strategies.options import StrategyConfig
-from nnobfuscator.tiered.executor import TierExecutor
+from nnobfuscator.tiered.executor import TierExecutor, as_call
 
 
 @dataclass
@@ -227,6 +227,39 @@ class TieredModel(nn.Module):
         if tier is not None:
             raise ValueError("pass either tier= (whole batch) or tiers= (one per sample), not both")
         return self.executor.run_mixed(tiers, *args, **kwargs)
+
+    def generate(
+        self,
+        *args: Any,
+        tier: str | None = None,
+        tiers: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The model's own ``generate`` (a causal LM's) at one tier, or at a tier per row
+        (``tiers``) in one call: each row decodes at its tier, token for token what its tier
+        gives alone (see :meth:`TierExecutor.generate`).
+
+        Raises:
+            TypeError: the model has no ``generate``.
+            ValueError: beam search or several sequences per row (rows would change places).
+        """
+        generate = getattr(self.base_model, "generate", None)
+        if not callable(generate):
+            raise TypeError(
+                f"{type(self.base_model).__name__} has no generate(): tiers of a causal LM "
+                "(a transformers model with a generation mixin) generate; call the model instead"
+            )
+        for option in ("num_beams", "num_return_sequences"):
+            if int(kwargs.get(option) or 1) != 1:
+                raise ValueError(f"{option}={kwargs[option]} is not supported with tiers; use 1")
+        if tiers is None:
+            count = batch_size(main_input(*as_call(args, kwargs)))
+            tiers = [self._resolve_tier(tier)] * count  # type: ignore[list-item]
+        elif tier is not None:
+            raise ValueError("pass either tier= (every row) or tiers= (one per row), not both")
+        else:
+            tiers = [self._resolve_tier(name) for name in tiers]
+        return self.executor.generate(tiers, generate, *args, **kwargs)
 
     def forward_tier(self, x: Any, tier: str | None, *args: Any, **kwargs: Any) -> Any:
         """Run the whole batch at ``tier`` (``None`` or a ``full`` tier: the untouched model)."""

@@ -28,7 +28,7 @@ class ObfuscationConfig:
             (the default): ``class-merge`` for a classifier with an ``nn.Linear`` head (its
             tiers withhold what they do not show), ``feature-mix`` otherwise. A strategy with
             options: its typed config (``FeatureMixConfig(block=64)``), or a list of configs
-            and names.
+            and names. ``"none"``: tiers differ by their compute setting alone.
         compute: compute strategies that make lower tiers cheaper, joined with ``+``
             (``"block-skip+channel-slim+input-resolution"``), ``"auto"`` (those that apply to the
             architecture) or ``None`` (every tier costs what the full model costs).
@@ -102,6 +102,8 @@ def degrading_strategies(
     Raises:
         ValueError: an unknown strategy or option, or a compute strategy given as ``strategy``.
     """
+    if isinstance(strategy, str) and strategy.strip() == "none":
+        return []
     if isinstance(strategy, str):
         items: list[str | StrategyConfig] = resolve_strategy(model, strategy, task).split("+")
     elif isinstance(strategy, StrategyConfig):

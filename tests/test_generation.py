@@ -1,0 +1,142 @@
+"""Tiers of a causal LM in ``generate()``: one call for a batch mixing tiers, each row what its
+tier gives alone, a key-value cache per tier that equals a full recompute (a tiny random Llama
+built from a config: no hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nnobfuscator import TieredModel, obfuscate
+from nnobfuscator.strategies.blocks import skippable_blocks
+
+KEY = b"g" * 32
+GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+TIERS = ["free", "pro", "premium", "free", "premium", "pro"]
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiered_llama() -> TieredModel:
+    tiered = obfuscate(
+        tiny_llama(),
+        tiers="free=0.5,pro=0.8,premium=full",
+        strategy="none",
+        compute="block-skip",
+        key=KEY,
+    )
+    tiered.set_setting("free", "block-skip", {"skip": ["model.layers.1", "model.layers.2"]})
+    tiered.set_setting("pro", "block-skip", {"skip": ["model.layers.3"]})
+    return tiered
+
+
+@pytest.fixture(scope="module")
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 97, (6, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding, as a batch of prompts of different lengths has
+    mask[3, :1] = 0
+    return ids, mask
+
+
+def test_decoder_layers_are_found_by_structure_and_the_first_stays():
+    assert list(skippable_blocks(tiny_llama())) == [f"model.layers.{i}" for i in (1, 2, 3)]
+
+
+@torch.no_grad()
+def test_a_batch_mixing_tiers_gives_each_row_its_tiers_tokens_in_one_call(prompts, monkeypatch):
+    ids, mask = prompts
+    tiered = tiered_llama()
+    calls = []
+    generate = tiered.base_model.generate
+    monkeypatch.setattr(
+        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
+    )
+    mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
+    assert len(calls) == 1
+    for row, tier in enumerate(TIERS):
+        alone = tiered.generate(
+            ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **GREEDY
+        )
+        assert mixed[row].tolist() == alone[0].tolist(), tier
+    assert mixed[0].tolist() != mixed[1].tolist() or mixed[0].tolist() != mixed[2].tolist()
+
+
+@torch.no_grad()
+def test_the_full_tier_is_the_plain_model_and_lower_tiers_differ(prompts):
+    ids, mask = prompts
+    tiered = tiered_llama()
+    plain = tiny_llama().generate(ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(tiered.generate(ids, attention_mask=mask, tier="premium", **GREEDY), plain)
+    free = tiered.generate(ids, attention_mask=mask, tier="free", **GREEDY)
+    assert not torch.equal(free, plain)
+
+
+@torch.no_grad()
+def test_cached_decoding_equals_a_full_recompute(prompts):
+    ids, mask = prompts
+    tiered = tiered_llama()
+    cached = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
+    recomputed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, use_cache=False, **GREEDY)
+    assert torch.equal(cached, recomputed)
+
+
+@torch.no_grad()
+def test_a_skipped_layer_keeps_no_cache_for_the_rows_that_skip_it(prompts):
+    ids, mask = prompts
+    tiered = tiered_llama()
+    out = tiered.generate(
+        ids, attention_mask=mask, tiers=TIERS, return_dict_in_generate=True, **GREEDY
+    )
+    layers = out.past_key_values.layers
+    rows = [layer.keys.shape[0] for layer in layers]
+    # layer 0: every row; layers 1, 2: all but the two free rows; layer 3: all but the pro rows
+    assert rows == [6, 4, 4, 4]
+
+
+def test_generation_refuses_what_it_cannot_give(prompts):
+    ids, mask = prompts
+    tiered = tiered_llama()
+    with pytest.raises(ValueError, match="one tier per row"):
+        tiered.generate(ids, attention_mask=mask, tiers=["free"], **GREEDY)
+    with pytest.raises(ValueError, match="num_beams"):
+        tiered.generate(ids, attention_mask=mask, tier="free", num_beams=2, **GREEDY)
+    with pytest.raises(ValueError, match="unknown tier|no tier"):
+        tiered.generate(ids, attention_mask=mask, tier="gold", **GREEDY)
+    noisy = obfuscate(tiny_llama(), tiers="free=0.5,premium=full", strategy="logit-noise", key=KEY)
+    noisy.set_strength("free", "logit-noise", 1.0)
+    with pytest.raises(ValueError, match="change the model's output"):
+        noisy.generate(ids, attention_mask=mask, tier="free", **GREEDY)
+
+
+@torch.no_grad()
+def test_tiers_that_cannot_share_a_pass_decode_in_a_call_each(prompts):
+    """Weight noise folds a weight per tier: its tiers decode apart, rows come back in order."""
+    ids, mask = prompts
+    tiered = obfuscate(
+        tiny_llama(), tiers="free=0.5,pro=0.8,premium=full", strategy="weight-noise", key=KEY
+    )
+    tiered.set_strength("free", "weight-noise", 2.0)
+    tiered.set_strength("pro", "weight-noise", 0.5)
+    mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
+    for row, tier in enumerate(TIERS):
+        alone = tiered.generate(
+            ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **GREEDY
+        )
+        assert mixed[row].tolist() == alone[0].tolist(), tier
