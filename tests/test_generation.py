@@ -140,3 +140,31 @@ def test_tiers_that_cannot_share_a_pass_decode_in_a_call_each(prompts):
             ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **GREEDY
         )
         assert mixed[row].tolist() == alone[0].tolist(), tier
+
+
+@torch.no_grad()
+def test_sampling_is_seeded_per_request_whatever_shares_the_batch(prompts):
+    ids, mask = prompts
+    tiered = tiered_llama()
+    options = {"max_new_tokens": 8, "do_sample": True, "top_k": 20, "temperature": 1.5}
+    seeds = [11, 12, 13, 14, 15, 16]
+    batch = tiered.generate(ids, attention_mask=mask, tiers=TIERS, seed=seeds, **options)
+    again = tiered.generate(ids, attention_mask=mask, tiers=TIERS, seed=seeds, **options)
+    assert torch.equal(batch, again)
+    for row in (0, 2, 5):
+        alone = tiered.generate(
+            ids[row : row + 1],
+            attention_mask=mask[row : row + 1],
+            tier=TIERS[row],
+            seed=seeds[row],
+            **options,
+        )
+        length = alone.shape[1]  # a row that samples the end token stops; the batch pads it
+        assert batch[row, :length].tolist() == alone[0].tolist()
+        assert set(batch[row, length:].tolist()) <= {0}
+    other = tiered.generate(
+        ids, attention_mask=mask, tiers=TIERS, seed=[s + 100 for s in seeds], **options
+    )
+    assert not torch.equal(batch, other)
+    greedy = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
+    assert not torch.equal(batch[:, -8:], greedy[:, -8:])

@@ -233,11 +233,17 @@ class TieredModel(nn.Module):
         *args: Any,
         tier: str | None = None,
         tiers: Sequence[str] | None = None,
+        seed: int | Sequence[int] | None = None,
         **kwargs: Any,
     ) -> Any:
         """The model's own ``generate`` (a causal LM's) at one tier, or at a tier per row
         (``tiers``) in one call: each row decodes at its tier, token for token what its tier
         gives alone (see :meth:`TierExecutor.generate`).
+
+        Args:
+            seed: with ``do_sample=True``, one seed for every row or one per row: each row then
+                samples from its own stream (:mod:`nnobfuscator.tiered.sampling`), so the same
+                prompt, seed and tier give the same text whatever shares the batch.
 
         Raises:
             TypeError: the model has no ``generate``.
@@ -252,8 +258,15 @@ class TieredModel(nn.Module):
         for option in ("num_beams", "num_return_sequences"):
             if int(kwargs.get(option) or 1) != 1:
                 raise ValueError(f"{option}={kwargs[option]} is not supported with tiers; use 1")
+        count = batch_size(main_input(*as_call(args, kwargs)))
+        if seed is not None and kwargs.get("do_sample"):
+            from nnobfuscator.tiered.sampling import seeded_call
+
+            seeds = [seed] * count if isinstance(seed, int) else list(seed)
+            if len(seeds) != count:
+                raise ValueError(f"seed= needs one seed or one per row: {len(seeds)} for {count}")
+            kwargs = seeded_call(seeds, kwargs)
         if tiers is None:
-            count = batch_size(main_input(*as_call(args, kwargs)))
             tiers = [self._resolve_tier(tier)] * count  # type: ignore[list-item]
         elif tier is not None:
             raise ValueError("pass either tier= (every row) or tiers= (one per row), not both")
