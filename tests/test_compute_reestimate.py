@@ -142,7 +142,7 @@ def test_search_reuses_work(weights, digits):
     tiered = tiered_with(weights, {})
     cal = head(digits["calibration"], 160)
     task = get_task("classification")
-    runner = SettingRunner(tiered, cal.images, task.logits, 80)
+    runner = SettingRunner(tiered, cal.images, task.read, 80)
     search = ComputeSearch(tiered, runner, cal.labels, task)
     base = search.evaluate("free", search.start()).utility
     stage_samples = runner.stage_samples

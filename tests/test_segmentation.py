@@ -149,7 +149,7 @@ def test_split_runner_matches_the_model_forward(trained_segmenters, scenes):
     tiered.set_strength("free", "feature-mix", 0.4)
     tiered.set_setting("free", "input-resolution", {"scale": 0.75})
     images = scenes["test"].images[:10]
-    runner = SplitRunner(tiered, images, get_task("segmentation").logits, batch_size=4)
+    runner = SplitRunner(tiered, images, get_task("segmentation").read, batch_size=4)
     with torch.inference_mode():
         direct = tiered(images, tier="free")["out"]
     torch.testing.assert_close(runner.logits("free"), direct, rtol=1e-4, atol=1e-4)

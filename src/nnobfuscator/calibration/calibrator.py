@@ -50,7 +50,7 @@ def _fit_to_tiers(
 ) -> None:
     """Fit the strategies that learn from labelled data (class-merge's order and readouts) on
     ``data`` (the search half), each tier at its compute setting."""
-    runner = SplitRunner(model, data.inputs, task.logits, batch_size)
+    runner = SplitRunner(model, data.inputs, task.read, batch_size)
     predicted = runner.full_logits().argmax(dim=1)
     classes = int(runner.full_logits().shape[1])
     for strategy in strategies:
@@ -179,13 +179,13 @@ def calibrate(
     # strengths land the targets on the other half.
     fitted = [s for s in model.degrading.values() if getattr(s, "needs_labels", False)]
     search_part, land_part = halves(cal) if model.compute or fitted else (cal, cal)
-    runner = SplitRunner(model, land_part.inputs, task.logits, batch_size)
+    runner = SplitRunner(model, land_part.inputs, task.read, batch_size)
     curve = StrengthCurve(model, runner, land_part.labels, task)
     base = (
         curve.base
         if land_part is cal
         else task.score(
-            SplitRunner(model, cal.inputs, task.logits, batch_size).full_logits(), cal.labels
+            SplitRunner(model, cal.inputs, task.read, batch_size).full_logits(), cal.labels
         )
     )
     tolerance = 0.5 / len(land_part)
@@ -199,7 +199,7 @@ def calibrate(
     bar = tqdm(tiers, desc="calibrating", disable=not progress, unit="tier")
     search = None
     if model.compute:
-        search_runner = SettingRunner(model, search_part.inputs, task.logits, batch_size)
+        search_runner = SettingRunner(model, search_part.inputs, task.read, batch_size)
         for strategy in model.compute.values():
             strategy.fit(lambda batch: model.forward_tier(batch, None), search_runner.batches)
         bar.set_postfix_str("measuring the full model for the compute search")
@@ -263,6 +263,17 @@ def calibrate(
                 f"{'+'.join(s.name for s in fitted)} answers at strength 0 "
                 f"({curve(tier.name, 0.0):.3f}); lower the target"
             )
+        if not model.degrading:  # compute-only tiers land where their cheapest setting does
+            knobs[tier.name] = 0.0
+            tier.metrics["calibration"] = curve(tier.name, 0.0)
+            if tier.metrics["calibration"] > target + tolerance:
+                warnings.warn(
+                    f"tier {tier.name!r} lands at {task.metric} {tier.metrics['calibration']:.3f}, "
+                    f"above its target {target:.3f}: compute settings move in steps and no "
+                    "degrading strategy lands it between them (strategy='none')",
+                    stacklevel=2,
+                )
+            continue
         bar.set_postfix_str(f"{tier.name}: bisecting the degrading strength")
         floor = curve(tier.name, 1.0)
         if target < floor - tolerance:
@@ -363,7 +374,7 @@ def evaluate(
     task = task or get_task(model.task)
     split = as_split(test, "test")
     started = time.perf_counter()
-    runner = SplitRunner(model, split.inputs, task.logits, batch_size)
+    runner = SplitRunner(model, split.inputs, task.read, batch_size)
     full_logits = runner.full_logits()
     base_test = task.score(full_logits, split.labels)
     n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", len(split))

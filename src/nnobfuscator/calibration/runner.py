@@ -150,7 +150,8 @@ class SplitRunner:
     Args:
         model: the tiered model (anything with ``executor``, ``strategies`` and ``base_model``).
         inputs: the inputs (an image batch, a dict of tensors, a list of prompts).
-        read_logits: turns a model output into the tensor that is scored.
+        read: turns a model output and the inputs of its batch into the tensor that is scored
+            (``Task.read``; default: the output's main tensor).
         batch_size: evaluation batch size.
     """
 
@@ -158,12 +159,12 @@ class SplitRunner:
         self,
         model: Any,
         inputs: Any,
-        read_logits: Callable[[Any], torch.Tensor] = read_output,
+        read: Callable[[Any, Any], torch.Tensor] = lambda output, inputs: read_output(output),
         batch_size: int = 256,
     ) -> None:
         self.model = model
         self.executor = model.executor
-        self.read_logits = read_logits
+        self.read = read
         count = count_samples(inputs)
         self.batches = [
             select(inputs, torch.arange(start, min(start + batch_size, count)))
@@ -251,7 +252,7 @@ class SplitRunner:
                     return _run(suffix, prefixes[index], x)
 
             output = self.executor.run(active, batch, body=body)
-            outputs.append(self.read_logits(output).float())
+            outputs.append(self.read(output, batch).float())
         return torch.cat(outputs)
 
 
@@ -277,7 +278,8 @@ class SettingRunner:
     Args:
         model: the tiered model.
         inputs: the calibration inputs.
-        read_logits: turns a model output into the tensor that is scored.
+        read: turns a model output and the inputs of its batch into the tensor that is scored
+            (``Task.read``; default: the output's main tensor).
         batch_size: the measuring batch's size (and the others').
         budget_bytes: the most bytes of cached activations.
     """
@@ -286,11 +288,11 @@ class SettingRunner:
         self,
         model: Any,
         inputs: Any,
-        read_logits: Callable[[Any], torch.Tensor] = read_output,
+        read: Callable[[Any, Any], torch.Tensor] = lambda output, inputs: read_output(output),
         batch_size: int = 256,
         budget_bytes: int = 1 << 30,
     ) -> None:
-        self.model, self.executor, self.read_logits = model, model.executor, read_logits
+        self.model, self.executor, self.read = model, model.executor, read
         count = count_samples(inputs)
         self.batches = [
             select(inputs, torch.arange(start, min(start + batch_size, count)))
@@ -418,12 +420,12 @@ class SettingRunner:
     def measure(self, tier: str | None, signatures: list[tuple]) -> tuple[torch.Tensor, Stats]:
         """Scored outputs of the measuring batch at ``tier``, and the statistics it measured."""
         entry = self._run(tier, signatures, 0, measure=True)
-        return self.read_logits(entry.output).float(), entry.stats
+        return self.read(entry.output, self.batches[0]).float(), entry.stats
 
     def rest(self, tier: str | None, signatures: list[tuple]) -> list[torch.Tensor]:
         """Scored outputs of the other batches (run with the tier's installed statistics)."""
         return [
-            self.read_logits(self._run(tier, signatures, index).output).float()
+            self.read(self._run(tier, signatures, index).output, self.batches[index]).float()
             for index in range(1, len(self.batches))
         ]
 

@@ -24,6 +24,11 @@ class Task(ABC):
         """The main tensor of a model output (see :func:`nnobfuscator.core.outputs.read_output`)."""
         return read_output(output)
 
+    def read(self, output: Any, inputs: Any) -> torch.Tensor:
+        """The tensor that is scored for a batch: :meth:`logits` of its output, unless the task
+        also reads the batch's inputs (a language model's next tokens are its input ids)."""
+        return self.logits(output)
+
     @abstractmethod
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The task metric, a fraction in [0, 1]."""
@@ -34,7 +39,7 @@ class Task(ABC):
     ) -> float:
         """A plain model's metric on ``inputs`` (an image batch), in eval mode."""
         model.eval()
-        logits = [self.logits(model(batch)) for batch in torch.split(inputs, batch_size)]
+        logits = [self.read(model(batch), batch) for batch in torch.split(inputs, batch_size)]
         return self.score(torch.cat(logits), targets)
 
     def extra(

@@ -72,9 +72,7 @@ def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         )
         _write_cache(model, tokenizer, cached)
     tokenizer = AutoTokenizer.from_pretrained(cached, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        cached, dtype=torch.float32, local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32, local_files_only=True)
     return model.eval(), tokenizer
 
 
