@@ -11,7 +11,8 @@ from nnobfuscator import TieredModel, calibrate, obfuscate
 from nnobfuscator.calibration.runner import SettingRunner
 from nnobfuscator.strategies import TieredBlock
 from nnobfuscator.strategies.bn_reestimate import find_store
-from nnobfuscator.strategies.slimmers import ConvStackSlimmer, slimmer_for
+from nnobfuscator.strategies.conv_stack import ConvStackSlimmer
+from nnobfuscator.strategies.slimming import slimmer_for
 from nnobfuscator.tiered.cost import tier_flops
 from nnobfuscator.zoo.digits import digits_splits
 from nnobfuscator.zoo.training import train_classifier

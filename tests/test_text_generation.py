@@ -102,3 +102,53 @@ def test_compute_only_tiers_calibrate_on_next_token_accuracy(trained_llama):
     assert free["achieved"]["calibration"] >= free["target"] - 0.02
     assert free["extra"]["perplexity"] > premium["extra"]["perplexity"]
     assert premium["achieved"]["test"] > free["achieved"]["test"]
+    tiered.unload()  # the model is the module's fixture: give it back plain
+
+
+class NotGated(torch.nn.Module):
+    """Three linears and an activation like a gated MLP, but another function of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+        self.c, self.act = torch.nn.Linear(16, 8), torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.act(self.a(x)) + self.b(x))
+
+
+def test_gated_mlps_are_found_by_structure_and_checked_on_a_probe(trained_llama):
+    from nnobfuscator.strategies.blocks import slimmable_blocks
+    from nnobfuscator.strategies.gated_mlp import gated_mlp_roles
+
+    assert list(slimmable_blocks(trained_llama)) == [f"model.layers.{i}.mlp" for i in range(4)]
+    mlp = trained_llama.model.layers[0].mlp
+    assert gated_mlp_roles(mlp) == (mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+    assert gated_mlp_roles(NotGated()) is None
+
+
+@torch.no_grad()
+def test_slimmed_mlps_and_skipped_layers_calibrate_together(trained_llama):
+    calibration = windows_split("calibration", pattern_windows(32, 16, seed=3000))
+    test = windows_split("test", pattern_windows(32, 16, seed=4000))
+    tiered = obfuscate(
+        trained_llama,
+        tiers="free=60%,premium=full",
+        strategy="none",
+        compute="block-skip+channel-slim",
+        task="text-generation",
+        key=b"t" * 32,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = calibrate(tiered, calibration, test, progress=False, batch_size=16)
+    free = report["tiers"][0]
+    assert free["relative_cost"] < 1.0 and free["achieved"]["calibration"] >= free["target"] - 0.02
+    ids = test.inputs["input_ids"][:4, :6]
+    options = {"max_new_tokens": 5, "do_sample": False}
+    mixed = tiered.generate(ids, tiers=["free", "premium", "free", "premium"], **options)
+    for row, tier in enumerate(["free", "premium", "free", "premium"]):
+        alone = tiered.generate(ids[row : row + 1], tier=tier, **options)
+        assert mixed[row, : alone.shape[1]].tolist() == alone[0].tolist()
+    assert torch.equal(mixed[1], trained_llama.generate(ids[1:2], **options)[0])
+    tiered.unload()

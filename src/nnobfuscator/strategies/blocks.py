@@ -41,7 +41,9 @@ from nnobfuscator.core.tier_pass import (
     pass_of,
 )
 from nnobfuscator.core.wrapping import Host, unwrapped_name
-from nnobfuscator.strategies.slimmers import Slimmer, slimmer_for
+from nnobfuscator.strategies.slim_layers import reader_input
+from nnobfuscator.strategies.slimmers import Slimmer
+from nnobfuscator.strategies.slimming import slimmer_for
 
 
 @dataclass(frozen=True)
@@ -309,8 +311,14 @@ def collect_statistics(
 
         return hook
 
+    def pre_hook_for(name: str, space: int, axis: int):
+        record = hook_for(name, space, lambda x: x, axis)
+        return lambda module, args: record(module, args, args[0])
+
     handles = [
-        module.register_forward_hook(hook_for(name, space, activation, axis))
+        module.register_forward_pre_hook(pre_hook_for(name, space, axis))
+        if activation is reader_input
+        else module.register_forward_hook(hook_for(name, space, activation, axis))
         for name, slimmer in slimmers.items()
         for space, (module, activation, axis) in enumerate(slimmer.spaces())
     ]

@@ -22,8 +22,8 @@ from nnobfuscator.strategies.blocks import (
     wrap_block,
 )
 from nnobfuscator.strategies.compute import ComputeStrategy, Setting
+from nnobfuscator.strategies.conv_stack import ConvStackSlimmer
 from nnobfuscator.strategies.options import StrategyConfig
-from nnobfuscator.strategies.slimmers import ConvStackSlimmer
 
 KEEP_STEPS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 

@@ -58,6 +58,12 @@ def relu_of_gaussian(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (second - mean * mean).clamp_min(0).sqrt()
 
 
+def reader_input(x: torch.Tensor) -> torch.Tensor:
+    """The activation of a hidden space that is its module's *input* (a gated MLP's hidden units
+    exist only as what its down projection reads): statistics hook the module's input."""
+    return x
+
+
 def unchanged(x: torch.Tensor) -> torch.Tensor:
     return x
 
