@@ -18,6 +18,7 @@ from pathlib import Path
 
 import bench_aim
 import bench_calibration
+import bench_generation
 import bench_latency
 import bench_memory
 import bench_mixed
@@ -43,6 +44,7 @@ SECTIONS: dict[str, Callable[[], Section]] = {
     "plan-model": bench_plan_model.run,
     "withholding": bench_withholding.run,
     "sealed": bench_sealed.run,
+    "generation": bench_generation.run,
 }
 #: sections of scripts this harness replaced
 _RETIRED = (
