@@ -188,7 +188,7 @@ def calibrate(
             SplitRunner(model, cal.inputs, task.read, batch_size).full_logits(), cal.labels
         )
     )
-    tolerance = 0.5 / len(land_part)
+    tolerance = 0.5 / task.sample_count(land_part.labels)
     tiers = [t for t in model.tiers.values() if not t.is_full]
     budgeted = [t.name for t in tiers if t.max_cost is not None]
     if budgeted and not model.compute:
@@ -226,7 +226,9 @@ def calibrate(
         # strictest tier first; each looser tier continues the descent where the last one stopped
         required = {
             t.name: min(
-                t.target_value + _headroom(t.target_value, len(search_part), headroom), base
+                t.target_value
+                + _headroom(t.target_value, task.sample_count(search_part.labels), headroom),
+                base,
             )
             for t in tiers
         }
@@ -342,7 +344,7 @@ def calibrate(
         test if test is not None else cal,
         dataset=dataset,
         batch_size=batch_size,
-        calibration_size=len(cal),
+        calibration_size=task.sample_count(cal.labels),
         base_calibration=base,
         calibration_s=calibration_s,
         task=task,
@@ -377,7 +379,8 @@ def evaluate(
     runner = SplitRunner(model, split.inputs, task.read, batch_size)
     full_logits = runner.full_logits()
     base_test = task.score(full_logits, split.labels)
-    n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", len(split))
+    n_test = task.sample_count(split.labels)
+    n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", n_test)
     results: dict[str, dict[str, Any]] = {}
     for name, tier in model.tiers.items():
         if not model.is_calibrated(name):
@@ -387,7 +390,7 @@ def evaluate(
         results[name] = task.extra(logits, split.labels, full_logits)
         if tier.target_value is not None:
             results[name].update(
-                _target_gap(tier.metrics["test"], tier.target_value, n_cal, len(split))
+                _target_gap(tier.metrics["test"], tier.target_value, n_cal, n_test)
             )
     for name, cost in relative_costs(model, split.head(1)).items():
         model.tiers[name].relative_cost = cost
@@ -395,7 +398,7 @@ def evaluate(
         results[name]["latency_ms"] = latency
     meta = model.meta
     meta.setdefault("dataset", dataset)
-    meta["splits"] = {"calibration": n_cal, "test": len(split)}
+    meta["splits"] = {"calibration": n_cal, "test": n_test}
     meta["base"] = {
         "calibration": base_calibration
         if base_calibration is not None

@@ -149,7 +149,8 @@ class ComputeSearch:
             labels = self.labels[: len(logits)]
             utility = self.task.score(logits, labels)
             point = ComputePoint(settings, utility, math.nan, stats, signatures=signatures)
-            if len(logits) < len(self.labels) and self._hopeless(utility, required, len(logits)):
+            measured = self.task.sample_count(labels)
+            if len(logits) < len(self.labels) and self._hopeless(utility, required, measured):
                 point.screened_at = required
                 self.counts.screened += 1
             else:

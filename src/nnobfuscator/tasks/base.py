@@ -29,6 +29,11 @@ class Task(ABC):
         also reads the batch's inputs (a language model's next tokens are its input ids)."""
         return self.logits(output)
 
+    def sample_count(self, targets: torch.Tensor) -> int:
+        """How many scored samples ``targets`` hold, for standard errors: one per row (an image)
+        unless the task scores finer units."""
+        return len(targets)
+
     @abstractmethod
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The task metric, a fraction in [0, 1]."""

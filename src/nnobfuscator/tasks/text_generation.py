@@ -58,6 +58,11 @@ class TextGenerationTask(Task):
         log_probability = chosen - torch.logsumexp(logits, dim=-1)
         return torch.stack([logits.argmax(-1).float(), log_probability], dim=-1)
 
+    def sample_count(self, targets: torch.Tensor) -> int:
+        """The scored tokens (an upper bound on the independent ones: neighbouring tokens of a
+        passage are correlated, so standard errors computed from it are optimistic)."""
+        return int((targets != IGNORE).sum())
+
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         valid = targets != IGNORE
         return float((logits[..., 0].long() == targets)[valid].float().mean())
