@@ -63,14 +63,23 @@ def run() -> Section:
         )
     calibrate_s = time.perf_counter() - started
     prompt = splits["test"].inputs["input_ids"][:8, :PROMPT_TOKENS]
-    options = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "min_new_tokens": NEW_TOKENS}
+    options = {
+        "max_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+        "min_new_tokens": NEW_TOKENS,
+        "pad_token_id": tokenizer.pad_token_id,
+        "attention_mask": None,  # set per batch below: no padding, every token attended
+    }
     mixed = ["free", "pro", "premium"] * 2 + ["free", "pro"]
     runs = {}
     for batch in (1, 8):
         ids = prompt[:batch]
-        runs[f"plain@{batch}"] = lambda ids=ids: model_generate(tiered, ids, options)
+        options = {**options, "attention_mask": torch.ones_like(ids)}
+        runs[f"plain@{batch}"] = lambda ids=ids, options=options: model_generate(
+            tiered, ids, options
+        )
         for tier in tiered.tier_names:
-            runs[f"{tier}@{batch}"] = lambda ids=ids, tier=tier: tiered.generate(
+            runs[f"{tier}@{batch}"] = lambda ids=ids, tier=tier, options=options: tiered.generate(
                 ids, tier=tier, **options
             )
     runs["mixed@8"] = lambda: tiered.generate(prompt, tiers=mixed, **options)

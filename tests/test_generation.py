@@ -251,3 +251,34 @@ def test_each_tiers_answers_side_by_side(tmp_path):
     assert answers["free"] != answers["premium"]
     page = write_answers(answers, prompts, tmp_path / "answers.md").read_text()
     assert "| prompt | free | pro | premium |" in page and "w9 w8" in page
+
+
+@torch.no_grad()
+def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
+    """Without BatchNorm to re-estimate, a slimmed MLP runs once per width in the shared pass."""
+    ids, mask = prompts
+    tiered = obfuscate(
+        tiny_llama(),
+        tiers="free=0.5,pro=0.8,premium=full",
+        strategy="none",
+        compute="block-skip+channel-slim",
+        key=KEY,
+    )
+    tiered.set_setting("free", "block-skip", {"skip": ["model.layers.2"]})
+    tiered.set_setting("free", "channel-slim", {"keep": {"model.layers": 0.5}})
+    tiered.set_setting("pro", "block-skip", {"skip": []})
+    tiered.set_setting("pro", "channel-slim", {"keep": {"model.layers": 0.75}})
+    calls = []
+    generate = tiered.base_model.generate
+    monkeypatch.setattr(
+        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
+    )
+    mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
+    assert len(calls) == 1
+    for row, tier in enumerate(TIERS):
+        alone = tiered.generate(
+            ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **GREEDY
+        )
+        length = alone.shape[1]  # a row that reaches the end token stops; the batch pads it
+        assert mixed[row, :length].tolist() == alone[0].tolist(), tier
+        assert set(mixed[row, length:].tolist()) <= {0}

@@ -125,6 +125,7 @@ class DerivedCache:
         self.tiers = tiers or {}
         self.reserved = 0
         self._lock = threading.Lock()  # forwards may run in several threads (serving lanes)
+        self._holds = 0
 
     def reserve(self, nbytes_per_tier: int) -> bool:
         """Reserve room for a derived tensor at every tier (up to half the budget, first come);
@@ -154,13 +155,33 @@ class DerivedCache:
         size = tensor_bytes(value)
         budget = self.budget
         with self._lock:
-            if size <= budget and key not in self._entries:
-                while self._entries and self.nbytes + size > budget:
-                    _, (freed, _) = self._entries.popitem(last=False)
-                    self.nbytes -= freed
+            if key not in self._entries and (self._holds or size <= budget):
+                if not self._holds:
+                    self._shrink(budget - size)
                 self._entries[key] = (size, value)
                 self.nbytes += size
         return value
+
+    def _shrink(self, limit: int) -> None:
+        """Drop the least recently used entries until at most ``limit`` bytes remain."""
+        while self._entries and self.nbytes > limit:
+            _, (freed, _) = self._entries.popitem(last=False)
+            self.nbytes -= freed
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Keep every entry made inside, over the budget, until the outermost hold ends (then
+        the budget applies again): a generation re-runs the same tiers at every step, and
+        re-deriving their slices each step would cost more than the step itself."""
+        with self._lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                if not self._holds:
+                    self._shrink(self.budget)
 
     def clear(self) -> None:
         with self._lock:

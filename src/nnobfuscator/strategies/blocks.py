@@ -233,34 +233,41 @@ class TieredBlock(nn.Module):
         return self.base_block(x, *args, **kwargs)
 
     def _routed(self, state: TierPass, x: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        """The block in a pass mixing tiers: run only on the samples whose tier keeps it.
+        """The block in a pass mixing tiers: run only on the samples whose tier keeps it, once
+        per width among them (each group of samples through its own slices).
 
         Raises:
-            MixedPassUnsupported: the samples that run it need different widths, or the call
-                cannot be split by sample (no leading batch axis, tensors among other inputs).
+            MixedPassUnsupported: the call cannot be split by sample (no leading batch axis,
+                tensor arguments without one), or the block's output is not shaped like its
+                input.
         """
         tiers, index = state.groups()
         skipping = [self.skips(tier) for tier in tiers]
         if all(skipping):
             return x
-        if len({self.slimming(t) for t, skip in zip(tiers, skipping, strict=True) if not skip}) > 1:
-            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: widths differ by sample")
-        if not any(skipping):
+        widths: dict[tuple, list[int]] = {}
+        for position, (tier, skip) in enumerate(zip(tiers, skipping, strict=True)):
+            if not skip:
+                widths.setdefault(self.slimming(tier), []).append(position)
+        if not any(skipping) and len(widths) == 1:
             return self._run(state.lead, x, args, kwargs)
         rows = state.rows or ()
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
-            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: no batch axis to split")
-        kept = (~torch.tensor(skipping)[index]).nonzero().squeeze(1)
-        lead, sub_rows = pass_of(tuple(rows[i] for i in kept.tolist()))
-        kept = kept.to(x.device)
         name = type(self.base_block).__name__
-        args = tuple(_rows_of(v, kept, len(rows), name) for v in args)
-        kwargs = {k: _rows_of(v, kept, len(rows), name) for k, v in kwargs.items()}
-        with self._context.activate(lead, sub_rows):
-            out = self._run(lead, x.index_select(0, kept), args, kwargs)
-        if not isinstance(out, torch.Tensor) or out.shape[1:] != x.shape[1:]:
-            raise MixedPassUnsupported(f"{type(self.base_block).__name__}: output is not x-shaped")
-        return x.index_copy(0, kept, out.to(x.dtype))
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
+            raise MixedPassUnsupported(f"{name}: no batch axis to split")
+        out = x
+        for positions in widths.values():
+            kept = torch.isin(index, torch.tensor(positions)).nonzero().squeeze(1)
+            lead, sub_rows = pass_of(tuple(rows[i] for i in kept.tolist()))
+            kept = kept.to(x.device)
+            part_args = tuple(_rows_of(v, kept, len(rows), name) for v in args)
+            part_kwargs = {k: _rows_of(v, kept, len(rows), name) for k, v in kwargs.items()}
+            with self._context.activate(lead, sub_rows):
+                part = self._run(lead, x.index_select(0, kept), part_args, part_kwargs)
+            if not isinstance(part, torch.Tensor) or part.shape[1:] != x.shape[1:]:
+                raise MixedPassUnsupported(f"{name}: output is not x-shaped")
+            out = out.index_copy(0, kept, part.to(x.dtype))
+        return out
 
 
 def _rows_of(value: Any, rows: torch.Tensor, count: int, block: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from nnobfuscator.core.wrapping import Host
-from nnobfuscator.strategies.base import register_strategy
+from nnobfuscator.strategies.base import Strategy, register_strategy
 from nnobfuscator.strategies.block_skip import matching
 from nnobfuscator.strategies.blocks import (
     TieredBlock,
@@ -60,6 +60,15 @@ class ChannelSlim(ComputeStrategy):
                     self.setting(tier)["keep"].get(s, 1.0)
                 )
             self.layers[name] = wrapper
+
+    def pass_key(self, tier: str) -> Any:
+        """``None`` (tiers of any width share a pass: a block runs once per width, on the
+        samples of that width) in a model without BatchNorm to re-estimate, such as a language
+        model; otherwise the setting (a slimmed block reads its tier's statistics, which one
+        pass cannot give samples of several tiers)."""
+        if not getattr(self, "norms", None) or not self.norms.norms:
+            return None
+        return Strategy.pass_key(self, tier)
 
     def _keeps(self, tier: str, stages: list[str]) -> tuple[float, ...]:
         keep = self.params(tier).get("keep", {})

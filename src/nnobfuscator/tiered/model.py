@@ -272,7 +272,8 @@ class TieredModel(nn.Module):
             raise ValueError("pass either tier= (every row) or tiers= (one per row), not both")
         else:
             tiers = [self._resolve_tier(name) for name in tiers]
-        return self.executor.generate(tiers, generate, *args, **kwargs)
+        with self.host.cache.holding():  # the tiers' slices serve every step of the call
+            return self.executor.generate(tiers, generate, *args, **kwargs)
 
     def forward_tier(self, x: Any, tier: str | None, *args: Any, **kwargs: Any) -> Any:
         """Run the whole batch at ``tier`` (``None`` or a ``full`` tier: the untouched model)."""
