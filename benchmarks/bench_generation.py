@@ -109,9 +109,9 @@ def run() -> Section:
     lines += [
         "",
         f"A batch of 8 mixing the three tiers in one `generate` call took {ms['mixed@8']:.0f} ms, "
-        f"**{mixed_ratio:.2f}×** the full tier's batch of 8 ({ms['premium@8']:.0f} ms). Tiers "
-        "whose settings differ only in skipped layers share one decoding pass; tiers with "
-        "different MLP widths decode in a call each (rows padded on the right).",
+        f"**{mixed_ratio:.2f}×** the full tier's batch of 8 ({ms['premium@8']:.0f} ms). The tiers "
+        "share one decoding pass: a skipped layer runs on the rows whose tier keeps it, a "
+        "slimmed MLP once per width on the rows of that width.",
         "",
     ]
     summary = [
