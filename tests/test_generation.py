@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama as tiny_llama_with_tokens
+from transformers import LlamaForCausalLM
 
 from nnobfuscator import TieredModel, obfuscate
 from nnobfuscator.strategies.blocks import skippable_blocks
@@ -17,20 +18,17 @@ TIERS = ["free", "pro", "premium", "free", "premium", "pro"]
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    return tiny_llama_with_tokens(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def count_generate_calls(tiered: TieredModel, monkeypatch) -> list[int]:
+    """A list that grows by one at each call of the user's model's own ``generate``."""
+    calls: list[int] = []
+    generate = tiered.base_model.generate
+    monkeypatch.setattr(
+        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
     )
-    return LlamaForCausalLM(config).eval()
+    return calls
 
 
 def tiered_llama() -> TieredModel:
@@ -63,11 +61,7 @@ def test_decoder_layers_are_found_by_structure_and_the_first_stays():
 def test_a_batch_mixing_tiers_gives_each_row_its_tiers_tokens_in_one_call(prompts, monkeypatch):
     ids, mask = prompts
     tiered = tiered_llama()
-    calls = []
-    generate = tiered.base_model.generate
-    monkeypatch.setattr(
-        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
-    )
+    calls = count_generate_calls(tiered, monkeypatch)
     mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
     assert len(calls) == 1
     for row, tier in enumerate(TIERS):
@@ -268,11 +262,7 @@ def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
     tiered.set_setting("free", "channel-slim", {"keep": {"model.layers": 0.5}})
     tiered.set_setting("pro", "block-skip", {"skip": []})
     tiered.set_setting("pro", "channel-slim", {"keep": {"model.layers": 0.75}})
-    calls = []
-    generate = tiered.base_model.generate
-    monkeypatch.setattr(
-        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
-    )
+    calls = count_generate_calls(tiered, monkeypatch)
     mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
     assert len(calls) == 1
     for row, tier in enumerate(TIERS):

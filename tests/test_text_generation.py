@@ -10,7 +10,8 @@ from importlib.resources import files
 import jsonschema
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama
+from transformers import LlamaForCausalLM
 
 from nnobfuscator import Split, calibrate, obfuscate
 from nnobfuscator.tasks import get_task
@@ -34,17 +35,7 @@ def windows_split(name: str, ids: torch.Tensor) -> Split:
 
 @pytest.fixture(scope="module")
 def trained_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(vocab_size=VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(150):
         ids = pattern_windows(32, 16, seed=step)
