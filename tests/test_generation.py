@@ -44,6 +44,29 @@ def tiered_llama() -> TieredModel:
     return tiered
 
 
+def assert_rows_as_alone(
+    tiered: TieredModel,
+    mixed: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tiers: list[str],
+    may_stop: bool = False,
+    **options,
+) -> None:
+    """Each row of ``mixed`` is what its tier generates for that row alone; with ``may_stop``,
+    a row that reached the end token early is padded (token 0) in the batch."""
+    for row, tier in enumerate(tiers):
+        alone = tiered.generate(
+            ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **options
+        )
+        if not may_stop:
+            assert mixed[row].tolist() == alone[0].tolist(), tier
+            continue
+        length = alone.shape[1]
+        assert mixed[row, :length].tolist() == alone[0].tolist(), tier
+        assert set(mixed[row, length:].tolist()) <= {0}
+
+
 @pytest.fixture(scope="module")
 def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(3, 97, (6, 5), generator=torch.Generator().manual_seed(1))
@@ -64,11 +87,7 @@ def test_a_batch_mixing_tiers_gives_each_row_its_tiers_tokens_in_one_call(prompt
     calls = count_generate_calls(tiered, monkeypatch)
     mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
     assert len(calls) == 1
-    for row, tier in enumerate(TIERS):
-        alone = tiered.generate(
-            ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **GREEDY
-        )
-        assert mixed[row].tolist() == alone[0].tolist(), tier
+    assert_rows_as_alone(tiered, mixed, ids, mask, TIERS, **GREEDY)
     assert mixed[0].tolist() != mixed[1].tolist() or mixed[0].tolist() != mixed[2].tolist()
 
 
@@ -129,11 +148,7 @@ def test_tiers_that_cannot_share_a_pass_decode_in_a_call_each(prompts):
     tiered.set_strength("free", "weight-noise", 2.0)
     tiered.set_strength("pro", "weight-noise", 0.5)
     mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
-    for row, tier in enumerate(TIERS):
-        alone = tiered.generate(
-            ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **GREEDY
-        )
-        assert mixed[row].tolist() == alone[0].tolist(), tier
+    assert_rows_as_alone(tiered, mixed, ids, mask, TIERS, **GREEDY)
 
 
 @torch.no_grad()
@@ -265,10 +280,4 @@ def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
     calls = count_generate_calls(tiered, monkeypatch)
     mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
     assert len(calls) == 1
-    for row, tier in enumerate(TIERS):
-        alone = tiered.generate(
-            ids[row : row + 1], attention_mask=mask[row : row + 1], tier=tier, **GREEDY
-        )
-        length = alone.shape[1]  # a row that reaches the end token stops; the batch pads it
-        assert mixed[row, :length].tolist() == alone[0].tolist(), tier
-        assert set(mixed[row, length:].tolist()) <= {0}
+    assert_rows_as_alone(tiered, mixed, ids, mask, TIERS, may_stop=True, **GREEDY)

@@ -219,12 +219,6 @@ def strategy_config(spec: str | StrategyConfig | Mapping[str, Any]) -> StrategyC
     return get_strategy(spec.get("name", "")).config_class.from_dict(spec)
 
 
-def build_strategy(key: bytes, spec: str | StrategyConfig | Mapping[str, Any]) -> Strategy:
-    """A strategy made from ``spec`` (see :func:`strategy_config`)."""
-    options = strategy_config(spec)
-    return get_strategy(options.name)(key, options)
-
-
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator adding a strategy to the registry under ``cls.name`` (refuses duplicates)."""
     STRATEGIES.register(cls.name, cls)

@@ -57,7 +57,7 @@ def write_answers(answers: dict[str, list[str]], prompts: Sequence[str], path: s
     lines = [
         "# Each tier's answers to the same prompts",
         "",
-        "Greedy decoding; every prompt at every tier in one `generate` call.",
+        "Greedy decoding; every prompt at every tier in one batch (`generate(..., tiers=[...])`).",
         "",
         "| prompt | " + " | ".join(tiers) + " |",
         "|---|" + "---|" * len(tiers),
