@@ -239,6 +239,8 @@ def _write_outputs(
     out = Path(out)
     if save:
         tiered.save_pretrained(str(out))
+        if tiered.task == "text-generation" and tokenizer is not None:
+            tokenizer.save_pretrained(str(out / "tokenizer"))  # what the server reads
     report["artifact"] = str(out)
     report_path = write_report(report, report_path or out / "report.json")
     plot_path = plot_report(report, plot_path or out / "tiers.png")

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -25,15 +26,16 @@ from nnobfuscator.serving.auth import Authenticator
 from nnobfuscator.serving.batcher import MicroBatcher
 from nnobfuscator.serving.config import ServeConfig
 from nnobfuscator.serving.errors import install_error_handlers
+from nnobfuscator.serving.generation_batcher import GenerationBatcher
 from nnobfuscator.serving.limiter import LimitStore
 from nnobfuscator.serving.load_signals import LoadMonitor
 from nnobfuscator.serving.metrics import Metrics
 from nnobfuscator.serving.middleware import ServingMiddleware
 from nnobfuscator.serving.policy import Policy, PolicyError, default_policy, load_policy, utc_now
 from nnobfuscator.serving.policy_engine import PolicyEngine
-from nnobfuscator.serving.routes import inference, owner, service, tiers
+from nnobfuscator.serving.routes import completions, inference, owner, service, tiers
 from nnobfuscator.serving.served_model import ServedModel, load_artifact, serve_model
-from nnobfuscator.serving.state import TIER_HEADER, Serving
+from nnobfuscator.serving.state import TEXT_GENERATION, TIER_HEADER, Serving
 from nnobfuscator.serving.usage import usage_meter
 from nnobfuscator.tiered.model import TieredModel
 from nnobfuscator.version import __version__
@@ -48,6 +50,7 @@ def create_app(
     config: ServeConfig | None = None,
     policy: Policy | str | Path | None = None,
     clock: Callable[[], datetime] = utc_now,
+    tokenizer: Any = None,
 ) -> FastAPI:
     """Build the API for one tiered model.
 
@@ -60,6 +63,8 @@ def create_app(
             :mod:`nnobfuscator.serving.policy`); a file can be reloaded on SIGHUP or
             ``POST /v1/policy/reload``. Default: ``config.rate_limits`` only.
         clock: the current UTC time (schedules; injectable for tests).
+        tokenizer: a text-generation model's tokenizer (``/v1/completions``,
+            ``/v1/chat/completions``); an artifact brings its own from ``<artifact>/tokenizer``.
 
     Example:
         >>> app = create_app("runs/resnet18-feature-mix", keys="keys.sqlite")
@@ -68,19 +73,21 @@ def create_app(
     if isinstance(model, ServedModel):
         served = model
     elif isinstance(model, TieredModel):
-        served = serve_model(model)
+        served = serve_model(model, tokenizer=tokenizer)
     else:
         served = load_artifact(model)
+    if tokenizer is not None:
+        served.tokenizer = tokenizer
     store = keys if isinstance(keys, KeyStore) else KeyStore(keys)
     config = config or ServeConfig()
     metrics = Metrics()
     names = served.model.tier_names
     policy_path = None if policy is None or isinstance(policy, Policy) else Path(policy)
-    if policy is None:  # with a policy file, its rules replace config.rate_limits
-        policy = default_policy(names, config.rate_limits)
+    if policy is None:  # with a policy file, its rules replace config's limits
+        policy = default_policy(names, config.rate_limits, config.token_quotas)
     elif policy_path is not None:
         policy = load_policy(policy_path, names)
-    load = LoadMonitor(depth=lambda: batcher.pending)
+    load = LoadMonitor(depth=lambda: batcher.pending + (generation.pending if generation else 0))
     engine = PolicyEngine(policy, LimitStore(config.limits_store), load, clock)
 
     def rank(tier: str) -> int:
@@ -100,6 +107,18 @@ def create_app(
         cost=lambda tier: served.model.get_tier(tier).relative_cost or 1.0,
         preempt_ms=config.preempt_ms,
     )
+    generation = None
+    if served.task == TEXT_GENERATION:  # completions share generate() calls
+        generation = GenerationBatcher(
+            served.model.generate,
+            pad_token_id=served.pad_token_id,
+            eos_token_ids=served.eos_token_ids,
+            share_key=served.model.executor.pass_key,
+            max_batch_size=config.max_batch_size,
+            max_wait_ms=config.generation_wait_ms,
+            on_batch=on_batch,
+            on_wait=load.record_wait,
+        )
     redis_url = config.limits_store if config.limits_store.startswith("redis") else None
     usage = usage_meter(store.path, redis_url)  # in Redis when limits are shared there
 
@@ -122,6 +141,7 @@ def create_app(
         auth=Authenticator(store, names, engine, metrics, usage),
         clock=clock,
         reload_policy=reload_policy,
+        generation=generation,
     )
 
     @asynccontextmanager
@@ -133,6 +153,8 @@ def create_app(
         usage.start_background_flush()
         yield
         await batcher.aclose()
+        if generation is not None:
+            await generation.aclose()
         with contextlib.suppress(Exception):  # a store that is down loses only the last second
             usage.stop()
 
@@ -153,7 +175,13 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes)
     app.mount("/static", StaticFiles(directory=str(service.STATIC)), name="static")
-    for router in (service.router, tiers.router, owner.router, inference.router):
+    for router in (
+        service.router,
+        tiers.router,
+        owner.router,
+        inference.router,
+        completions.router,
+    ):
         app.include_router(router)
     return app
 

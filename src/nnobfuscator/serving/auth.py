@@ -14,7 +14,7 @@ from fastapi import Request
 from nnobfuscator.serving.api_keys import ApiKey, KeyStore, KeyStoreError
 from nnobfuscator.serving.errors import ApiError
 from nnobfuscator.serving.metrics import Metrics
-from nnobfuscator.serving.policy_engine import Caller, Decision, PolicyEngine
+from nnobfuscator.serving.policy_engine import Caller, Decision, PolicyEngine, TokenReservation
 from nnobfuscator.serving.usage import UsageMeter
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nnobfuscator"'}
@@ -117,6 +117,21 @@ class Authenticator:
         if self.usage is not None:
             self.usage.record(record.id, decision.tier)
         return Principal(record, decision.tier, decision)
+
+    def reserve_tokens(
+        self, principal: Principal, prompt: int, completion: int
+    ) -> TokenReservation | None:
+        """Charge a text-generation request's prompt and ``max_tokens`` to its key's token
+        quota (a rotated key's to its replacement's), or refuse it (429); see
+        :meth:`PolicyEngine.reserve_tokens`."""
+        holder = self._successor(principal.key)
+        key_tier = principal.decision.key_tier if principal.decision else principal.tier
+        caller = Caller(holder.id, holder.name, key_tier, principal.tier, principal.owner)
+        try:
+            return self.engine.reserve_tokens(caller, prompt, completion)
+        except ApiError:
+            self.metrics.rate_limited.labels(key_tier).inc()
+            raise
 
     def _successor(self, record: ApiKey) -> ApiKey:
         """The newest key of ``record``'s rotations (itself when never rotated): during a grace

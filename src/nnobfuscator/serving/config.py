@@ -1,4 +1,4 @@
-"""Server settings: batching, input limits and per-tier rate limits."""
+"""Server settings: batching, input limits, per-tier rate limits and token quotas."""
 
 from __future__ import annotations
 
@@ -48,6 +48,24 @@ def parse_rate_limits(spec: str) -> dict[str, RateLimit | None]:
             raise ValueError(f"invalid rate limit item {item!r}: write TIER=COUNT/PERIOD")
         limits[tier.strip()] = parse_rate(rate)
     return limits
+
+
+def parse_token_quotas(spec: str) -> dict[str, str | None]:
+    """``"free=20000/day,*=none"`` -> per-tier token quotas (``*`` is every other tier).
+
+    Raises:
+        ValueError: an item is not ``TIER=COUNT/PERIOD`` (or ``TIER=none``).
+    """
+    from nnobfuscator.serving.limiter import parse_optional_limit
+
+    quotas: dict[str, str | None] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        tier, sep, text = item.partition("=")
+        if not sep or not tier.strip():
+            raise ValueError(f"invalid token quota item {item!r}: write TIER=COUNT/PERIOD")
+        limit = parse_optional_limit(text.strip(), "quota")
+        quotas[tier.strip()] = None if limit is None else text.strip()
+    return quotas
 
 
 STORE_SCHEMES = ("memory", "redis", "rediss")
@@ -120,6 +138,15 @@ class ServeConfig:
         preempt_ms: under load, a cheap tier's batch larger than ``max_batch_size`` runs in
             chunks of about this long, and a request of a higher tier (policy ``priority``)
             waits for one chunk rather than the whole batch; ``None`` runs batches whole.
+        token_quotas: per-tier quotas of prompt plus completion tokens per key (text
+            generation), e.g. ``{"free": "20000/day", "*": None}``; a policy file's
+            ``token_quota`` rules replace them.
+        max_tokens: the most completion tokens one request may ask for (``max_tokens``).
+        default_max_tokens: completion tokens when a request does not say.
+        max_prompt_tokens: the longest prompt in tokens; ``None``: what the model's context
+            leaves after the request's ``max_tokens``.
+        generation_wait_ms: how long the first completion request waits for others to join
+            its ``generate`` call (up to ``max_batch_size`` requests).
     """
 
     max_batch_size: int = 32
@@ -133,6 +160,11 @@ class ServeConfig:
     default_top_k: int = 5
     limits_store: str = "memory://"
     preempt_ms: float | None = 25.0
+    token_quotas: dict[str, str | None] = field(default_factory=dict)
+    max_tokens: int = 512
+    default_max_tokens: int = 64
+    max_prompt_tokens: int | None = None
+    generation_wait_ms: float = 5.0
 
     def __post_init__(self) -> None:
         self.limits_store = check_store_uri(self.limits_store)
@@ -144,6 +176,12 @@ class ServeConfig:
             raise ValueError("max_body_bytes must be positive")
         if self.preempt_ms is not None and self.preempt_ms <= 0:
             raise ValueError("preempt_ms must be positive (or None to run batches whole)")
+        if not 1 <= self.default_max_tokens <= self.max_tokens:
+            raise ValueError("default_max_tokens must be from 1 to max_tokens")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be at least 1 (or None: the model's context)")
+        if self.generation_wait_ms < 0:
+            raise ValueError("generation_wait_ms must be >= 0")
 
     def rate_limit(self, tier: str) -> RateLimit | None:
         """The limit for ``tier`` (its own entry, else ``"*"``, else unlimited)."""

@@ -228,11 +228,18 @@ class LimitStore:
     def __repr__(self) -> str:
         return f"LimitStore({self._shown!r}, namespace={self.namespace!r})"
 
-    def hit(self, scope: str, identity: str, limit: Limit, cost: int = 1) -> LimitState:
-        """Count ``cost`` hits of ``identity`` against ``limit`` if they fit; nothing otherwise."""
+    def hit(
+        self, scope: str, identity: str, limit: Limit, cost: int = 1, *, at: float | None = None
+    ) -> LimitState:
+        """Count ``cost`` hits of ``identity`` against ``limit`` if they fit; nothing otherwise.
+
+        Args:
+            at: the epoch time the hits count at (a quota's window; default now).
+        """
         if cost < 1:
             raise ValueError(f"cost must be at least 1, got {cost}")
-        item, ids, now = limit.item(self.namespace), self._ids(scope, identity, limit), time.time()
+        now = time.time() if at is None else at
+        item, ids = limit.item(self.namespace), self._ids(scope, identity, limit, now)
         try:
             if limit.kind == "rate":
                 allowed = self._moving.hit(item, *ids, cost=cost)
@@ -241,6 +248,23 @@ class LimitStore:
                 if not allowed:  # a fixed window counts refused hits too: take them back
                     self._storage.incr(item.key_for(*ids), item.get_expiry(), amount=-cost)
             return self._state(allowed, limit, item, ids, now)
+        except StorageError as err:
+            raise self._error(err) from None
+
+    def refund(self, scope: str, identity: str, limit: Limit, amount: int, at: float) -> None:
+        """Take back ``amount`` hits counted against a quota at epoch time ``at`` (what a
+        reservation did not use). A rate's moving window cannot give hits back.
+
+        Raises:
+            ValueError: ``limit`` is a rate.
+        """
+        if limit.kind != "quota":
+            raise ValueError("only hits counted against a quota can be given back")
+        if amount < 1:
+            return
+        item, ids = limit.item(self.namespace), self._ids(scope, identity, limit, at)
+        try:
+            self._storage.incr(item.key_for(*ids), item.get_expiry(), amount=-amount)
         except StorageError as err:
             raise self._error(err) from None
 
@@ -260,10 +284,13 @@ class LimitStore:
         except StorageError as err:
             raise self._error(err) from None
 
-    def _ids(self, scope: str, identity: str, limit: Limit) -> tuple[str, ...]:
+    def _ids(
+        self, scope: str, identity: str, limit: Limit, at: float | None = None
+    ) -> tuple[str, ...]:
         if limit.kind == "rate":
             return (scope, identity)
-        return (scope, identity, str(int(time.time() // limit.seconds)))  # clock-aligned window
+        at = time.time() if at is None else at
+        return (scope, identity, str(int(at // limit.seconds)))  # clock-aligned window
 
     def _state(
         self,

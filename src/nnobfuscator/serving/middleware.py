@@ -6,7 +6,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nnobfuscator.serving.errors import error_response
+from nnobfuscator.serving.errors import OPENAI_PATHS, error_response
 from nnobfuscator.serving.metrics import Metrics
 
 
@@ -50,7 +50,10 @@ class ServingMiddleware:
 
         length = _content_length(scope)
         if length is not None and length > self.max_body_bytes:
-            await error_response(*body_too_large(self.max_body_bytes))(scope, receive, send_wrapper)
+            refusal = error_response(
+                *body_too_large(self.max_body_bytes), openai=scope.get("path") in OPENAI_PATHS
+            )
+            await refusal(scope, receive, send_wrapper)
         else:
             await self.app(scope, self._limited(receive), send_wrapper)
         endpoint = _endpoint(scope)

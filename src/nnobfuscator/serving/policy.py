@@ -4,7 +4,7 @@ A YAML file (``nnobf serve --policy policy.yaml``), validated against the served
 with errors that name the line. Example::
 
     tiers:
-      free:  {rate: 60/min, quota: 1000/day, on_exhausted: reject}
+      free:  {rate: 60/min, quota: 1000/day, token_quota: 20000/day, on_exhausted: reject}
       pro:   {rate: 600/min, quota: 5000/day, on_exhausted: {downgrade: free}}
       "*":   {rate: 600/min}                  # every tier not named
     keys:                                     # per-key overrides, by key name or id
@@ -22,7 +22,9 @@ with errors that name the line. Example::
 A request's tier goes through, in order: its key's tier (or a lower one it asks for), the first
 schedule in force, the rate limit (429 when over), the quota (429, or the ``downgrade`` tier once
 exhausted) and brownout. Each step that changes the tier adds its reason (``schedule``,
-``quota``, ``load``) to the answer.
+``quota``, ``load``) to the answer. A text-generation request is then charged its prompt plus
+``max_tokens`` against the ``token_quota`` (429 when they do not fit; what it did not use is
+given back when it ends).
 """
 
 from __future__ import annotations
@@ -70,8 +72,13 @@ class Rule(_Strict):
     on_exhausted: Literal["reject"] | Downgrade | None = Field(
         None, description="'reject' (429) or {downgrade: TIER} once the quota is used up."
     )
+    token_quota: str | None = Field(
+        None,
+        description="Prompt plus completion tokens per window per key (text generation), e.g. "
+        "'20000/day'; used up: 429. 'none' lifts a default.",
+    )
 
-    @field_validator("rate", "quota", mode="before")
+    @field_validator("rate", "quota", "token_quota", mode="before")
     @classmethod
     def _limit_text(cls, value: Any) -> str | None:
         """A valid limit, or ``None`` for ``none`` / ``unlimited`` / ``off``."""
@@ -217,18 +224,28 @@ class Policy:
         return self.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def default_policy(tiers: list[str], rate_limits: dict[str, Any] | None = None) -> Policy:
-    """The policy without a file: per-tier rate limits only (``--rate-limit``)."""
+def default_policy(
+    tiers: list[str],
+    rate_limits: dict[str, Any] | None = None,
+    token_quotas: dict[str, str | None] | None = None,
+) -> Policy:
+    """The policy without a file: per-tier rate limits (``--rate-limit``) and token quotas
+    (``--token-quota``) only."""
     from nnobfuscator.serving.limiter import limit_from_rate
 
+    rate_limits, token_quotas = rate_limits or {}, token_quotas or {}
     rules = {}
-    for tier, limit in (rate_limits or {}).items():
-        converted = limit_from_rate(limit)
-        if converted is None:
-            rules[tier] = Rule(rate=None)
-            continue
-        text = str(limit)  # as the user wrote it ("60/min") when the limits library reads it
-        rules[tier] = Rule(rate=text if "e" not in text and "." not in text else str(converted))
+    for tier in [*rate_limits, *(t for t in token_quotas if t not in rate_limits)]:
+        fields: dict[str, Any] = {}  # a tier named in one mapping takes the other's "*"
+        if tier in rate_limits or "*" in rate_limits:
+            limit = rate_limits.get(tier, rate_limits.get("*"))
+            converted = limit_from_rate(limit)
+            text = str(limit)  # as the user wrote it ("60/min") when the limits library reads it
+            rate = text if "e" not in text and "." not in text else str(converted)
+            fields["rate"] = None if converted is None else rate
+        if tier in token_quotas or "*" in token_quotas:
+            fields["token_quota"] = token_quotas.get(tier, token_quotas.get("*"))
+        rules[tier] = Rule.model_validate(fields)
     return Policy(PolicySpec(tiers=rules), tuple(tiers), "default policy")
 
 

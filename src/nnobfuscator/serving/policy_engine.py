@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +56,19 @@ class Caller:
     key_tier: str
     asked: str
     owner: bool = False
+
+
+@dataclass(frozen=True)
+class TokenReservation:
+    """Tokens a text-generation request may use, counted against its key's token quota at
+    ``at`` (epoch seconds); :meth:`PolicyEngine.settle_tokens` gives back what it did not use.
+    ``headers``: where the key stands (``X-Token-Quota-Limit``, ``X-Token-Quota-Remaining``)."""
+
+    key_id: str
+    limit: Limit
+    tokens: int
+    at: float
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class PolicyEngine:
@@ -175,6 +189,59 @@ class PolicyEngine:
         if consume:  # the history's "moved" columns count downgrades only
             self.history.record(tier, caller.key_tier, tuple(reasons) if downgraded else ())
         return Decision(tier, caller.key_tier, tuple(reasons), headers, downgraded)
+
+    def reserve_tokens(
+        self, caller: Caller, prompt: int, completion: int
+    ) -> TokenReservation | None:
+        """Count a text-generation request's ``prompt`` tokens plus the ``completion`` tokens it
+        may make against the key's ``token_quota``; ``None`` when its rule has none (and for
+        owner keys).
+
+        Raises:
+            ApiError: 429 when they do not fit in what is left of the quota (with
+                ``Retry-After``), and also when they exceed the whole quota (naming how many
+                tokens would fit).
+        """
+        if caller.owner:
+            return None
+        refs = tuple(r for r in (caller.key_name, caller.key_id) if r)
+        text = self._policy.rule(caller.key_tier, refs).token_quota
+        if text is None:
+            return None
+        limit, tokens, at = _limit(text, "quota"), prompt + completion, time.time()
+        what = f"{tokens} tokens (prompt {prompt} + max_tokens {completion})"
+        if tokens > limit.amount:
+            raise ApiError(
+                429,
+                "token_quota_exceeded",
+                f"this request may use {what}, more than the whole token quota of tier "
+                f"{caller.key_tier!r} ({text} per key): lower max_tokens or shorten the prompt",
+            )
+        state = self.limits.hit("tokens", caller.key_id, limit, tokens, at=at)
+        headers = {"X-Token-Quota-Limit": text, "X-Token-Quota-Remaining": str(state.remaining)}
+        if not state.allowed:
+            self.history.record(caller.key_tier, None, ("quota",))
+            wait = max(1.0, state.retry_after)
+            raise ApiError(
+                429,
+                "token_quota_exhausted",
+                f"token quota of tier {caller.key_tier!r} used up ({text} per key): "
+                f"{state.remaining} tokens left and this request may use {what}; lower "
+                f"max_tokens, or retry after {wait:.0f} s",
+                {**headers, **rate_limit_headers(state)},
+            )
+        return TokenReservation(caller.key_id, limit, tokens, at, headers)
+
+    def settle_tokens(self, reservation: TokenReservation | None, used: int) -> None:
+        """Give back the tokens ``reservation`` holds beyond the ``used`` ones."""
+        if reservation is not None and used < reservation.tokens:
+            self.limits.refund(
+                "tokens",
+                reservation.key_id,
+                reservation.limit,
+                reservation.tokens - used,
+                reservation.at,
+            )
 
     def _refused(
         self,

@@ -22,6 +22,7 @@ from nnobfuscator.serving.auth import Authenticator, Principal
 from nnobfuscator.serving.batcher import MicroBatcher
 from nnobfuscator.serving.config import ServeConfig
 from nnobfuscator.serving.errors import ApiError
+from nnobfuscator.serving.generation_batcher import GenerationBatcher
 from nnobfuscator.serving.images import decode_image
 from nnobfuscator.serving.metrics import Metrics
 from nnobfuscator.serving.payloads import read_image_payload
@@ -53,9 +54,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         429: "Rate limit or quota of the key's tier used up (see Retry-After)",
     }.items()
 }
-ENDPOINTS = {CLASSIFICATION: "POST /v1/classify", SEGMENTATION: "POST /v1/segment"} | {
-    task: "POST /v1/generate" for task in TEXT_TO_IMAGE
-}
+TEXT_GENERATION = "text-generation"
+ENDPOINTS = {
+    CLASSIFICATION: "POST /v1/classify",
+    SEGMENTATION: "POST /v1/segment",
+    TEXT_GENERATION: "POST /v1/completions or POST /v1/chat/completions",
+} | {task: "POST /v1/generate" for task in TEXT_TO_IMAGE}
 
 
 @dataclass
@@ -72,6 +76,8 @@ class Serving:
     auth: Authenticator
     clock: Callable[[], datetime]
     reload_policy: Callable[[], Policy]
+    #: the generation batcher of a text-generation model (``None`` for other tasks)
+    generation: GenerationBatcher | None = None
 
     @property
     def tiers(self) -> list[str]:

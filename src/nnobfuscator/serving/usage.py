@@ -1,14 +1,17 @@
-"""Requests per API key, tier and UTC day, metered in the key store (never in metric labels).
+"""Requests (and text-generation tokens) per API key, tier and UTC day, metered in the key store
+(never in metric labels).
 
 :meth:`UsageMeter.record` is cheap (a counter in memory under a lock) so the server calls it on
-every answered request; :meth:`UsageMeter.flush` writes the counts and each key's last use.
+every answered request, and :meth:`UsageMeter.record_tokens` once a completion ends (prompt plus
+completion tokens); :meth:`UsageMeter.flush` writes the counts and each key's last use.
 Two stores:
 
-* :class:`SqliteUsage`: the table ``key_usage(day, key_id, tier, requests)`` in the keys SQLite
-  file (``requests = requests + ?`` upserts), and ``api_keys.last_used_at``;
+* :class:`SqliteUsage`: the table ``key_usage(day, key_id, tier, requests, tokens)`` in the keys
+  SQLite file (``requests = requests + ?`` upserts), and ``api_keys.last_used_at``;
 * :class:`RedisUsage`: a hash per day ``nnobf:usage:<YYYY-MM-DD>`` with fields
-  ``<key_id>:<tier>`` (``HINCRBY``, expiring after 400 days) and the hash ``nnobf:last_used``
-  (key id -> ISO time), shared by every process and Ray Serve replica.
+  ``<key_id>:<tier>`` (``HINCRBY``, expiring after 400 days), its tokens in
+  ``nnobf:usage-tokens:<YYYY-MM-DD>``, and the hash ``nnobf:last_used`` (key id -> ISO time),
+  shared by every process and Ray Serve replica.
 
 Server wiring::
 
@@ -37,6 +40,7 @@ from nnobfuscator.serving.key_database import connect, ensure_schema
 log = logging.getLogger(__name__)
 
 REDIS_PREFIX = "nnobf:usage:"
+REDIS_TOKENS_PREFIX = "nnobf:usage-tokens:"
 REDIS_LAST_USED = "nnobf:last_used"
 REDIS_TTL_DAYS = 400
 
@@ -46,6 +50,7 @@ CREATE TABLE IF NOT EXISTS key_usage (
     key_id TEXT NOT NULL,
     tier TEXT NOT NULL,
     requests INTEGER NOT NULL,
+    tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, key_id, tier)
 )
 """
@@ -53,12 +58,14 @@ CREATE TABLE IF NOT EXISTS key_usage (
 
 @dataclass(frozen=True)
 class UsageRow:
-    """Requests of one key at one tier on one UTC day (``YYYY-MM-DD``)."""
+    """Requests of one key at one tier on one UTC day (``YYYY-MM-DD``), and the prompt plus
+    completion tokens of its text-generation requests."""
 
     day: str
     key_id: str
     tier: str
     requests: int
+    tokens: int = 0
 
 
 def _utcnow() -> datetime:
@@ -84,6 +91,7 @@ class UsageMeter:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._counts: Counter[tuple[str, str, str]] = Counter()
+        self._tokens: Counter[tuple[str, str, str]] = Counter()
         self._last_used: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,6 +108,17 @@ class UsageMeter:
             if stamp > self._last_used.get(key_id, ""):
                 self._last_used[key_id] = stamp
 
+    def record_tokens(
+        self, key_id: str, tier: str, tokens: int, when: datetime | None = None
+    ) -> None:
+        """Count ``tokens`` (prompt plus completion) of ``key_id`` at ``tier`` (in memory until
+        :meth:`flush`); the request itself was counted by :meth:`record`."""
+        if tokens <= 0:
+            return
+        when = when or self.clock()
+        with self._lock:
+            self._tokens[(_day(when), key_id, tier)] += int(tokens)
+
     def pending(self) -> int:
         """Requests recorded and not flushed yet."""
         with self._lock:
@@ -110,14 +129,16 @@ class UsageMeter:
         with self._flush_lock:
             with self._lock:
                 counts, self._counts = self._counts, Counter()
+                tokens, self._tokens = self._tokens, Counter()
                 last_used, self._last_used = self._last_used, {}
-            if not counts and not last_used:
+            if not counts and not tokens and not last_used:
                 return
             try:
-                self._write(counts, last_used)
+                self._write(counts, tokens, last_used)
             except BaseException:
                 with self._lock:
                     self._counts.update(counts)
+                    self._tokens.update(tokens)
                     for key_id, stamp in last_used.items():
                         if stamp > self._last_used.get(key_id, ""):
                             self._last_used[key_id] = stamp
@@ -130,7 +151,7 @@ class UsageMeter:
         Counts not flushed yet are not included: call :meth:`flush` first to see them.
         """
         days_list = self.window(days)
-        rows = [r for r in self._read(days_list, key_id) if r.requests]
+        rows = [r for r in self._read(days_list, key_id) if r.requests or r.tokens]
         return sorted(rows, key=lambda r: (r.day, r.key_id, r.tier))
 
     def last_used(self) -> dict[str, str]:
@@ -181,7 +202,12 @@ class UsageMeter:
         self.close()
 
     # --- store -------------------------------------------------------------------------------
-    def _write(self, counts: Counter[tuple[str, str, str]], last_used: dict[str, str]) -> None:
+    def _write(
+        self,
+        counts: Counter[tuple[str, str, str]],
+        tokens: Counter[tuple[str, str, str]],
+        last_used: dict[str, str],
+    ) -> None:
         raise NotImplementedError
 
     def _read(self, days: list[str], key_id: str | None) -> list[UsageRow]:
@@ -203,20 +229,28 @@ class SqliteUsage(UsageMeter):
             try:
                 ensure_schema(db)
                 db.execute(_USAGE_SCHEMA)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(key_usage)")}
+                if "tokens" not in columns:  # a keys file from before token metering
+                    db.execute("ALTER TABLE key_usage ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
-    def _write(self, counts: Counter[tuple[str, str, str]], last_used: dict[str, str]) -> None:
+    def _write(
+        self,
+        counts: Counter[tuple[str, str, str]],
+        tokens: Counter[tuple[str, str, str]],
+        last_used: dict[str, str],
+    ) -> None:
         with closing(connect(self.path)) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(
-                    "INSERT INTO key_usage (day, key_id, tier, requests) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (day, key_id, tier) DO UPDATE SET requests = requests + "
-                    "excluded.requests",
-                    [(*key, n) for key, n in counts.items()],
+                    "INSERT INTO key_usage (day, key_id, tier, requests, tokens) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, key_id, tier) DO UPDATE SET "
+                    "requests = requests + excluded.requests, tokens = tokens + excluded.tokens",
+                    [(*key, counts[key], tokens[key]) for key in {*counts, *tokens}],
                 )
                 db.executemany(
                     "UPDATE api_keys SET last_used_at = ? "
@@ -229,7 +263,9 @@ class SqliteUsage(UsageMeter):
             db.execute("COMMIT")
 
     def _read(self, days: list[str], key_id: str | None) -> list[UsageRow]:
-        sql = "SELECT day, key_id, tier, requests FROM key_usage WHERE day >= ? AND day <= ?"
+        sql = (
+            "SELECT day, key_id, tier, requests, tokens FROM key_usage WHERE day >= ? AND day <= ?"
+        )
         args: list[Any] = [min(days), max(days)]
         if key_id is not None:
             sql += " AND key_id = ?"
@@ -265,13 +301,19 @@ class RedisUsage(UsageMeter):
             url, socket_connect_timeout=5, socket_timeout=5, decode_responses=True
         )
 
-    def _write(self, counts: Counter[tuple[str, str, str]], last_used: dict[str, str]) -> None:
+    def _write(
+        self,
+        counts: Counter[tuple[str, str, str]],
+        tokens: Counter[tuple[str, str, str]],
+        last_used: dict[str, str],
+    ) -> None:
         # MULTI/EXEC: a flush that fails applies nothing, so its retry cannot count twice
         pipe = self._client.pipeline(transaction=True)
-        for (day, key_id, tier), n in counts.items():
-            pipe.hincrby(f"{REDIS_PREFIX}{day}", f"{key_id}:{tier}", n)
-        for day in {day for day, _, _ in counts}:
-            pipe.expire(f"{REDIS_PREFIX}{day}", self.ttl_s)
+        for prefix, counter in ((REDIS_PREFIX, counts), (REDIS_TOKENS_PREFIX, tokens)):
+            for (day, key_id, tier), n in counter.items():
+                pipe.hincrby(f"{prefix}{day}", f"{key_id}:{tier}", n)
+            for day in {day for day, _, _ in counter}:
+                pipe.expire(f"{prefix}{day}", self.ttl_s)
         if last_used:
             # Several processes write here; ISO times of one clock order as strings, so a
             # slightly older stamp arriving late may win (good enough for "last used").
@@ -282,12 +324,15 @@ class RedisUsage(UsageMeter):
         pipe = self._client.pipeline(transaction=False)
         for day in days:
             pipe.hgetall(f"{REDIS_PREFIX}{day}")
+            pipe.hgetall(f"{REDIS_TOKENS_PREFIX}{day}")
+        answers = pipe.execute()
         rows = []
-        for day, fields in zip(days, pipe.execute(), strict=True):
-            for field, value in fields.items():
+        for day, requests, tokens in zip(days, answers[::2], answers[1::2], strict=True):
+            for field in {*requests, *tokens}:
                 owner, _, tier = field.partition(":")
                 if key_id is None or owner == key_id:
-                    rows.append(UsageRow(day, owner, tier, int(value)))
+                    count, used = int(requests.get(field, 0)), int(tokens.get(field, 0))
+                    rows.append(UsageRow(day, owner, tier, count, used))
         return rows
 
     def last_used(self) -> dict[str, str]:
