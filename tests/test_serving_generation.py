@@ -40,10 +40,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     model.decoder = decoders.WordPiece()  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>",
-    )  # fmt: skip
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, **names)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -152,9 +150,12 @@ def test_completion_and_chat_equal_generate_at_the_keys_tier(
     assert answer.headers["X-Tier"] == body["tier"] == tier
     assert body["object"] == "text_completion" and body["model"] == "tiny-llama"
     assert body["choices"] == [{"index": 0, "text": text, "finish_reason": finish}]
-    made = len(tokenizer(text)["input_ids"])
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": made + (finish == "stop"),
-                             "total_tokens": 4 + made + (finish == "stop")}  # fmt: skip
+    made = len(tokenizer(text)["input_ids"]) + (finish == "stop")  # the end token counts
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": made,
+        "total_tokens": 4 + made,
+    }
     assert "logprobs" not in body["choices"][0]
 
     chat = server.post("/v1/chat/completions", headers=headers, json={"messages": CHAT})
@@ -184,8 +185,8 @@ def test_sampling_repeats_with_the_same_seed_and_equals_generate(server, store, 
     text, _ = reference(tiered, tokenizer, tokenizer(PROMPT)["input_ids"], "pro", **options)
     assert first.json()["choices"][0]["text"] == text
     unseeded = {"prompt": PROMPT, "temperature": 0.9}  # a seed from the key and the prompt
-    texts = {server.post("/v1/completions", headers=headers, json=unseeded).json()["choices"][0]["text"] for _ in range(2)}  # fmt: skip
-    assert len(texts) == 1
+    repeats = [server.post("/v1/completions", headers=headers, json=unseeded) for _ in range(2)]
+    assert len({answer.json()["choices"][0]["text"] for answer in repeats}) == 1
 
 
 def test_stop_strings_cut_the_text(server, store, tiered, tokenizer):
@@ -310,3 +311,219 @@ def test_detokenizer_holds_back_what_may_start_a_stop_string(tokenizer):
     text = Detokenizer(tokenizer, stops=["w2 w9"])
     assert [text.add(i) for i in ids[:2]] == ["w1", " "] and not text.stopped
     assert text.flush() == "w2"  # the row ended: what was held back goes out
+
+
+# --- bad input ---------------------------------------------------------------------------------
+LONG = " ".join(f"w{i % 90}" for i in range(64))  # the whole context of 64 tokens
+NEARLY = " ".join(f"w{i % 90}" for i in range(60))  # fits, but not with 8 new tokens
+COMPLETION_CASES = [
+    ({"prompt": ""}, 400, "empty_prompt", "prompt"),
+    ({"prompt": "   "}, 400, "empty_prompt", "prompt"),
+    ({"prompt": LONG}, 400, "prompt_too_long", "prompt"),
+    ({"prompt": NEARLY, "max_tokens": MAX_TOKENS}, 400, "prompt_too_long", "prompt"),
+    ({"prompt": PROMPT, "logprobs": 2}, 400, "unsupported_field", "logprobs"),
+    ({"prompt": PROMPT, "echo": True}, 400, "unsupported_field", "echo"),
+    ({"prompt": PROMPT, "colour": "red"}, 400, "unknown_field", "colour"),
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
+    ({"prompt": PROMPT, "max_tokens": MAX_TOKENS + 1}, 400, "max_tokens_too_large", "max_tokens"),
+    ({"prompt": PROMPT, "temperature": 3}, 400, "invalid_request", "temperature"),
+    ({"prompt": PROMPT, "n": 2}, 400, "invalid_request", "n"),
+    ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request", "stop"),
+    ({"prompt": ["two", "prompts"]}, 400, "invalid_request", "prompt"),
+    ({"prompt": PROMPT, "model": "gpt-4o"}, 404, "model_not_found", "model"),
+    ({}, 400, "invalid_request", "prompt"),
+]
+CHAT_CASES = [
+    ({"messages": []}, 400, "invalid_request", "messages"),
+    ({"messages": "hello"}, 400, "invalid_request", "messages"),
+    ({"messages": [{"role": "robot", "content": "w1"}]}, 400, "invalid_request", "messages.0.role"),
+    ({"messages": [{"role": "user"}]}, 400, "invalid_request", "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "w1", "mood": "x"}]}, 400, "invalid_request",
+     "messages.0.mood"),
+    ({"messages": [{"role": "user", "content": " "}]}, 400, "empty_prompt", "messages"),
+    ({"messages": CHAT, "max_tokens": 2, "max_completion_tokens": 3}, 400, "invalid_request",
+     "max_tokens"),
+    ({"messages": CHAT, "top_logprobs": 2}, 400, "unsupported_field", "top_logprobs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "param"),
+    [("/v1/completions", *case) for case in COMPLETION_CASES]
+    + [("/v1/chat/completions", *case) for case in CHAT_CASES],
+)
+def test_bad_input_gets_a_clear_openai_style_4xx_with_the_tier(
+    server, store, path, body, status, code, param
+):
+    answer = server.post(path, headers=key(store, "pro"), json=body)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["X-Tier"] == "pro"
+    error = answer.json()["error"]
+    assert error["code"] == code and error["param"] == param
+    assert error["type"] == "invalid_request_error" and len(error["message"]) > 20
+    assert answer.json()["detail"] == error["message"]
+
+
+def test_error_messages_say_what_to_do(server, store):
+    headers = key(store, "pro")
+    long = server.post("/v1/completions", headers=headers, json={"prompt": LONG}).json()
+    assert "64 tokens; at most 56 fit (the model's context of 64 tokens" in long["detail"]
+    assert "shorten it or lower max_tokens" in long["detail"]
+    fitted = server.post("/v1/completions", headers=headers, json={"prompt": NEARLY}).json()
+    assert fitted["usage"]["completion_tokens"] == 4  # the default max_tokens shrinks to fit
+    many = {"prompt": PROMPT, "max_tokens": 100}
+    cap = server.post("/v1/completions", headers=headers, json=many).json()
+    assert f"at most {MAX_TOKENS} tokens" in cap["detail"]
+    probs = server.post("/v1/completions", headers=headers, json={"prompt": PROMPT, "logprobs": 1})
+    assert "text only" in probs.json()["detail"]
+    unknown = server.post("/v1/completions", headers=headers, json={"prompt": PROMPT, "x": 1})
+    assert "this endpoint takes: model, max_tokens" in unknown.json()["detail"]
+    json_type = {**headers, "Content-Type": "application/json"}
+    raw = server.post("/v1/completions", headers=json_type, content=b"{not json")
+    assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
+    text = server.post("/v1/completions", headers=headers, content=b"w1", params={})
+    assert text.status_code == 415
+
+
+def test_no_key_gets_401_in_openai_shape(server):
+    answer = server.post("/v1/chat/completions", json={"messages": CHAT})
+    assert answer.status_code == 401
+    assert answer.json()["error"]["type"] == "authentication_error"
+
+
+def test_other_tasks_and_missing_tokenizer_get_clear_answers(store, tiered, tokenizer):
+    from fastapi.testclient import TestClient
+
+    headers = key(store, "pro")
+    classifier = TestClient(
+        create_app(tiered_lm("classification"), keys=store, tokenizer=tokenizer)
+    )
+    answer = classifier.post("/v1/completions", headers=headers, json={"prompt": PROMPT})
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "task_not_served"
+    assert "needs a text-generation model" in answer.json()["detail"]
+    assert "serves a classification model" in answer.json()["detail"]
+    bare = TestClient(create_app(tiered, keys=store))  # no tokenizer
+    answer = bare.post("/v1/completions", headers=headers, json={"prompt": PROMPT})
+    assert answer.status_code == 503 and "tokenizer" in answer.json()["detail"]
+    assert answer.headers["X-Tier"] == "pro"
+    image = bare.post("/v1/classify", headers=headers, content=b"x")
+    assert image.status_code == 404 and "/v1/completions" in image.json()["detail"]
+
+
+# --- tokens in quotas and usage ----------------------------------------------------------------
+def test_token_quota_counts_prompt_and_completion_then_refuses(
+    server, store, app, tiered, tokenizer
+):
+    record, secret = store.create("free")
+    headers = {"X-API-Key": secret}
+    free, _ = reference(tiered, tokenizer, tokenizer(PROMPT)["input_ids"], "free")
+    early = {"prompt": PROMPT, "stop": free.split()[1]}  # 2 tokens made: 6 of 12 given back
+    answers = [server.post("/v1/completions", headers=headers, json=early)]
+    for _ in range(3):
+        answers.append(server.post("/v1/completions", headers=headers, json={"prompt": PROMPT}))
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[0].json()["usage"]["total_tokens"] == 6
+    assert answers[0].headers["X-Token-Quota-Limit"] == f"{TOKEN_QUOTA}/day"
+    assert answers[1].headers["X-Token-Quota-Remaining"] == str(TOKEN_QUOTA - 6 - 12)
+    refused = answers[-1]
+    assert refused.headers["X-Tier"] == "free" and int(refused.headers["Retry-After"]) >= 1
+    error = refused.json()["error"]
+    assert error["code"] == "token_quota_exhausted" and error["type"] == "insufficient_quota"
+    assert "token quota of tier 'free' used up" in error["message"]
+    assert "10 tokens left" in error["message"] and "lower max_tokens" in error["message"]
+    fits = server.post("/v1/completions", headers=headers, json={"prompt": PROMPT, "max_tokens": 6})
+    assert fits.status_code == 200  # 4 + 6 = the 10 tokens left
+    app.state.usage.flush()
+    rows = app.state.usage.rows(record.id)
+    assert sum(r.tokens for r in rows) == TOKEN_QUOTA and {r.tier for r in rows} == {"free"}
+
+
+def test_a_request_larger_than_the_whole_token_quota_is_refused(server, store):
+    prompt = " ".join(f"w{i}" for i in range(TOKEN_QUOTA - 5))  # 35 + 8 > 40
+    answer = server.post("/v1/completions", headers=key(store, "free"), json={"prompt": prompt})
+    assert answer.status_code == 429
+    assert answer.json()["error"]["code"] == "token_quota_exceeded"
+    assert "more than the whole token quota" in answer.json()["detail"]
+
+
+def test_tiers_list_the_token_quota(server):
+    tiers = {t["name"]: t for t in server.get("/v1/tiers").json()["tiers"]}
+    assert tiers["free"]["token_quota"] == f"{TOKEN_QUOTA}/day"
+    assert tiers["premium"]["token_quota"] is None
+
+
+# --- artifacts ---------------------------------------------------------------------------------
+def test_an_artifact_brings_its_tokenizer(tmp_path, tokenizer, monkeypatch, store):
+    from fastapi.testclient import TestClient
+
+    from nnobfuscator.jobs import sources
+    from nnobfuscator.serving.served_model import load_artifact
+
+    tiered = tiered_lm()
+    tiered.meta["source"] = {"model": {"zoo": "tiny-llama"}}
+    tiered.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))  # as jobs.run writes it
+
+    def rebuilt(source, progress):  # the artifact's stored source, rebuilt
+        return tiny_llama(pad_token_id=0, bos_token_id=1, eos_token_id=2), {}
+
+    monkeypatch.setattr(sources, "load_base_model", rebuilt)
+    served = load_artifact(tmp_path)
+    assert served.tokenizer is not None and served.tokenizer.chat_template == CHAT_TEMPLATE
+    assert served.tokenizer(PROMPT)["input_ids"] == tokenizer(PROMPT)["input_ids"]
+    client = TestClient(create_app(tmp_path, keys=store))
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS}
+    answer = client.post("/v1/completions", headers=key(store, "free"), json=body)
+    expected, _ = reference(tiered, tokenizer, tokenizer(PROMPT)["input_ids"], "free")
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == expected
+
+
+# --- configuration -----------------------------------------------------------------------------
+def test_token_quotas_from_the_command_line_and_a_policy_file():
+    from nnobfuscator.serving.config import RateLimit, parse_token_quotas
+    from nnobfuscator.serving.policy import PolicyError, default_policy, parse_policy
+
+    assert parse_token_quotas("free=20000/day, *=none") == {"free": "20000/day", "*": None}
+    with pytest.raises(ValueError, match="invalid limit 'lots'"):
+        parse_token_quotas("free=lots")
+    tiers = ["free", "pro", "premium"]
+    policy = default_policy(tiers, {"*": RateLimit(60, 60.0)}, {"free": "100/day"})
+    assert (policy.rule("free").rate, policy.rule("free").token_quota) == ("60/min", "100/day")
+    assert (policy.rule("pro").rate, policy.rule("pro").token_quota) == ("60/min", None)
+    text = "tiers:\n  pro: {token_quota: 5000/day}\nkeys:\n  alice: {token_quota: none}\n"
+    policy = parse_policy(text, tiers)
+    assert policy.rule("pro").token_quota == "5000/day"
+    assert policy.rule("pro", ("alice",)).token_quota is None
+    with pytest.raises(PolicyError, match="line 2"):
+        parse_policy("tiers:\n  pro: {token_quota: many}\n", tiers)
+
+
+# --- the web page ------------------------------------------------------------------------------
+def test_the_page_streams_an_answer_into_its_prompt_box(server, store, tiered, tokenizer):
+    import os
+    import shutil
+    from pathlib import Path
+
+    chromium = os.environ.get("NNOBF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).is_file():
+        pytest.skip(f"Chromium is absent ({chromium}): `apt-get install chromium`")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "w5 w6"}])
+    text, _ = reference(tiered, tokenizer, ids, "pro")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=args)
+        page = browser.new_page()
+        page.goto(str(server.base_url))
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('text')")
+        assert page.locator("#prompt").is_visible() and page.locator("#file").is_hidden()
+        assert page.text_content("#run") == "Send"
+        page.fill("#key", store.create("pro")[1])
+        page.click("#use-key")
+        page.wait_for_function("document.getElementById('key-status').textContent.includes('pro')")
+        page.fill("#prompt", "w5 w6")
+        page.click("#run")
+        page.wait_for_selector("#result .answer[data-done]")
+        assert page.text_content("#result .answer") == text
+        assert page.text_content("#result-tier") == "pro" and page.locator("#error").is_hidden()
+        browser.close()

@@ -277,16 +277,20 @@ def usage(
     finally:
         meter.close()
     counts: dict[tuple[str, str], int] = {}
+    tokens: dict[str, int] = {}
     for row in rows:
         counts[row.day, row.tier] = counts.get((row.day, row.tier), 0) + row.requests
+        tokens[row.day] = tokens.get(row.day, 0) + row.tokens
     tiers = sorted({tier for _, tier in counts})
     who = f"key {record.stub}" if record else "all keys"
     table = Table(title=f"requests per UTC day and tier, {who}, last {days} days")
-    for column in ("day", *tiers, "total"):
+    with_tokens = any(tokens.values())  # a text-generation server's prompt + completion tokens
+    for column in ("day", *tiers, "total", *(["tokens"] if with_tokens else [])):
         table.add_column(column, justify="left" if column == "day" else "right")
     for day in day_list:
         per_tier = [counts.get((day, tier), 0) for tier in tiers]
-        table.add_row(day, *map(str, per_tier), str(sum(per_tier)))
+        spent = [str(tokens.get(day, 0))] if with_tokens else []
+        table.add_row(day, *map(str, per_tier), str(sum(per_tier)), *spent)
     _out.print(table)
     if not rows:
         _err.print("no requests metered in that window")
@@ -310,6 +314,14 @@ def serve(
     rate_limit: Annotated[
         str, typer.Option(help="Per-key limits by tier, e.g. 'free=60/min,*=600/min' or '*=none'.")
     ] = "*=600/min",
+    token_quota: Annotated[
+        str,
+        typer.Option(
+            help="Per-key prompt plus completion tokens by tier (text generation), e.g. "
+            "'free=20000/day,*=none'."
+        ),
+    ] = "",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens one completion may make.")] = 512,
     limits_store: Annotated[
         str,
         typer.Option(
@@ -337,7 +349,7 @@ def serve(
     ] = False,
 ) -> None:
     """Serve an artifact over HTTP: the API key of each request picks its tier."""
-    from nnobfuscator.serving.config import ServeConfig, parse_rate_limits
+    from nnobfuscator.serving.config import ServeConfig, parse_rate_limits, parse_token_quotas
 
     try:
         config = ServeConfig(
@@ -346,6 +358,9 @@ def serve(
             max_body_bytes=int(max_body_mb * 1024 * 1024),
             preempt_ms=preempt_ms or None,
             rate_limits=parse_rate_limits(rate_limit),
+            token_quotas=parse_token_quotas(token_quota),
+            max_tokens=max_tokens,
+            default_max_tokens=max(1, min(64, max_tokens)),
             limits_store=limits_store,
         )
     except ValueError as err:

@@ -92,6 +92,9 @@ class TierInfo(BaseModel):
     on_exhausted: str | None = Field(
         None, description="What happens once the quota is used up: 'reject' or 'downgrade to T'."
     )
+    token_quota: str | None = Field(
+        None, description="Per-key prompt plus completion tokens, e.g. '20000/day' (text models)."
+    )
     served_now: str | None = Field(
         None, description="The tier this tier's requests are served at now (schedule, brownout)."
     )

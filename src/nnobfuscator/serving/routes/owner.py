@@ -58,13 +58,18 @@ async def owner_stats(
 
 
 def key_usage(store: KeyStore, usage: UsageMeter) -> list[dict[str, Any]]:
-    """Every key as the owner page lists it: stub, tier, status and requests per tier (7 days)."""
+    """Every key as the owner page lists it: stub, tier, status, and requests and tokens (text
+    generation) per tier over 7 days."""
     totals: dict[str, dict[str, int]] = {}
+    tokens: dict[str, dict[str, int]] = {}
     with contextlib.suppress(Exception):  # show what is stored even if the buffer cannot go
         usage.flush()
     for row in usage.rows(None, 7):
         per_tier = totals.setdefault(row.key_id, {})
         per_tier[row.tier] = per_tier.get(row.tier, 0) + row.requests
+        if row.tokens:
+            used = tokens.setdefault(row.key_id, {})
+            used[row.tier] = used.get(row.tier, 0) + row.tokens
     keys = []
     now = store.now()
     for record in sorted(store.list_keys(), key=lambda r: (r.name or "~", r.created_at, r.id)):
@@ -77,6 +82,7 @@ def key_usage(store: KeyStore, usage: UsageMeter) -> list[dict[str, Any]]:
                 "status": record.status(now),
                 "expires_at": record.expires_at,
                 "requests_7d": totals.get(record.id, {}),
+                "tokens_7d": tokens.get(record.id, {}),
             }
         )
     return keys

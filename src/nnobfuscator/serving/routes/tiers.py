@@ -38,6 +38,7 @@ async def list_tiers(state: Serving = Depends(serving)) -> TiersResponse:
                 relative_cost=row["relative_cost"],
                 rate_limit=rule.rate,
                 quota=rule.quota,
+                token_quota=rule.token_quota,
                 on_exhausted=None
                 if exhausted is None
                 else exhausted

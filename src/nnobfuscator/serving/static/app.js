@@ -1,4 +1,5 @@
 // The nnobfuscator web page: paste a key, send an image (or a prompt), see the answer and its tier.
+// A text-generation model gets a prompt box whose answer streams in as it is decoded.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +9,8 @@ const PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 13
   [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]];
 
 function isTextToImage(task) { return ["text-to-image", "text_to_image", "text2image"].includes(task); }
+function isText(task) { return task === "text-generation"; }
+function takesPrompt(task) { return isTextToImage(task) || isText(task); }
 
 function showError(message) {
   $("error").textContent = message;
@@ -30,19 +33,24 @@ async function loadModelInfo() {
   state.task = info.task;
   const tiers = info.tiers.map((t) => `${t.name} (${t.target})`).join(" → ");
   $("model-info").textContent = `${info.model} · ${info.task} · tiers: ${tiers}`;
-  const prompt = isTextToImage(info.task);
+  const prompt = takesPrompt(info.task);
   $("prompt-input").hidden = !prompt;
   $("image-input").hidden = prompt;
+  if (isText(info.task)) {
+    $("prompt").placeholder = "Ask the model something";
+    $("prompt").rows = 4;
+    $("run").textContent = "Send";
+  }
   updateButtons();
 }
 
 function hasInput() {
-  return isTextToImage(state.task) ? $("prompt").value.trim() !== "" : $("file").files.length > 0;
+  return takesPrompt(state.task) ? $("prompt").value.trim() !== "" : $("file").files.length > 0;
 }
 
 function updateButtons() {
   $("run").disabled = !state.key || !hasInput();
-  $("compare").hidden = !state.owner;
+  $("compare").hidden = !state.owner || isText(state.task);
   $("compare").disabled = !state.key || !hasInput();
 }
 
@@ -136,8 +144,57 @@ function render(result) {
   return state.task === "segmentation" ? renderSegmentation(result) : renderClassification(result);
 }
 
+// Stream a completion: server-sent events read from the response body, each chunk's text appended.
+async function stream(path, body, pick) {
+  const response = await fetch(path, { method: "POST", body: JSON.stringify({ ...body, stream: true }),
+    headers: { "X-API-Key": state.key, "Content-Type": "application/json" } });
+  if (!response.ok) {
+    const error = await response.json().catch(() => ({ detail: response.statusText }));
+    const wait = response.headers.get("Retry-After");
+    const failure = new Error(`${response.status}: ${error.detail}` + (wait ? ` (retry in ${wait} s)` : ""));
+    failure.code = error.error && error.error.code;
+    throw failure;
+  }
+  const answer = document.createElement("p");
+  answer.className = "answer";
+  $("result-tier").textContent = response.headers.get("X-Tier");
+  $("result").replaceChildren(answer);
+  $("result-card").hidden = false;
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    const events = buffer.split("\n\n");
+    buffer = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, "");
+      if (data === "[DONE]") { answer.dataset.done = "true"; return; }
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.choices.length) answer.textContent += pick(chunk.choices[0]) || "";
+    }
+  }
+}
+
+async function converse() {
+  const text = $("prompt").value;
+  try {
+    await stream("/v1/chat/completions", { messages: [{ role: "user", content: text }] },
+      (choice) => choice.delta.content);
+  } catch (err) {
+    if (err.code !== "no_chat_template") throw err;
+    await stream("/v1/completions", { prompt: text }, (choice) => choice.text);
+  }
+}
+
 async function run() {
   showError("");
+  if (isText(state.task)) {
+    try { await converse(); } catch (err) { showError(err.message); }
+    return;
+  }
   const path = isTextToImage(state.task) ? "/v1/generate" : ENDPOINTS[state.task];
   try {
     const { body, tier } = await call(path, request());
