@@ -143,3 +143,21 @@ def test_slimmed_mlps_and_skipped_layers_calibrate_together(trained_llama):
         assert mixed[row, : alone.shape[1]].tolist() == alone[0].tolist()
     assert torch.equal(mixed[1], trained_llama.generate(ids[1:2], **options)[0])
     tiered.unload()
+
+
+def test_tokens_of_one_passage_count_as_fewer_independent_samples():
+    task = get_task("text-generation")
+    targets = torch.zeros(20, 50, dtype=torch.long)
+    # whole passages right or wrong: worth about one sample per passage
+    together = torch.zeros(20, 50, 2)
+    together[:10, :, 0] = 1.0
+    assert task.effective_count(together, targets) == pytest.approx(20, abs=1)
+    # right and wrong spread evenly over every passage: worth every token
+    spread = torch.zeros(20, 50, 2)
+    spread[:, ::2, 0] = 1.0
+    assert task.effective_count(spread, targets) == task.sample_count(targets) == 1000
+    # independent draws: the count stays near the tokens'
+    generator = torch.Generator().manual_seed(0)
+    random = torch.zeros(20, 50, 2)
+    random[..., 0] = (torch.rand(20, 50, generator=generator) < 0.4).float()
+    assert 500 < task.effective_count(random, targets) <= 1000

@@ -1,118 +1,85 @@
 """Calibration: per tier, the cheapest compute setting, then the strength that hits the target.
 
-With compute strategies, each tier first gets the cheapest setting whose calibration metric still
-clears its target plus a headroom (:mod:`nnobfuscator.calibration.compute_search`), within its ``max_cost``.
-Then all degrading strategies share one knob per tier, ``u`` in [0, 1] (each strategy's strength
-is ``u * max_strength``). The metric falls as ``u`` grows, so each tier's ``u`` is found by a
-safeguarded regula-falsi bisection on a split whose unchanging prefix is cached
-(:class:`~nnobfuscator.calibration.runner.SplitRunner`). Then every tier is measured on the held-out split.
+:func:`calibrate` hands one :class:`~nnobfuscator.calibration.state.CalibrationState` to its
+stages in turn (:mod:`nnobfuscator.calibration.stages`): resolve the targets; with compute
+strategies, give each tier the cheapest setting whose metric on one half of the calibration split
+still clears its target plus a headroom (:mod:`~nnobfuscator.calibration.compute_search`); fit the
+strategies that learn from labels; then land each tier on its target on the other half along one
+knob ``u`` in [0, 1] that all degrading strategies share (each strategy's strength is
+``u * max_strength``), by a safeguarded regula-falsi bisection on a split whose unchanging prefix
+is cached (:class:`~nnobfuscator.calibration.runner.SplitRunner`); optionally hold what each tier's
+user extracts; finally measure every tier on the held-out split (:func:`evaluate`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from nnobfuscator.calibration.compute_search import ComputeSearch
-from nnobfuscator.calibration.extractable import hold_extractable
+from nnobfuscator.calibration.extractable import HoldExtractable
 from nnobfuscator.calibration.report import build_report
-from nnobfuscator.calibration.runner import SettingRunner, SplitRunner
-from nnobfuscator.calibration.strength import StrengthCurve, search_knob, set_knob
-from nnobfuscator.core.data import DataLike, Split, as_split
-from nnobfuscator.core.outputs import select
-from nnobfuscator.core.tiers import Tier
+from nnobfuscator.calibration.runner import SplitRunner
+from nnobfuscator.calibration.stages import (
+    ChooseCompute,
+    Finish,
+    FitReadouts,
+    LandStrengths,
+    ResolveTargets,
+    Stage,
+)
+from nnobfuscator.calibration.state import (
+    CalibrationError,
+    CalibrationOptions,
+    CalibrationState,
+    halves,
+)
+from nnobfuscator.core.data import DataLike, as_split
 from nnobfuscator.tasks import Task, get_task
 from nnobfuscator.tiered.cost import relative_costs, tier_latency_ms
 from nnobfuscator.tiered.model import TieredModel
 
-logger = logging.getLogger(__name__)
+__all__ = ["CalibrationError", "STAGES", "calibrate", "evaluate", "halves"]
 
 
-class CalibrationError(ValueError):
-    """A tier target cannot be reached; the message names the reachable range."""
+class MeasureOnTest(Stage):
+    """Measure every tier on the test split (the calibration split when there is none) and
+    write the report, with the extractable rows the hold measured."""
 
-
-def _fit_to_tiers(
-    model: TieredModel,
-    strategies: list[Any],
-    tiers: list[Tier],
-    data: Split,
-    task: Task,
-    batch_size: int,
-) -> None:
-    """Fit the strategies that learn from labelled data (class-merge's order and readouts) on
-    ``data`` (the search half), each tier at its compute setting."""
-    runner = SplitRunner(model, data.inputs, task.read, batch_size)
-    predicted = runner.full_logits().argmax(dim=1)
-    classes = int(runner.full_logits().shape[1])
-    for strategy in strategies:
-        strategy.fit_order(predicted, data.labels, classes)
-        for tier in tiers:
-            set_knob(model, tier.name, 0.0)
-            strategy.forget(tier.name)  # features from the tier's own layers and the model's head
-            features = strategy.head_inputs(lambda t=tier.name: runner.logits(t))
-            strategy.fit_tier(tier.name, features, data.labels)
-
-
-#: how many times a tier whose fitted readout falls short of its target asks the compute search
-#: for a costlier setting before calibration gives up
-_REFITS = 4
-
-
-def _headroom(target: float, n: int, headroom: float | None) -> float:
-    """Utility a compute setting must keep above the target: one standard error by default.
-
-    The cheapest of many settings tends to have been lucky on the calibration split; the margin
-    keeps that luck from becoming a tier that misses its target on new data.
-    """
-    if headroom is not None:
-        return headroom
-    return math.sqrt(max(target * (1 - target), 1e-12) / n)
-
-
-def _choose_compute(
-    search: ComputeSearch,
-    tier: Tier,
-    target: float,
-    required: float,
-    metric: str,
-    start: dict[str, Any] | None = None,
-) -> tuple[float, dict[str, Any]]:
-    """Set ``tier``'s cheapest compute setting, descending from ``start`` (a stricter tier's);
-    its calibration utility and settings are returned.
-
-    Raises:
-        CalibrationError: the tier's cost budget cannot be met at its target.
-    """
-    point = search.cheapest(tier.name, required, start)
-    if tier.max_cost is not None and point.cost > tier.max_cost + 1e-9:
-        raise CalibrationError(
-            f"tier {tier.name!r}: target {metric} {target:.3f} and budget max_cost="
-            f"{tier.max_cost:g} conflict: the cheapest setting found that keeps {metric} >= "
-            f"{required:.3f} costs {point.cost:.3f} of the full model. Lower the target, raise "
-            "max_cost, or add compute strategies"
+    def run(self, state: CalibrationState) -> None:
+        report = evaluate(
+            state.model,
+            state.test if state.test is not None else state.calibration,
+            dataset=state.options.dataset,
+            batch_size=state.options.batch_size,
+            calibration_size=state.task.sample_count(state.calibration.labels),
+            base_calibration=state.base,
+            calibration_s=state.calibration_s,
+            task=state.task,
         )
-    return point.utility, point.settings
+        if state.options.against == "extractable":
+            measured = {row["name"]: row["extractable"] for row in state.extractable["tiers"]}
+            for row in report["tiers"]:
+                if row["name"] in measured:
+                    row["extractable"] = measured[row["name"]]
+            extractable = state.extractable["settings"]["extractable"]
+            report.setdefault("settings", {})["extractable"] = extractable
+        state.report = report
 
 
-def halves(split: Split) -> tuple[Split, Split]:
-    """Two disjoint halves of a split, each with the classes' shares of the whole when labels
-    are classes (alternate samples of each class), else alternate samples."""
-    labels = split.labels
-    order = torch.argsort(labels, stable=True) if labels.dim() == 1 else torch.arange(len(split))
-    first, second = order[0::2].sort().values, order[1::2].sort().values
-    return (
-        Split(f"{split.name}-search", select(split.inputs, first), labels[first]),
-        Split(f"{split.name}-land", select(split.inputs, second), labels[second]),
-    )
+#: a calibration's stages, in order; each says whether it applies to the calibration at hand
+STAGES: tuple[Stage, ...] = (
+    ResolveTargets(),
+    ChooseCompute(),
+    FitReadouts(),
+    LandStrengths(),
+    HoldExtractable(),
+    Finish(),
+    MeasureOnTest(),
+)
 
 
 def calibrate(
@@ -165,197 +132,34 @@ def calibrate(
             target and a ``max_cost`` budget that conflict, or (``against="extractable"``) a tier
             whose user extracts more than the bound.
     """
-    if against not in ("face", "extractable"):
-        raise ValueError(f"against must be 'face' or 'extractable', got {against!r}")
-    if against == "extractable" and model.task != "classification":
-        raise ValueError(
-            f"against='extractable' covers classification; this model's task is {model.task!r}"
-        )
-    task = task or get_task(model.task)
-    cal = as_split(calibration, "calibration")
-    started = time.perf_counter()
-    # With compute strategies the search picks the cheapest of many settings, whose score on
-    # the data it was picked on is optimistic: it searches on one half of the split, and the
-    # strengths land the targets on the other half.
-    fitted = [s for s in model.degrading.values() if getattr(s, "needs_labels", False)]
-    search_part, land_part = halves(cal) if model.compute or fitted else (cal, cal)
-    runner = SplitRunner(model, land_part.inputs, task.read, batch_size)
-    curve = StrengthCurve(model, runner, land_part.labels, task)
-    base = (
-        curve.base
-        if land_part is cal
-        else task.score(
-            SplitRunner(model, cal.inputs, task.read, batch_size).full_logits(), cal.labels
-        )
-    )
-    tolerance = 0.5 / task.sample_count(land_part.labels)
-    tiers = [t for t in model.tiers.values() if not t.is_full]
-    budgeted = [t.name for t in tiers if t.max_cost is not None]
-    if budgeted and not model.compute:
-        raise CalibrationError(
-            f"tiers {budgeted} have a cost budget (max_cost) but the model has no compute "
-            "strategy to save work with; pass compute='auto' (CLI: --compute)"
-        )
-    bar = tqdm(tiers, desc="calibrating", disable=not progress, unit="tier")
-    search = None
-    if model.compute:
-        search_runner = SettingRunner(model, search_part.inputs, task.read, batch_size)
-        for strategy in model.compute.values():
-            strategy.fit(lambda batch: model.forward_tier(batch, None), search_runner.batches)
-        bar.set_postfix_str("measuring the full model for the compute search")
-        search = ComputeSearch(
-            model,
-            search_runner,
-            search_part.labels,
-            task,
-            beam=beam,
-            report=bar.set_postfix_str,
-        )
-    for tier in tiers:
-        target = tier.target.resolve(base)
-        assert target is not None
-        tier.target_value = target
-        if target > base + tolerance:
-            raise CalibrationError(
-                f"tier {tier.name!r}: target {target:.3f} is above the full model's "
-                f"{task.metric} {base:.3f} on the calibration split; use 'full' or a lower target"
-            )
-        set_knob(model, tier.name, 0.0)
-    compute_utility: dict[str, float] = {}
-    if search is not None:
-        # strictest tier first; each looser tier continues the descent where the last one stopped
-        required = {
-            t.name: min(
-                t.target_value
-                + _headroom(t.target_value, task.sample_count(search_part.labels), headroom),
-                base,
-            )
-            for t in tiers
-        }
-        start = None
-        for tier in sorted(tiers, key=lambda t: -required[t.name]):
-            utility, start = _choose_compute(
-                search, tier, tier.target_value, required[tier.name], task.metric, start
-            )
-            compute_utility[tier.name] = utility
-    if fitted:
-        _fit_to_tiers(model, fitted, tiers, search_part, task, batch_size)
-    knobs: dict[str, float] = {}
-    for tier in bar:
-        target = tier.target_value
-        curve.start(tier.name, compute_utility.get(tier.name), own=bool(fitted))
-        refits = _REFITS if fitted and search is not None else 0
-        for attempt in range(refits):
-            # a readout fitted on the search half can answer below what the compute search saw
-            # with the model's own head: ask for a setting that keeps that much more, and refit;
-            # the last try asks for all of the full model's utility (at worst, no compute saving)
-            shortfall = target - curve(tier.name, 0.0)
-            if shortfall <= tolerance or required[tier.name] >= base:
-                break
-            raised = required[tier.name] + shortfall + tolerance
-            required[tier.name] = base if attempt == refits - 1 else min(raised, base)
-            compute_utility[tier.name], _ = _choose_compute(
-                search, tier, target, required[tier.name], task.metric
-            )
-            _fit_to_tiers(model, fitted, [tier], search_part, task, batch_size)
-            curve.start(tier.name, compute_utility[tier.name], own=True)
-        if fitted and target > curve(tier.name, 0.0) + tolerance:
-            raise CalibrationError(
-                f"tier {tier.name!r}: target {target:.3f} is above what "
-                f"{'+'.join(s.name for s in fitted)} answers at strength 0 "
-                f"({curve(tier.name, 0.0):.3f}); lower the target"
-            )
-        if not model.degrading:  # compute-only tiers land where their cheapest setting does
-            knobs[tier.name] = 0.0
-            tier.metrics["calibration"] = curve(tier.name, 0.0)
-            if tier.metrics["calibration"] > target + tolerance:
-                warnings.warn(
-                    f"tier {tier.name!r} lands at {task.metric} {tier.metrics['calibration']:.3f}, "
-                    f"above its target {target:.3f}: compute settings move in steps and no "
-                    "degrading strategy lands it between them (strategy='none')",
-                    stacklevel=2,
-                )
-            continue
-        bar.set_postfix_str(f"{tier.name}: bisecting the degrading strength")
-        floor = curve(tier.name, 1.0)
-        if target < floor - tolerance:
-            raise CalibrationError(
-                f"tier {tier.name!r}: target {target:.3f} is below what "
-                f"{'+'.join(model.degrading)} reaches at full strength ({floor:.3f}); "
-                f"reachable {task.metric} range is [{floor:.3f}, {base:.3f}]. Raise the target, "
-                "add target layers, or combine strategies (e.g. feature-mix+logit-noise)"
-            )
-        knobs[tier.name] = search_knob(curve, tier.name, target, tolerance, max_evals)
-        set_knob(model, tier.name, knobs[tier.name])
-        tier.metrics["calibration"] = curve.points(tier.name)[knobs[tier.name]]
-        bar.set_postfix(
-            tier=tier.name,
-            knob=f"{knobs[tier.name]:.3f}",
-            metric=f"{tier.metrics['calibration']:.3f}",
-        )
-    extractable: dict[str, Any] = {"tiers": [{"name": t.name} for t in tiers]}
-    if against == "extractable":
-        overruns = hold_extractable(
-            model,
-            extractable,
-            curve,
-            knobs,
-            tolerance=tolerance,
+    state = CalibrationState.start(
+        model,
+        calibration,
+        test,
+        task,
+        CalibrationOptions(
+            dataset=dataset,
+            batch_size=batch_size,
             max_evals=max_evals,
-            pool=as_split(pool, "pool") if pool is not None else search_part,
-            check=land_part,
-            test=as_split(test, "test") if test is not None else None,
+            headroom=headroom,
+            beam=beam,
+            progress=progress,
+            against=against,
             queries=queries,
+            pool=pool,
             build_copy=build_copy,
             recipe=recipe,
             margin=margin,
-            progress=progress,
-        )
-        if overruns:
-            raise CalibrationError(
-                "their users extract more than the tiers show, on calibration data and with each "
-                f"tier set up to {100 * margin:.0f} points below its target: "
-                + "; ".join(map(str, overruns))
-                + ". Use a strategy that withholds (class-merge, the default for classifiers) "
-                "or answer less (answer_format top1 or label)"
-            )
-    for strategy in fitted:
-        strategy.finish()
-    for name, reason in (search.refused if search is not None else {}).items():
-        warnings.warn(
-            f"{name}: the model does not run with some of its settings, which were skipped "
-            f"({reason})",
-            stacklevel=2,
-        )
-    for tier in model.tiers.values():
-        if tier.is_full:
-            tier.target_value = None
-            tier.metrics["calibration"] = base
-    calibration_s = time.perf_counter() - started
-    if search is not None:
-        passes = search.runner.stage_samples / (len(search_part) * len(search.runner.stages))
-        logger.info(
-            "compute search: %s, %.1f equivalent passes over the calibration split",
-            search.counts,
-            passes,
-        )
-    report = evaluate(
-        model,
-        test if test is not None else cal,
-        dataset=dataset,
-        batch_size=batch_size,
-        calibration_size=task.sample_count(cal.labels),
-        base_calibration=base,
-        calibration_s=calibration_s,
-        task=task,
+        ),
     )
-    if against == "extractable":
-        measured = {row["name"]: row["extractable"] for row in extractable["tiers"]}
-        for row in report["tiers"]:
-            if row["name"] in measured:
-                row["extractable"] = measured[row["name"]]
-        report.setdefault("settings", {})["extractable"] = extractable["settings"]["extractable"]
-    return report
+    try:
+        for stage in STAGES:
+            if stage.applies(state):
+                stage.run(state)
+    finally:
+        state.progress.close()
+    assert state.report is not None
+    return state.report
 
 
 def evaluate(
@@ -381,6 +185,8 @@ def evaluate(
     base_test = task.score(full_logits, split.labels)
     n_test = task.sample_count(split.labels)
     n_cal = calibration_size or model.meta.get("splits", {}).get("calibration", n_test)
+    # correlated samples (tokens of one passage) count for less in the gap's standard error
+    share = task.effective_count(full_logits, split.labels) / max(n_test, 1)
     results: dict[str, dict[str, Any]] = {}
     for name, tier in model.tiers.items():
         if not model.is_calibrated(name):
@@ -390,7 +196,7 @@ def evaluate(
         results[name] = task.extra(logits, split.labels, full_logits)
         if tier.target_value is not None:
             results[name].update(
-                _target_gap(tier.metrics["test"], tier.target_value, n_cal, n_test)
+                _target_gap(tier.metrics["test"], tier.target_value, n_cal * share, n_test * share)
             )
     for name, cost in relative_costs(model, split.head(1)).items():
         model.tiers[name].relative_cost = cost
@@ -416,7 +222,7 @@ def evaluate(
     )
 
 
-def _target_gap(achieved: float, target: float, n_cal: int, n_test: int) -> dict[str, float]:
+def _target_gap(achieved: float, target: float, n_cal: float, n_test: float) -> dict[str, float]:
     """How far the test metric landed from the target, and two standard errors of that gap.
 
     The gap's spread comes from sampling both splits: ``sqrt(p (1 - p) (1/n_cal + 1/n_test))``.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from nnobfuscator.calibration.stages import Stage
+from nnobfuscator.calibration.state import CalibrationError, CalibrationState
 from nnobfuscator.calibration.strength import StrengthCurve, search_knob, set_knob
-from nnobfuscator.core.data import Split
+from nnobfuscator.core.data import Split, as_split
 from nnobfuscator.tiered.model import TieredModel
 
 #: rounds of setting tiers stronger when their users extract more than their bound
@@ -80,3 +82,40 @@ def hold_extractable(
     if test is not None and test is not check:
         measure(test)
     return overruns
+
+
+class HoldExtractable(Stage):
+    """With ``against="extractable"``: measure what each tier's user extracts, set tiers over
+    their bound stronger (:func:`hold_extractable`) and refuse a calibration that leaves one over
+    it on calibration data."""
+
+    def applies(self, state: CalibrationState) -> bool:
+        return state.options.against == "extractable"
+
+    def run(self, state: CalibrationState) -> None:
+        options = state.options
+        state.extractable = {"tiers": [{"name": t.name} for t in state.tiers]}
+        overruns = hold_extractable(
+            state.model,
+            state.extractable,
+            state.curve,
+            state.knobs,
+            tolerance=state.tolerance,
+            max_evals=options.max_evals,
+            pool=as_split(options.pool, "pool") if options.pool is not None else state.search,
+            check=state.land,
+            test=state.test,
+            queries=options.queries,
+            build_copy=options.build_copy,
+            recipe=options.recipe,
+            margin=options.margin,
+            progress=options.progress,
+        )
+        if overruns:
+            raise CalibrationError(
+                "their users extract more than the tiers show, on calibration data and with each "
+                f"tier set up to {100 * options.margin:.0f} points below its target: "
+                + "; ".join(map(str, overruns))
+                + ". Use a strategy that withholds (class-merge, the default for classifiers) "
+                "or answer less (answer_format top1 or label)"
+            )

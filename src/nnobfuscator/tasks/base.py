@@ -34,6 +34,12 @@ class Task(ABC):
         unless the task scores finer units."""
         return len(targets)
 
+    def effective_count(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        """How many independent samples the scores of ``logits`` against ``targets`` are worth,
+        for standard errors: :meth:`sample_count` unless the task's samples come in correlated
+        groups (tokens of one passage)."""
+        return float(self.sample_count(targets))
+
     @abstractmethod
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """The task metric, a fraction in [0, 1]."""

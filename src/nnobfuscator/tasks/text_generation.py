@@ -10,6 +10,8 @@ the agreement of the predicted tokens with the full model's.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +65,24 @@ class TextGenerationTask(Task):
         passage are correlated, so standard errors computed from it are optimistic)."""
         return int((targets != IGNORE).sum())
 
+    def effective_count(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        """Tokens of one passage succeed or fail together more than independent tokens would:
+        the count whose binomial standard error equals the spread of the passages' accuracies
+        (``rows * p (1 - p) / var(row accuracy)``), between the passages and the tokens."""
+        valid = targets != IGNORE
+        counts = valid.sum(dim=1)
+        kept = counts > 0
+        tokens = int(counts.sum())
+        if int(kept.sum()) < 2:
+            return float(tokens)
+        correct = ((logits[..., 0].long() == targets) & valid).sum(dim=1)
+        rows = correct[kept].float() / counts[kept].float()
+        p = correct.sum().item() / max(tokens, 1)
+        spread = float(rows.var())
+        if spread <= 0:
+            return float(tokens)
+        return float(min(max(int(kept.sum()) * p * (1 - p) / spread, int(kept.sum())), tokens))
+
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         valid = targets != IGNORE
         return float((logits[..., 0].long() == targets)[valid].float().mean())
@@ -74,3 +94,78 @@ class TextGenerationTask(Task):
         perplexity = torch.exp(-logits[..., 1][valid].mean())
         agreement = (logits[..., 0] == full_logits[..., 0])[valid].float().mean()
         return {"perplexity": float(perplexity), "agreement_with_full": float(agreement)}
+
+
+_WORD = re.compile(r"\w+")
+
+
+def first_word(text: str) -> str:
+    """The first run of word characters in ``text`` (``""`` when there is none)."""
+    found = _WORD.search(text)
+    return found.group(0) if found else ""
+
+
+@dataclass
+class NextWordQuestions:
+    """A task answered by generation: each prompt is a stretch of text, its answer the word that
+    follows it; a generated answer counts when its first word is that word (exact match).
+
+    Args:
+        prompts: ``(N, context)`` token ids, no padding.
+        answers: the next word of each prompt.
+    """
+
+    prompts: torch.Tensor
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def accuracy(self, texts: list[str]) -> float:
+        """Share of generated ``texts`` whose first word is the answer."""
+        if len(texts) != len(self.answers):
+            raise ValueError(f"{len(texts)} answers for {len(self.answers)} questions")
+        return sum(first_word(t) == a for t, a in zip(texts, self.answers, strict=True)) / max(len(texts), 1)
+
+
+def next_word_questions(
+    input_ids: torch.Tensor,
+    tokenizer: Any,
+    *,
+    context: int = 48,
+    per_window: int = 4,
+    min_letters: int = 3,
+) -> NextWordQuestions:
+    """Next-word questions from token windows (``(N, T)``, no padding): per window, up to
+    ``per_window`` positions evenly spread among those where a word of at least ``min_letters``
+    letters begins (a token that decodes to a space and letters), each asked with the
+    ``context`` tokens before it.
+
+    Raises:
+        ValueError: the windows are too short for ``context`` or hold no such word.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < context + 8:
+        raise ValueError(
+            f"next-word questions need windows (N, T) with T >= context + 8 = {context + 8}, "
+            f"got {tuple(input_ids.shape)}"
+        )
+    prompts, answers = [], []
+    for row in input_ids:
+        starts = []
+        for position in range(context, row.shape[0] - 8):
+            piece = tokenizer.decode([int(row[position])])
+            word = first_word(tokenizer.decode(row[position : position + 8].tolist()))
+            if (
+                piece[:1] == " "
+                and piece[1:2].isalpha()
+                and word.isalpha()
+                and len(word) >= min_letters
+            ):
+                starts.append((position, word))
+        step = max(len(starts) // per_window, 1)
+        for position, word in starts[::step][:per_window]:
+            prompts.append(row[position - context : position])
+            answers.append(word)
+    if not answers:
+        raise ValueError("no word of the requested length begins in these windows")
+    return NextWordQuestions(torch.stack(prompts), answers)
