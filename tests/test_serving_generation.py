@@ -169,6 +169,22 @@ def test_completion_and_chat_equal_generate_at_the_keys_tier(
     ]
 
 
+def test_the_end_token_stops_a_row_and_counts_as_made(server, store, tiered, tokenizer):
+    prompt = "w9 w8 w7 w6 w5 w4"  # premium ends it before max_tokens
+    text, finish = reference(tiered, tokenizer, tokenizer(prompt)["input_ids"], "premium")
+    assert finish == "stop"
+    answer = server.post(
+        "/v1/completions", headers=key(store, "premium"), json={"prompt": prompt}
+    ).json()
+    assert answer["choices"][0] == {"index": 0, "text": text, "finish_reason": "stop"}
+    made = len(tokenizer(text)["input_ids"]) + 1
+    assert answer["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": made,
+        "total_tokens": 6 + made,
+    }
+
+
 def test_the_tiers_continue_the_prompt_differently(tiered, tokenizer):
     ids = tokenizer(PROMPT)["input_ids"]
     texts = {tier: reference(tiered, tokenizer, ids, tier)[0] for tier in ("free", "premium")}
@@ -527,3 +543,24 @@ def test_the_page_streams_an_answer_into_its_prompt_box(server, store, tiered, t
         assert page.text_content("#result .answer") == text
         assert page.text_content("#result-tier") == "pro" and page.locator("#error").is_hidden()
         browser.close()
+
+
+def test_a_failed_generate_ends_the_answer_with_a_clear_error(server, store, tiered, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tiered.base_model, "generate", broken)
+    headers = key(store, "pro")
+    whole = server.post("/v1/completions", headers=headers, json={"prompt": PROMPT})
+    assert whole.status_code == 500 and whole.headers["X-Tier"] == "pro"
+    error = whole.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "generation_failed"
+    assert "retry the request" in error["message"]
+    body = {"messages": CHAT, "stream": True}
+    with server.stream("POST", "/v1/chat/completions", headers=headers, json=body) as answer:
+        chunks = events(answer.iter_lines())
+    assert answer.status_code == 200 and answer.headers["X-Tier"] == "pro"
+    assert chunks[-1]["error"]["code"] == "generation_failed" and "[DONE]" not in chunks
+    monkeypatch.undo()
+    again = server.post("/v1/completions", headers=headers, json={"prompt": PROMPT})
+    assert again.status_code == 200  # the batcher outlives a failed call

@@ -66,9 +66,11 @@ class GenerationJob:
 
 @dataclass(frozen=True)
 class Finished:
-    """How a row ended: ``"stop"`` (end token, or :meth:`RowStream.stop`) or ``"length"``."""
+    """How a row ended: ``"stop"`` (end token, or :meth:`RowStream.stop`) or ``"length"``;
+    ``eos``: it made the end token (a token of its own, never sent as text)."""
 
     reason: FinishReason
+    eos: bool = False
 
 
 class RowStream:
@@ -82,6 +84,8 @@ class RowStream:
         self.job = job
         self.queue: asyncio.Queue[int | Finished | BaseException] = asyncio.Queue()
         self.finish_reason: FinishReason | None = None
+        #: whether the row ended on the end token (one more token made than sent)
+        self.eos = False
         #: read by the decoding thread at every step: set, the row stops there
         self.stopped = False
         self.enqueued = time.perf_counter()
@@ -98,7 +102,7 @@ class RowStream:
             raise StopAsyncIteration
         item = await self.queue.get()
         if isinstance(item, Finished):
-            self.finish_reason = item.reason
+            self.finish_reason, self.eos = item.reason, item.eos
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             self.finish_reason = "stop"
@@ -129,7 +133,7 @@ class RowStreamer(BaseStreamer):
                 continue
             row = self.rows[index]
             if token in self.eos or row.stopped:
-                self.finish(index, "stop")
+                self.finish(index, "stop", eos=token in self.eos)
                 continue
             self.made[index] += 1
             self._send(row, int(token))
@@ -141,11 +145,11 @@ class RowStreamer(BaseStreamer):
         for index in range(len(self.rows)):
             self.finish(index, "length")
 
-    def finish(self, index: int, reason: FinishReason | BaseException) -> None:
+    def finish(self, index: int, reason: FinishReason | BaseException, eos: bool = False) -> None:
         if self.done[index]:
             return
         self.done[index] = True
-        item = reason if isinstance(reason, BaseException) else Finished(reason)
+        item = reason if isinstance(reason, BaseException) else Finished(reason, eos)
         self._send(self.rows[index], item)
 
     def _send(self, row: RowStream, item: int | Finished | BaseException) -> None:

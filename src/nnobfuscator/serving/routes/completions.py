@@ -12,6 +12,7 @@ checked included, carries the ``X-Tier`` header.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -52,6 +53,7 @@ from nnobfuscator.serving.state import (
 )
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+logger = logging.getLogger("nnobfuscator.serving")
 router = APIRouter(
     tags=["text generation"],
     responses=ERRORS,
@@ -140,7 +142,7 @@ class _Run:
         return {**self.principal.headers, **extra, TIER_HEADER: self.principal.tier}
 
     def usage(self) -> Usage:
-        made = len(self.text.ids)
+        made = len(self.text.ids) + self.stream.eos  # the end token was made, not sent
         return Usage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=made,
@@ -222,6 +224,8 @@ async def _complete(
         )
     try:
         text = "".join([chunk async for chunk in run.tokens()])
+    except Exception as err:
+        raise _failed(err) from err
     finally:
         run.settle()
     common = {"id": run.id, "created": run.created, "model": run.model, "tier": run.tier}
@@ -251,10 +255,17 @@ async def _events(run: _Run, include_usage: bool) -> AsyncIterator[str]:
             yield sse(usage)
         yield sse("[DONE]")
     except Exception as err:
-        detail = f"generation failed ({type(err).__name__}); retry the request"
-        yield sse(openai_error(500, "generation_failed", detail))
+        failure = _failed(err)
+        yield sse(openai_error(failure.status, failure.code, failure.detail))
     finally:
         run.settle()
+
+
+def _failed(err: Exception) -> ApiError:
+    """A failed ``generate`` call as the answer's error (logged with its traceback)."""
+    logger.error("generation failed", exc_info=err)
+    detail = f"generation failed on the server ({type(err).__name__}); retry the request"
+    return ApiError(500, "generation_failed", detail)
 
 
 def _job(
