@@ -12,10 +12,11 @@ import pytest
 
 from nnobfuscator.serving import KeyStore, ServeConfig, create_app
 from nnobfuscator.serving.batcher import MicroBatcher
+from nnobfuscator.serving.config import RateLimit, parse_token_quotas
 from nnobfuscator.serving.errors import ApiError
 from nnobfuscator.serving.limiter import LimitStore
 from nnobfuscator.serving.load_signals import BrownoutSwitch, LoadMonitor
-from nnobfuscator.serving.policy import PolicyError, parse_policy
+from nnobfuscator.serving.policy import PolicyError, default_policy, parse_policy
 from nnobfuscator.serving.policy_engine import Caller, PolicyEngine
 from nnobfuscator.serving.testing import random_png, serve_in_thread, torchvision_artifact
 
@@ -491,3 +492,19 @@ def test_http_a_rotated_key_shares_its_replacements_limits_during_the_grace(tmp_
             for key in (old, new, old)
         ]
     assert codes == [200, 200, 429]  # alice's 2/min, shared by the old and the new key
+
+
+def test_token_quotas_from_the_command_line_and_a_policy_file():
+    assert parse_token_quotas("free=20000/day, *=none") == {"free": "20000/day", "*": None}
+    with pytest.raises(ValueError, match="invalid limit 'lots'"):
+        parse_token_quotas("free=lots")
+    tiers = ["free", "pro", "premium"]
+    policy = default_policy(tiers, {"*": RateLimit(60, 60.0)}, {"free": "100/day"})
+    assert (policy.rule("free").rate, policy.rule("free").token_quota) == ("60/min", "100/day")
+    assert (policy.rule("pro").rate, policy.rule("pro").token_quota) == ("60/min", None)
+    text = "tiers:\n  pro: {token_quota: 5000/day}\nkeys:\n  alice: {token_quota: none}\n"
+    policy = parse_policy(text, tiers)
+    assert policy.rule("pro").token_quota == "5000/day"
+    assert policy.rule("pro", ("alice",)).token_quota is None
+    with pytest.raises(PolicyError, match="line 2"):
+        parse_policy("tiers:\n  pro: {token_quota: many}\n", tiers)

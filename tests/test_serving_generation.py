@@ -5,60 +5,33 @@ token quotas, and concurrent requests of different tiers sharing one generate() 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
+from tiny_chat import (
+    CHAT_TEMPLATE,
+    chat_ids,
+    count_generate_calls,
+    events,
+    reference,
+    tiered_lm,
+    tiny_tokenizer,
+)
 from tiny_llama import tiny_llama
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from nnobfuscator import TieredModel, obfuscate
+from nnobfuscator import TieredModel
 from nnobfuscator.serving import KeyStore, ServeConfig, create_app
 from nnobfuscator.serving.completion_text import Detokenizer
 from nnobfuscator.serving.generation_batcher import GenerationBatcher, GenerationJob
 from nnobfuscator.serving.testing import serve_in_thread
 
-VOCAB = 97
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 MAX_TOKENS = 8
 TOKEN_QUOTA = 40  # the free tier's tokens per key per day
 PROMPT = "w1 w2 w3 w4"  # 4 tokens; free and premium continue it differently
 CHAT = [{"role": "user", "content": "w5 w6 w7"}]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny Llama's 97 ids (``w0`` ...), with a chat template."""
-    words = SPECIALS + [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
-    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    model.decoder = decoders.WordPiece()  # joins words with spaces
-    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, **names)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiered_lm(task: str = "text-generation") -> TieredModel:
-    tiered = obfuscate(
-        tiny_llama(pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        tiers="free=0.5,pro=0.8,premium=full",
-        strategy="none",
-        compute="block-skip",
-        key=b"s" * 32,
-        task=task,
-        model_name="tiny-llama",
-    )
-    tiered.set_setting("free", "block-skip", {"skip": ["model.layers.1", "model.layers.2"]})
-    tiered.set_setting("pro", "block-skip", {"skip": ["model.layers.3"]})
-    return tiered
 
 
 @pytest.fixture(scope="module")
@@ -96,43 +69,6 @@ def server(app):
 
 def key(store: KeyStore, tier: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {store.create(tier)[1]}"}
-
-
-def reference(tiered, tokenizer, ids: list[int], tier: str, **options) -> tuple[str, str]:
-    """``TieredModel.generate`` at ``tier`` for one prompt, decoded as the server decodes: the
-    text (up to the end token) and its finish reason."""
-    prompt = torch.tensor([ids])
-    options = {"max_new_tokens": MAX_TOKENS, "do_sample": False, **options}
-    with torch.inference_mode():
-        out = tiered.generate(prompt, attention_mask=torch.ones_like(prompt), tier=tier, **options)
-    new = out[0, len(ids) :].tolist()
-    finish = "stop" if 2 in new else "length"
-    new = new[: new.index(2)] if 2 in new else new
-    return tokenizer.decode(new, skip_special_tokens=True), finish
-
-
-def chat_ids(tokenizer, messages) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def count_generate_calls(tiered: TieredModel, monkeypatch) -> list[int]:
-    calls: list[int] = []
-    generate = tiered.base_model.generate
-    monkeypatch.setattr(
-        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
-    )
-    return calls
-
-
-def events(lines) -> list[dict | str]:
-    """The ``data:`` payloads of a server-sent event stream (``[DONE]`` as the string)."""
-    out: list[dict | str] = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 # --- answers -----------------------------------------------------------------------------------
@@ -183,12 +119,6 @@ def test_the_end_token_stops_a_row_and_counts_as_made(server, store, tiered, tok
         "completion_tokens": made,
         "total_tokens": 6 + made,
     }
-
-
-def test_the_tiers_continue_the_prompt_differently(tiered, tokenizer):
-    ids = tokenizer(PROMPT)["input_ids"]
-    texts = {tier: reference(tiered, tokenizer, ids, tier)[0] for tier in ("free", "premium")}
-    assert texts["free"] != texts["premium"]
 
 
 def test_sampling_repeats_with_the_same_seed_and_equals_generate(server, store, tiered, tokenizer):
@@ -492,57 +422,6 @@ def test_an_artifact_brings_its_tokenizer(tmp_path, tokenizer, monkeypatch, stor
     answer = client.post("/v1/completions", headers=key(store, "free"), json=body)
     expected, _ = reference(tiered, tokenizer, tokenizer(PROMPT)["input_ids"], "free")
     assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == expected
-
-
-# --- configuration -----------------------------------------------------------------------------
-def test_token_quotas_from_the_command_line_and_a_policy_file():
-    from nnobfuscator.serving.config import RateLimit, parse_token_quotas
-    from nnobfuscator.serving.policy import PolicyError, default_policy, parse_policy
-
-    assert parse_token_quotas("free=20000/day, *=none") == {"free": "20000/day", "*": None}
-    with pytest.raises(ValueError, match="invalid limit 'lots'"):
-        parse_token_quotas("free=lots")
-    tiers = ["free", "pro", "premium"]
-    policy = default_policy(tiers, {"*": RateLimit(60, 60.0)}, {"free": "100/day"})
-    assert (policy.rule("free").rate, policy.rule("free").token_quota) == ("60/min", "100/day")
-    assert (policy.rule("pro").rate, policy.rule("pro").token_quota) == ("60/min", None)
-    text = "tiers:\n  pro: {token_quota: 5000/day}\nkeys:\n  alice: {token_quota: none}\n"
-    policy = parse_policy(text, tiers)
-    assert policy.rule("pro").token_quota == "5000/day"
-    assert policy.rule("pro", ("alice",)).token_quota is None
-    with pytest.raises(PolicyError, match="line 2"):
-        parse_policy("tiers:\n  pro: {token_quota: many}\n", tiers)
-
-
-# --- the web page ------------------------------------------------------------------------------
-def test_the_page_streams_an_answer_into_its_prompt_box(server, store, tiered, tokenizer):
-    import os
-    import shutil
-    from pathlib import Path
-
-    chromium = os.environ.get("NNOBF_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).is_file():
-        pytest.skip(f"Chromium is absent ({chromium}): `apt-get install chromium`")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    ids = chat_ids(tokenizer, [{"role": "user", "content": "w5 w6"}])
-    text, _ = reference(tiered, tokenizer, ids, "pro")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=args)
-        page = browser.new_page()
-        page.goto(str(server.base_url))
-        page.wait_for_function("document.getElementById('model-info').textContent.includes('text')")
-        assert page.locator("#prompt").is_visible() and page.locator("#file").is_hidden()
-        assert page.text_content("#run") == "Send"
-        page.fill("#key", store.create("pro")[1])
-        page.click("#use-key")
-        page.wait_for_function("document.getElementById('key-status').textContent.includes('pro')")
-        page.fill("#prompt", "w5 w6")
-        page.click("#run")
-        page.wait_for_selector("#result .answer[data-done]")
-        assert page.text_content("#result .answer") == text
-        assert page.text_content("#result-tier") == "pro" and page.locator("#error").is_hidden()
-        browser.close()
 
 
 def test_a_failed_generate_ends_the_answer_with_a_clear_error(server, store, tiered, monkeypatch):

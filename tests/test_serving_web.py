@@ -235,3 +235,38 @@ def test_pages_link_to_each_other(site, browser):
     page.click("footer a[href='/']")
     page.wait_for_selector("#key")
     page.close()
+
+
+@pytest.fixture(scope="module")
+def text_site(tmp_path_factory):
+    """A tiny text-generation model (tiers of a random Llama, a word-level tokenizer)."""
+    from tiny_chat import tiered_lm, tiny_tokenizer
+
+    store = KeyStore(tmp_path_factory.mktemp("text") / "keys.sqlite")
+    config = ServeConfig(rate_limits={}, max_tokens=8, default_max_tokens=8)
+    tiered, tokenizer = tiered_lm(), tiny_tokenizer()
+    app = create_app(tiered, keys=store, config=config, tokenizer=tokenizer)
+    with serve_in_thread(app) as url:
+        yield url, store, tiered, tokenizer
+
+
+def test_page_streams_a_text_answer_into_its_prompt_box(text_site, browser):
+    from tiny_chat import chat_ids, reference
+
+    url, store, tiered, tokenizer = text_site
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "w5 w6"}])
+    text, _ = reference(tiered, tokenizer, ids, "pro")
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('text')")
+    assert page.locator("#prompt").is_visible() and page.locator("#file").is_hidden()
+    assert page.text_content("#run") == "Send" and page.locator("#compare").is_hidden()
+    page.fill("#key", store.create("pro")[1])
+    page.click("#use-key")
+    page.wait_for_function("document.getElementById('key-status').textContent.includes('pro')")
+    page.fill("#prompt", "w5 w6")
+    page.click("#run")
+    page.wait_for_selector("#result .answer[data-done]")  # the stream reached [DONE]
+    assert page.text_content("#result .answer") == text
+    assert page.text_content("#result-tier") == "pro" and page.locator("#error").is_hidden()
+    page.close()
