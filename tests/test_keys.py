@@ -529,3 +529,39 @@ def test_help_lists_every_command():
         "usage",
     ):
         assert command in keys_help
+
+
+def test_tokens_are_metered_beside_requests_and_old_files_gain_the_column(tmp_path, clock):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # a keys file from before tokens were metered
+        db.execute(
+            "CREATE TABLE key_usage (day TEXT NOT NULL, key_id TEXT NOT NULL, tier TEXT NOT NULL,"
+            " requests INTEGER NOT NULL, PRIMARY KEY (day, key_id, tier))"
+        )
+        db.execute("INSERT INTO key_usage VALUES ('2026-03-01', 'k', 'free', 2)")
+    meter = SqliteUsage(path, clock=clock)
+    meter.record("k", "free")
+    meter.record_tokens("k", "free", 30)
+    meter.record_tokens("j", "pro", 12)
+    meter.flush()
+    assert meter.rows() == [
+        UsageRow("2026-03-01", "j", "pro", 0, 12),
+        UsageRow("2026-03-01", "k", "free", 3, 30),
+    ]
+
+
+def test_redis_usage_meters_tokens(request, clock):
+    pytest.importorskip("redis")
+    try:
+        url = request.getfixturevalue("redis_url")
+    except pytest.FixtureLookupError:
+        pytest.skip("the redis_url fixture (tests/conftest.py) is not available")
+    meter = RedisUsage(url, clock=clock)
+    meter.record("aaa", "free")
+    meter.record_tokens("aaa", "free", 40)
+    meter.record_tokens("bbb", "pro", 7)
+    meter.close()
+    assert RedisUsage(url, clock=clock).rows() == [
+        UsageRow("2026-03-01", "aaa", "free", 1, 40),
+        UsageRow("2026-03-01", "bbb", "pro", 0, 7),
+    ]

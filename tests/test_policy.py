@@ -508,3 +508,19 @@ def test_token_quotas_from_the_command_line_and_a_policy_file():
     assert policy.rule("pro", ("alice",)).token_quota is None
     with pytest.raises(PolicyError, match="line 2"):
         parse_policy("tiers:\n  pro: {token_quota: many}\n", tiers)
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_token_reservation_gives_back_what_it_did_not_use(store, request):
+    uri = "memory://" if store == "memory" else request.getfixturevalue("redis_url")
+    policy = parse_policy("tiers:\n  free: {token_quota: 50/day}\n", TIERS)
+    engine = PolicyEngine(policy, LimitStore(uri), LoadMonitor(depth=lambda: 0))
+    first = engine.reserve_tokens(caller("free"), 10, 30)
+    assert first is not None and first.headers["X-Token-Quota-Remaining"] == "10"
+    with pytest.raises(ApiError, match="10 tokens left and this request may use 40") as refused:
+        engine.reserve_tokens(caller("free"), 10, 30)
+    assert refused.value.status == 429 and refused.value.code == "token_quota_exhausted"
+    engine.settle_tokens(first, 15)  # 25 of the 40 given back
+    assert engine.reserve_tokens(caller("free"), 5, 30).headers["X-Token-Quota-Remaining"] == "0"
+    assert engine.reserve_tokens(caller("pro"), 10**6, 1) is None  # pro has no token quota
+    assert engine.reserve_tokens(Caller("o", None, "free", "free", owner=True), 10**6, 1) is None
