@@ -13,8 +13,10 @@ top-p 0.95, a seed per sample).
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from nnobfuscator.zoo.language import load_smollm2, smollm2_available, smollm2_m
 from nnobfuscator.zoo.python_docs import python_docs_available, python_docs_splits
 
 HEADING = "## Text generation on SmolLM2-135M-Instruct (`make bench`)"
+PLOT = "generation_curve.png"
 NEW_TOKENS = 32
 PROMPT_TOKENS = 16
 
@@ -87,7 +90,7 @@ def run() -> Section:
             runs[f"{tier}@{batch}"] = lambda ids=ids, tier=tier, options=options: tiered.generate(
                 ids, tier=tier, **options
             )
-    runs["mixed@8"] = lambda: tiered.generate(prompt, tiers=mixed, **options)
+    runs["mixed@8"] = lambda: tiered.generate(prompt, tiers=mixed[: len(prompt)], **options)
     ms = interleaved_ms(runs, repeats(5, 1))
     kv = {tier: _kv_bytes_per_token(tiered, prompt, tier) for tier in tiered.tier_names}
     questions = next_word_questions(
@@ -100,6 +103,8 @@ def run() -> Section:
         for tier in ("free", "premium")
     }
     rows = {t["name"]: t for t in report["tiers"]}
+    curve = report.get("settings", {}).get("compute_curve", [])
+    _plot(curve, rows, (Path(tempfile.gettempdir()) if QUICK else Path(__file__).parent) / PLOT)
     lines = [
         HEADING,
         "",
@@ -126,6 +131,9 @@ def run() -> Section:
         f"**{mixed_ratio:.2f}×** the full tier's batch of 8 ({ms['premium@8']:.0f} ms). The tiers "
         "share one decoding pass: a skipped layer runs on the rows whose tier keeps it, a "
         "slimmed MLP once per width on the rows of that width.",
+        "",
+        f"Next-token accuracy against FLOPs per token for the {len(curve)} settings the compute "
+        f"search costed, and the tiers: [`{PLOT}`]({PLOT}).",
         "",
         f"Voting over sampled answers ({len(questions)} next-word questions from the test "
         "passages, exact match of the first generated word):",
@@ -160,9 +168,46 @@ def run() -> Section:
         "kv_bytes_per_token": kv,
         "calibrate_s": calibrate_s,
         "votes": votes,
+        "compute_curve": curve,
         "questions": len(questions),
     }
     return Section("generation", "\n".join(lines) + "\n", summary, data)
+
+
+def _plot(curve: list[dict[str, float]], rows: dict[str, Any], path: Path) -> None:
+    """Next-token accuracy against FLOPs per token: every setting the compute search costed
+    (search half of the calibration passages) and the tiers as calibrated (test passages)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.scatter(
+        [p["cost"] for p in curve],
+        [100 * p["utility"] for p in curve],
+        s=14,
+        color="#8da0cb",
+        label="settings the compute search ran (calibration passages)",
+    )
+    for index, (name, row) in enumerate(rows.items()):
+        ax.scatter(row["relative_cost"], 100 * row["achieved"]["test"], s=60, marker="D")
+        ax.annotate(
+            f"{name} (test)",
+            (row["relative_cost"], 100 * row["achieved"]["test"]),
+            textcoords="offset points",
+            xytext=(6, -10 - 10 * index),
+            fontsize=8,
+        )
+        if row["target"] is not None:
+            ax.axhline(100 * row["target"], color="#cccccc", linestyle=":", linewidth=1)
+    ax.set_xlabel("FLOPs per token, relative to the full model")
+    ax.set_ylabel("next-token accuracy (%)")
+    ax.set_title("SmolLM2-135M: layer skipping + gated-MLP slimming", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def model_generate(tiered: Any, ids: torch.Tensor, options: dict[str, Any]) -> Any:

@@ -67,6 +67,8 @@ class MeasureOnTest(Stage):
                     row["extractable"] = measured[row["name"]]
             extractable = state.extractable["settings"]["extractable"]
             report.setdefault("settings", {})["extractable"] = extractable
+        if state.compute_search is not None:
+            report.setdefault("settings", {})["compute_curve"] = state.compute_search.curve()
         state.report = report
 
 

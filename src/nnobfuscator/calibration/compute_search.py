@@ -175,6 +175,15 @@ class ComputeSearch:
         point.cost = self.runner.flops(tier, point.signatures) / self.full_flops
         self.counts.costed += 1
 
+    def curve(self) -> list[dict[str, float]]:
+        """Every costed setting the search ran, cheapest first: its relative FLOPs and its
+        utility on the search split (the metric against cost that the strategies reach)."""
+        points = [p for p in self.memo.values() if p is not None and not math.isnan(p.cost)]
+        return [
+            {"cost": round(p.cost, 4), "utility": round(p.utility, 4)}
+            for p in sorted(points, key=lambda p: (p.cost, -p.utility))
+        ]
+
     def _hopeless(self, utility: float, required: float, n: int) -> bool:
         if not self.screen:
             return False
