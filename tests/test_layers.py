@@ -69,3 +69,43 @@ def test_the_layout_page_lists_the_layers_in_this_order():
     assert rows, "docs/layout.md has no layer table"
     for number, part in rows:
         assert _layer(part) == int(number), f"docs/layout.md puts {part} in layer {number}"
+
+
+def _module_of(path: Path) -> str:
+    parts = ("nnobfuscator", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_imports(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that ``path`` imports, lazy imports included (``from package import
+    name`` counts as the module ``package.name`` where there is one)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            found.update(n if n in modules else node.module for n in names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name in modules}
+
+
+def test_no_two_modules_import_each_other_even_through_others():
+    paths = {_module_of(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    graph = {name: _module_imports(path, modules) - {name} for name, path in paths.items()}
+    # a package's __init__ re-exports its modules: importing it is not a cycle through them
+    graph = {
+        name: {i for i in imports if not name.startswith(i + ".")} for name, imports in graph.items()
+    }
+    cycles = []
+    for start in sorted(graph):
+        seen, stack = set(), [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(" -> ".join([*trail, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+    assert not cycles, "modules that import each other:\n" + "\n".join(sorted(cycles)[:10])

@@ -12,9 +12,9 @@ import pytest
 
 from nnobfuscator.serving import KeyStore, ServeConfig, create_app
 from nnobfuscator.serving.batcher import MicroBatcher
-from nnobfuscator.serving.config import RateLimit, parse_token_quotas
+from nnobfuscator.serving.config import RateLimit
 from nnobfuscator.serving.errors import ApiError
-from nnobfuscator.serving.limiter import LimitStore
+from nnobfuscator.serving.limiter import LimitStore, parse_token_quotas
 from nnobfuscator.serving.load_signals import BrownoutSwitch, LoadMonitor
 from nnobfuscator.serving.policy import PolicyError, default_policy, parse_policy
 from nnobfuscator.serving.policy_engine import Caller, PolicyEngine

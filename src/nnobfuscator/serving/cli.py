@@ -349,7 +349,8 @@ def serve(
     ] = False,
 ) -> None:
     """Serve an artifact over HTTP: the API key of each request picks its tier."""
-    from nnobfuscator.serving.config import ServeConfig, parse_rate_limits, parse_token_quotas
+    from nnobfuscator.serving.config import ServeConfig, parse_rate_limits
+    from nnobfuscator.serving.limiter import parse_token_quotas
 
     try:
         config = ServeConfig(

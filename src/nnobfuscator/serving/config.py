@@ -50,24 +50,6 @@ def parse_rate_limits(spec: str) -> dict[str, RateLimit | None]:
     return limits
 
 
-def parse_token_quotas(spec: str) -> dict[str, str | None]:
-    """``"free=20000/day,*=none"`` -> per-tier token quotas (``*`` is every other tier).
-
-    Raises:
-        ValueError: an item is not ``TIER=COUNT/PERIOD`` (or ``TIER=none``).
-    """
-    from nnobfuscator.serving.limiter import parse_optional_limit
-
-    quotas: dict[str, str | None] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        tier, sep, text = item.partition("=")
-        if not sep or not tier.strip():
-            raise ValueError(f"invalid token quota item {item!r}: write TIER=COUNT/PERIOD")
-        limit = parse_optional_limit(text.strip(), "quota")
-        quotas[tier.strip()] = None if limit is None else text.strip()
-    return quotas
-
-
 STORE_SCHEMES = ("memory", "redis", "rediss")
 _STORE_FORMS = "memory:// (this process only) or redis://[:password@]host:port[/db] (shared)"
 

@@ -164,6 +164,22 @@ def parse_optional_limit(text: str, kind: Kind = "rate") -> Limit | None:
         raise ValueError(f"{err}, or 'none' for unlimited") from None
 
 
+def parse_token_quotas(spec: str) -> dict[str, str | None]:
+    """``"free=20000/day,*=none"`` -> per-tier token quotas (``*`` is every other tier).
+
+    Raises:
+        ValueError: an item is not ``TIER=COUNT/PERIOD`` (or ``TIER=none``).
+    """
+    quotas: dict[str, str | None] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        tier, sep, text = item.partition("=")
+        if not sep or not tier.strip():
+            raise ValueError(f"invalid token quota item {item!r}: write TIER=COUNT/PERIOD")
+        limit = parse_optional_limit(text.strip(), "quota")
+        quotas[tier.strip()] = None if limit is None else text.strip()
+    return quotas
+
+
 def limit_from_rate(rate: RateLimit | None, kind: Kind = "rate") -> Limit | None:
     """The :class:`Limit` for a ``ServeConfig.rate_limits`` entry (``None`` stays unlimited)."""
     if rate is None:
