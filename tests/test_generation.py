@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 
 from nnobfuscator import TieredModel, obfuscate
 from nnobfuscator.strategies.blocks import skippable_blocks
+from nnobfuscator.strategies.gated_mlp import GatedMLPSlimmer
 
 KEY = b"g" * 32
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
@@ -264,7 +265,8 @@ def test_each_tiers_answers_side_by_side(tmp_path):
 
 @torch.no_grad()
 def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
-    """Without BatchNorm to re-estimate, a slimmed MLP runs once per width in the shared pass."""
+    """Without BatchNorm to re-estimate, tiers of different MLP widths share a pass: a slimmed MLP
+    runs once at full width, each row's dropped units held at their mean."""
     ids, mask = prompts
     tiered = obfuscate(
         tiny_llama(),
@@ -277,6 +279,25 @@ def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
     tiered.set_setting("free", "channel-slim", {"keep": {"model.layers": 0.5}})
     tiered.set_setting("pro", "block-skip", {"skip": []})
     tiered.set_setting("pro", "channel-slim", {"keep": {"model.layers": 0.75}})
+    # the mixed pass's logits equal each tier's own, and the slimmed MLPs run once per pass
+    once = {"attention_mask": mask, "use_cache": False}
+    alone = {t: tiered(input_ids=ids, tier=t, **once).logits for t in set(TIERS)}
+    tiered(input_ids=ids, tiers=TIERS, **once)  # the first mixed batch checks the shared pass
+    assert tiered.executor.one_pass
+    runs = {"per width": 0, "joint": 0}
+    slimmer = GatedMLPSlimmer
+    for method, name in (("forward", "per width"), ("forward_widths", "joint")):
+        original = getattr(slimmer, method)
+
+        def counted(*args, original=original, name=name, **kwargs):
+            runs[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(slimmer, method, counted)
+    logits = tiered(input_ids=ids, tiers=TIERS, **once).logits
+    assert runs == {"per width": 0, "joint": 4}  # one per decoder layer's MLP
+    for row, tier in enumerate(TIERS):
+        torch.testing.assert_close(logits[row], alone[tier][row], rtol=1e-5, atol=1e-5)
     calls = count_generate_calls(tiered, monkeypatch)
     mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
     assert len(calls) == 1

@@ -255,6 +255,19 @@ class TieredBlock(nn.Module):
         name = type(self.base_block).__name__
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
             raise MixedPassUnsupported(f"{name}: no batch axis to split")
+        joint = getattr(self.slimmer, "forward_widths", None)
+        if joint is not None and not any(skipping) and not args and not kwargs:
+            # one run at full width, each sample's dropped units held at their mean: the
+            # weights are read once, not once per width
+            lead = next((t for t in tiers if t is not None), None)
+            widths_of = [
+                (
+                    1.0 if tiers[positions[0]] is None else self.keep(tiers[positions[0]]),
+                    torch.isin(index, torch.tensor(positions)).nonzero().squeeze(1).to(x.device),
+                )
+                for positions in widths.values()
+            ]
+            return joint(x, lead, widths_of)
         out = x
         for positions in widths.values():
             kept = torch.isin(index, torch.tensor(positions)).nonzero().squeeze(1)
