@@ -95,7 +95,8 @@ def test_no_two_modules_import_each_other_even_through_others():
     graph = {name: _module_imports(path, modules) - {name} for name, path in paths.items()}
     # a package's __init__ re-exports its modules: importing it is not a cycle through them
     graph = {
-        name: {i for i in imports if not name.startswith(i + ".")} for name, imports in graph.items()
+        name: {i for i in imports if not name.startswith(i + ".")}
+        for name, imports in graph.items()
     }
     cycles = []
     for start in sorted(graph):

@@ -64,7 +64,6 @@ class GatedMLPSlimmer(Slimmer):
         hidden = gated * F.linear(mix_input(self.up, x, -1), up_w, up_b)
         return F.linear(mix_input(self.down, hidden, -1, kept), down_w, down_b)
 
-
     def forward_widths(
         self, x: torch.Tensor, tier: str | None, widths: list[tuple[float, torch.Tensor]]
     ) -> torch.Tensor:

@@ -125,7 +125,9 @@ class NextWordQuestions:
         """Share of generated ``texts`` whose first word is the answer."""
         if len(texts) != len(self.answers):
             raise ValueError(f"{len(texts)} answers for {len(self.answers)} questions")
-        return sum(first_word(t) == a for t, a in zip(texts, self.answers, strict=True)) / max(len(texts), 1)
+        return sum(first_word(t) == a for t, a in zip(texts, self.answers, strict=True)) / max(
+            len(texts), 1
+        )
 
 
 def next_word_questions(
