@@ -130,7 +130,8 @@ def run() -> Section:
         f"A batch of 8 mixing the three tiers in one `generate` call took {ms['mixed@8']:.0f} ms, "
         f"**{mixed_ratio:.2f}×** the full tier's batch of 8 ({ms['premium@8']:.0f} ms). The tiers "
         "share one decoding pass: a skipped layer runs on the rows whose tier keeps it, a "
-        "slimmed MLP once per width on the rows of that width.",
+        "slimmed MLP once at full width with each row's dropped units held at their mean (its "
+        "weights read once per step).",
         "",
         f"Next-token accuracy against FLOPs per token for the {len(curve)} settings the compute "
         f"search costed, and the tiers: [`{PLOT}`]({PLOT}).",
