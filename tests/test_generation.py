@@ -286,7 +286,7 @@ def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
     assert tiered.executor.one_pass
     runs = {"per width": 0, "joint": 0}
     slimmer = GatedMLPSlimmer
-    for method, name in (("forward", "per width"), ("forward_widths", "joint")):
+    for method, name in (("forward", "per width"), ("forward_held", "joint")):
         original = getattr(slimmer, method)
 
         def counted(*args, original=original, name=name, **kwargs):

@@ -198,6 +198,8 @@ class TieredBlock(nn.Module):
         self.slimmer: Slimmer | None = slimmer_for(base_block, cache)
         self.skip_rules: dict[str, Callable[[str], bool]] = {}
         self.keep_rules: dict[str, Callable[[str], float]] = {}
+        #: per batch of tiers and widths, the lead tier and the hidden units each sample holds
+        self._joint_plans: dict[tuple, tuple[str | None, torch.Tensor]] = {}
 
     def keep(self, tier: str) -> float:
         """The share of hidden channels this block runs with at ``tier``."""
@@ -255,19 +257,28 @@ class TieredBlock(nn.Module):
         name = type(self.base_block).__name__
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
             raise MixedPassUnsupported(f"{name}: no batch axis to split")
-        joint = getattr(self.slimmer, "forward_widths", None)
-        if joint is not None and not any(skipping) and not args and not kwargs:
+        if hasattr(self.slimmer, "forward_held") and not any(skipping) and not args and not kwargs:
             # one run at full width, each sample's dropped units held at their mean: the
-            # weights are read once, not once per width
-            lead = next((t for t in tiers if t is not None), None)
-            widths_of = [
-                (
-                    1.0 if tiers[positions[0]] is None else self.keep(tiers[positions[0]]),
-                    torch.isin(index, torch.tensor(positions)).nonzero().squeeze(1).to(x.device),
-                )
-                for positions in widths.values()
-            ]
-            return joint(x, lead, widths_of)
+            # weights are read once, not once per width (planned once per batch and setting)
+            key = (rows, tuple(widths), x.device, self.slimmer._version)  # type: ignore[union-attr]
+            plan = self._joint_plans.get(key)
+            if plan is None:
+                widths_of = [
+                    (
+                        1.0 if tiers[positions[0]] is None else self.keep(tiers[positions[0]]),
+                        torch.isin(index, torch.tensor(positions))
+                        .nonzero()
+                        .squeeze(1)
+                        .to(x.device),
+                    )
+                    for positions in widths.values()
+                ]
+                held = self.slimmer.held_units(widths_of, len(rows), x.device)  # type: ignore[union-attr]
+                plan = (next((t for t in tiers if t is not None), None), held)
+                if len(self._joint_plans) >= 8:
+                    self._joint_plans.clear()
+                self._joint_plans[key] = plan
+            return self.slimmer.forward_held(x, *plan)  # type: ignore[union-attr]
         out = x
         for positions in widths.values():
             kept = torch.isin(index, torch.tensor(positions)).nonzero().squeeze(1)

@@ -64,22 +64,28 @@ class GatedMLPSlimmer(Slimmer):
         hidden = gated * F.linear(mix_input(self.up, x, -1), up_w, up_b)
         return F.linear(mix_input(self.down, hidden, -1, kept), down_w, down_b)
 
-    def forward_widths(
-        self, x: torch.Tensor, tier: str | None, widths: list[tuple[float, torch.Tensor]]
+    def held_units(
+        self, widths: list[tuple[float, torch.Tensor]], count: int, device: torch.device
     ) -> torch.Tensor:
-        """The block once, at full width, for samples of several widths (``(keep, samples)``
-        pairs): each sample's dropped hidden units are held at their mean, the function its
-        slices compute, with every weight read once (what a decoding step, bound by reading
-        weights, costs); equal to the per-width runs up to float rounding."""
+        """``(count, hidden)``: which hidden units each of ``count`` samples holds at their mean,
+        for samples of several widths (``(keep, samples)`` pairs)."""
+        hidden = plain_layer(self.down).weight.shape[1]
+        held = torch.zeros(count, hidden, dtype=torch.bool, device=device)
+        for keep, samples in widths:
+            if keep < 1.0:
+                (_,), (dropped,) = self.split(keep, device)
+                held[samples.unsqueeze(1), dropped.unsqueeze(0)] = True
+        return held
+
+    def forward_held(self, x: torch.Tensor, tier: str | None, held: torch.Tensor) -> torch.Tensor:
+        """The block once, at full width, each sample's ``held`` hidden units at their mean: the
+        function its own width's slices compute, with every weight read once (what a decoding
+        step, bound by reading weights, costs); equal to the per-width runs up to float
+        rounding."""
         gate_w, up_w, down_w = self.sources(tier)  # type: ignore[arg-type]
         gate_b, up_b, down_b = (plain_layer(layer).bias for layer in self.layers())
         gated = self.act(F.linear(mix_input(self.gate, x, -1), gate_w, gate_b))
         hidden = gated * F.linear(mix_input(self.up, x, -1), up_w, up_b)
-        held = torch.zeros(x.shape[0], hidden.shape[-1], dtype=torch.bool, device=hidden.device)
-        for keep, samples in widths:
-            if keep < 1.0:
-                (_,), (dropped,) = self.split(keep, hidden.device)
-                held[samples.unsqueeze(1), dropped.unsqueeze(0)] = True
         mean = self.activation_stats()[0][0].to(hidden.device, hidden.dtype)
         shape = (x.shape[0],) + (1,) * (hidden.dim() - 2) + (hidden.shape[-1],)
         hidden = torch.where(held.view(shape), mean, hidden)
