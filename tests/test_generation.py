@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_llama import count_generate_calls
 from tiny_llama import tiny_llama as tiny_llama_with_tokens
 from transformers import LlamaForCausalLM
 
@@ -20,16 +21,6 @@ TIERS = ["free", "pro", "premium", "free", "premium", "pro"]
 
 def tiny_llama() -> LlamaForCausalLM:
     return tiny_llama_with_tokens(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def count_generate_calls(tiered: TieredModel, monkeypatch) -> list[int]:
-    """A list that grows by one at each call of the user's model's own ``generate``."""
-    calls: list[int] = []
-    generate = tiered.base_model.generate
-    monkeypatch.setattr(
-        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
-    )
-    return calls
 
 
 def tiered_llama() -> TieredModel:

@@ -13,13 +13,12 @@ import pytest
 from tiny_chat import (
     CHAT_TEMPLATE,
     chat_ids,
-    count_generate_calls,
     events,
     reference,
     tiered_lm,
     tiny_tokenizer,
 )
-from tiny_llama import tiny_llama
+from tiny_llama import count_generate_calls, tiny_llama
 from transformers import PreTrainedTokenizerFast
 
 from nnobfuscator import TieredModel

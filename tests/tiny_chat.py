@@ -79,13 +79,3 @@ def events(lines) -> list[dict | str]:
             data = line.removeprefix("data: ")
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
-
-
-def count_generate_calls(tiered: TieredModel, monkeypatch) -> list[int]:
-    """A list that grows by one at each call of the tiny Llama's own ``generate``."""
-    calls: list[int] = []
-    generate = tiered.base_model.generate
-    monkeypatch.setattr(
-        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
-    )
-    return calls

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,3 +22,13 @@ def tiny_llama(vocab_size: int = 97, **config: int) -> LlamaForCausalLM:
         **config,
     }
     return LlamaForCausalLM(LlamaConfig(**options)).eval()
+
+
+def count_generate_calls(tiered: Any, monkeypatch: Any) -> list[int]:
+    """A list that grows by one at each call of the user's model's own ``generate``."""
+    calls: list[int] = []
+    generate = tiered.base_model.generate
+    monkeypatch.setattr(
+        tiered.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
+    )
+    return calls

@@ -24,6 +24,27 @@ Forward = Callable[[Any, list[str]], Any]
 _MOST_PER_FULL_SAMPLE = 8
 
 
+async def wait_for_batch(
+    arrived: asyncio.Event, waiting: Callable[[], int], max_size: int, max_wait: float
+) -> None:
+    """Wait for a first request, then for more until ``max_size`` wait (``waiting()`` counts
+    them) or ``max_wait`` seconds have passed since the first; ``arrived`` is set on each."""
+    loop = asyncio.get_running_loop()
+    while not waiting():
+        arrived.clear()
+        await arrived.wait()
+    deadline = loop.time() + max_wait
+    while waiting() < max_size:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        arrived.clear()
+        try:
+            await asyncio.wait_for(arrived.wait(), left)
+        except TimeoutError:
+            break
+
+
 @dataclass
 class _Item:
     sample: Any
@@ -115,19 +136,9 @@ class MicroBatcher:
     async def _run(self, arrived: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._waiting:
-                arrived.clear()
-                await arrived.wait()
-            deadline = loop.time() + self.max_wait
-            while len(self._waiting) < self.max_batch_size:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                arrived.clear()
-                try:
-                    await asyncio.wait_for(arrived.wait(), timeout)
-                except TimeoutError:
-                    break
+            await wait_for_batch(
+                arrived, lambda: len(self._waiting), self.max_batch_size, self.max_wait
+            )
             items = [item for item in self._next_batch() if not item.future.cancelled()]
             try:
                 started = time.perf_counter()

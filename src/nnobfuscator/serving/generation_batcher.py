@@ -30,6 +30,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from nnobfuscator.serving.batcher import wait_for_batch
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -237,17 +239,9 @@ class GenerationBatcher:
     async def _run(self, arrived: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._waiting:
-                arrived.clear()
-                await arrived.wait()
-            deadline = loop.time() + self.max_wait
-            while len(self._waiting) < self.max_batch_size:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), left)
+            await wait_for_batch(
+                arrived, lambda: len(self._waiting), self.max_batch_size, self.max_wait
+            )
             batch = self._waiting[: self.max_batch_size]
             self._waiting = self._waiting[self.max_batch_size :]
             for rows in self.calls(batch):
