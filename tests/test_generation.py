@@ -293,3 +293,30 @@ def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
     mixed = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
     assert len(calls) == 1
     assert_rows_as_alone(tiered, mixed, ids, mask, TIERS, may_stop=True, **GREEDY)
+
+
+@torch.no_grad()
+def test_saved_tiers_generate_the_same_tokens_after_loading(prompts, tmp_path):
+    """Skipped layers, MLP widths and the slimmers' activation statistics travel in the
+    artifact: a loaded model answers each row as the saved one did."""
+    ids, mask = prompts
+    tiered = obfuscate(
+        tiny_llama(),
+        tiers="free=0.5,pro=0.8,premium=full",
+        strategy="none",
+        compute="block-skip+channel-slim",
+        key=KEY,
+    )
+    tiered.set_setting("free", "block-skip", {"skip": ["model.layers.2"]})
+    tiered.set_setting("free", "channel-slim", {"keep": {"model.layers": 0.5}})
+    tiered.set_setting("pro", "block-skip", {"skip": ["model.layers.3"]})
+    tiered.set_setting("pro", "channel-slim", {"keep": {"model.layers": 0.75}})
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    for strategy in tiered.compute.values():
+        strategy.fit(lambda batch: tiered.forward_tier(batch, None), batches)
+    before = tiered.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
+    tiered.save_pretrained(str(tmp_path))
+    loaded = TieredModel.from_pretrained(str(tmp_path), tiny_llama())
+    after = loaded.generate(ids, attention_mask=mask, tiers=TIERS, **GREEDY)
+    assert after.tolist() == before.tolist()
+    assert loaded.get_tier("free").params == tiered.get_tier("free").params
