@@ -176,7 +176,7 @@ class LandStrengths(Stage):
                         f"tier {tier.name!r} lands at {metric} {tier.metrics['calibration']:.3f}, "
                         f"above its target {target:.3f}: compute settings move in steps and no "
                         "degrading strategy lands it between them (strategy='none')",
-                        stacklevel=2,
+                        stacklevel=3,  # the caller of calibrate()
                     )
                 bar.update(1)
                 continue
@@ -212,7 +212,7 @@ class Finish(Stage):
             warnings.warn(
                 f"{name}: the model does not run with some of its settings, which were skipped "
                 f"({reason})",
-                stacklevel=2,
+                stacklevel=3,  # the caller of calibrate()
             )
         for tier in state.model.tiers.values():
             if tier.is_full:
