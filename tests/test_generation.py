@@ -36,6 +36,23 @@ def tiered_llama() -> TieredModel:
     return tiered
 
 
+def slimmed_llama(pro_skips: list[str]) -> TieredModel:
+    """Free skips layer 2 and keeps half of every MLP; pro skips ``pro_skips`` and keeps three
+    quarters: tiers of different MLP widths."""
+    tiered = obfuscate(
+        tiny_llama(),
+        tiers="free=0.5,pro=0.8,premium=full",
+        strategy="none",
+        compute="block-skip+channel-slim",
+        key=KEY,
+    )
+    tiered.set_setting("free", "block-skip", {"skip": ["model.layers.2"]})
+    tiered.set_setting("free", "channel-slim", {"keep": {"model.layers": 0.5}})
+    tiered.set_setting("pro", "block-skip", {"skip": pro_skips})
+    tiered.set_setting("pro", "channel-slim", {"keep": {"model.layers": 0.75}})
+    return tiered
+
+
 def assert_rows_as_alone(
     tiered: TieredModel,
     mixed: torch.Tensor,
@@ -259,17 +276,7 @@ def test_tiers_of_different_mlp_widths_decode_in_one_call(prompts, monkeypatch):
     """Without BatchNorm to re-estimate, tiers of different MLP widths share a pass: a slimmed MLP
     runs once at full width, each row's dropped units held at their mean."""
     ids, mask = prompts
-    tiered = obfuscate(
-        tiny_llama(),
-        tiers="free=0.5,pro=0.8,premium=full",
-        strategy="none",
-        compute="block-skip+channel-slim",
-        key=KEY,
-    )
-    tiered.set_setting("free", "block-skip", {"skip": ["model.layers.2"]})
-    tiered.set_setting("free", "channel-slim", {"keep": {"model.layers": 0.5}})
-    tiered.set_setting("pro", "block-skip", {"skip": []})
-    tiered.set_setting("pro", "channel-slim", {"keep": {"model.layers": 0.75}})
+    tiered = slimmed_llama(pro_skips=[])
     # the mixed pass's logits equal each tier's own, and the slimmed MLPs run once per pass
     once = {"attention_mask": mask, "use_cache": False}
     alone = {t: tiered(input_ids=ids, tier=t, **once).logits for t in set(TIERS)}
@@ -300,17 +307,7 @@ def test_saved_tiers_generate_the_same_tokens_after_loading(prompts, tmp_path):
     """Skipped layers, MLP widths and the slimmers' activation statistics travel in the
     artifact: a loaded model answers each row as the saved one did."""
     ids, mask = prompts
-    tiered = obfuscate(
-        tiny_llama(),
-        tiers="free=0.5,pro=0.8,premium=full",
-        strategy="none",
-        compute="block-skip+channel-slim",
-        key=KEY,
-    )
-    tiered.set_setting("free", "block-skip", {"skip": ["model.layers.2"]})
-    tiered.set_setting("free", "channel-slim", {"keep": {"model.layers": 0.5}})
-    tiered.set_setting("pro", "block-skip", {"skip": ["model.layers.3"]})
-    tiered.set_setting("pro", "channel-slim", {"keep": {"model.layers": 0.75}})
+    tiered = slimmed_llama(pro_skips=["model.layers.3"])
     batches = [{"input_ids": ids, "attention_mask": mask}]
     for strategy in tiered.compute.values():
         strategy.fit(lambda batch: tiered.forward_tier(batch, None), batches)
