@@ -169,6 +169,13 @@ def test_sampling_is_seeded_per_request_whatever_shares_the_batch(prompts):
     batch = tiered.generate(ids, attention_mask=mask, tiers=TIERS, seed=seeds, **options)
     again = tiered.generate(ids, attention_mask=mask, tiers=TIERS, seed=seeds, **options)
     assert torch.equal(batch, again)
+    # the same prompt without the padding its batch gave it draws the same tokens
+    unpadded = tiered.generate(
+        ids[:1, 2:], attention_mask=mask[:1, 2:], tier=TIERS[0], seed=seeds[0], **options
+    )
+    assert batch[0, ids.shape[1] : ids.shape[1] + unpadded.shape[1] - 3].tolist() == (
+        unpadded[0, 3:].tolist()
+    )
     for row in (0, 2, 5):
         alone = tiered.generate(
             ids[row : row + 1],

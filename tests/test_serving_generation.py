@@ -233,7 +233,8 @@ def test_sampled_and_greedy_rows_run_in_separate_calls(tiered):
         GenerationJob([5, 6], "free", 2),
         GenerationJob([5, 6], "pro", 2, temperature=0.7, seed=1),
         GenerationJob([7, 8], "premium", 2),
-        GenerationJob([5, 6, 7], "pro", 2, temperature=0.7, seed=2),  # its own positions
+        GenerationJob([5, 6, 7], "pro", 2, temperature=0.7, seed=2),  # a longer prompt
+        GenerationJob([5, 6], "pro", 2, temperature=0.9, seed=3),  # another temperature
     ]
 
     class Row:
@@ -241,10 +242,10 @@ def test_sampled_and_greedy_rows_run_in_separate_calls(tiered):
             self.job = job
 
     groups = batcher.calls([Row(job) for job in jobs])  # type: ignore[arg-type]
-    assert [[row.job.tier for row in group] for group in groups] == [
-        ["free", "premium"],
-        ["pro"],
-        ["pro"],
+    assert [[(row.job.tier, row.job.seed) for row in group] for group in groups] == [
+        [("free", 0), ("premium", 0)],  # greedy
+        [("pro", 1), ("pro", 2)],  # sampled at 0.7, prompts of two lengths
+        [("pro", 3)],
     ]
 
 

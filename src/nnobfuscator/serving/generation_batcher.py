@@ -11,9 +11,9 @@ stopping at its own ``max_new_tokens``, end token, or when its request calls
 :meth:`RowStream.stop` (a stop string seen, the client gone).
 
 Rows that cannot share one call run in separate calls, one after another: greedy rows and
-sampled rows (``do_sample`` is per call), sampled rows of different ``temperature`` / ``top_p``
-or prompt lengths (a row's seeded noise is drawn per position, so its padding must not move it),
-and tiers whose passes differ (``share_key``).
+sampled rows (``do_sample`` is per call), sampled rows of different ``temperature`` / ``top_p``,
+and tiers whose passes differ (``share_key``). Sampled rows of different prompt lengths share a
+call: a row's seeded noise is drawn per generated token, so its padding does not move it.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class GenerationJob:
         """Rows with equal keys (and pass keys) can share one ``generate`` call."""
         if self.greedy:
             return (False,)
-        return (True, self.temperature, self.top_p, len(self.prompt))
+        return (True, self.temperature, self.top_p)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class SeededSampling(LogitsProcessor):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.seeds = [int(seed) for seed in seeds]
+        self._prompt_length: int | None = None
         self.warpers = LogitsProcessorList()
         if temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
@@ -58,7 +59,9 @@ class SeededSampling(LogitsProcessor):
         if len(self.seeds) != scores.shape[0]:
             raise ValueError(f"{len(self.seeds)} seeds for {scores.shape[0]} rows")
         scores = self.warpers(input_ids, scores.float())
-        step = input_ids.shape[1]
+        if self._prompt_length is None:  # the first step: counted from the (padded) prompt on,
+            self._prompt_length = input_ids.shape[1]  # so padding does not change the draws
+        step = input_ids.shape[1] - self._prompt_length
         noise = torch.stack([_gumbel(seed, step, scores.shape[1]) for seed in self.seeds])
         return scores + noise.to(scores.device)
 
