@@ -4,9 +4,10 @@ shares the batch.
 ``generate(do_sample=True)`` draws from the process-wide random stream, so a row's text depends on
 the rows beside it and on every call before. :class:`SeededSampling` samples each row from its
 own stream instead: at every step it warps the row's logits as ``generate`` would (temperature,
-top-k, top-p) and adds Gumbel noise drawn from a generator seeded by the row's seed and the step,
-so that the greedy choice that follows is a draw from the warped distribution (the Gumbel-max
-trick).
+top-k, top-p) and adds Gumbel noise drawn from a generator seeded by the row's seed and the index
+of the token being generated (counted from the end of the padded prompt, so padding changes
+nothing), so that the greedy choice that follows is a draw from the warped distribution (the
+Gumbel-max trick).
 """
 
 from __future__ import annotations
