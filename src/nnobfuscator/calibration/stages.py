@@ -219,7 +219,6 @@ class Finish(Stage):
                 tier.target_value = None
                 tier.metrics["calibration"] = state.base
         state.calibration_s = time.perf_counter() - state.started
-        state.progress.close()
         if search is not None:
             runner = search.runner
             passes = runner.stage_samples / (len(state.search) * len(runner.stages))

@@ -22,14 +22,19 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-from nnobfuscator.serving.key_database import connect, default_keys_path, ensure_schema
+from nnobfuscator.serving.key_database import (
+    connect,
+    default_keys_path,
+    ensure_schema,
+    transaction,
+)
 from nnobfuscator.serving.key_format import (
     KEY_PREFIX,
     KeyStoreError,
@@ -178,16 +183,8 @@ class KeyStore:
             self._local.db = db
         return db
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._connection())
 
     def _audit(self, db: sqlite3.Connection, action: str, key_id: str | None, detail: str) -> None:
         db.execute(

@@ -35,7 +35,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from nnobfuscator.serving.key_database import connect, ensure_schema
+from nnobfuscator.serving.key_database import connect, ensure_schema, transaction
 
 log = logging.getLogger(__name__)
 
@@ -224,18 +224,12 @@ class SqliteUsage(UsageMeter):
         super().__init__(clock=clock)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(connect(self.path)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                ensure_schema(db)
-                db.execute(_USAGE_SCHEMA)
-                columns = {row[1] for row in db.execute("PRAGMA table_info(key_usage)")}
-                if "tokens" not in columns:  # a keys file from before token metering
-                    db.execute("ALTER TABLE key_usage ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with closing(connect(self.path)) as db, transaction(db):
+            ensure_schema(db)
+            db.execute(_USAGE_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(key_usage)")}
+            if "tokens" not in columns:  # a keys file from before token metering
+                db.execute("ALTER TABLE key_usage ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0")
 
     def _write(
         self,
@@ -243,24 +237,18 @@ class SqliteUsage(UsageMeter):
         tokens: Counter[tuple[str, str, str]],
         last_used: dict[str, str],
     ) -> None:
-        with closing(connect(self.path)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "INSERT INTO key_usage (day, key_id, tier, requests, tokens) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, key_id, tier) DO UPDATE SET "
-                    "requests = requests + excluded.requests, tokens = tokens + excluded.tokens",
-                    [(*key, counts[key], tokens[key]) for key in {*counts, *tokens}],
-                )
-                db.executemany(
-                    "UPDATE api_keys SET last_used_at = ? "
-                    "WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
-                    [(stamp, key_id, stamp) for key_id, stamp in last_used.items()],
-                )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with closing(connect(self.path)) as db, transaction(db):
+            db.executemany(
+                "INSERT INTO key_usage (day, key_id, tier, requests, tokens) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, key_id, tier) DO UPDATE SET "
+                "requests = requests + excluded.requests, tokens = tokens + excluded.tokens",
+                [(*key, counts[key], tokens[key]) for key in {*counts, *tokens}],
+            )
+            db.executemany(
+                "UPDATE api_keys SET last_used_at = ? "
+                "WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+                [(stamp, key_id, stamp) for key_id, stamp in last_used.items()],
+            )
 
     def _read(self, days: list[str], key_id: str | None) -> list[UsageRow]:
         sql = (
